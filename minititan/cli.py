@@ -1,0 +1,154 @@
+"""The `minititan` command: train, config, generate, plot, tokenize, schedule.
+
+    minititan train                          the built-in debug run (tiny model, Shakespeare, CPU ok)
+    minititan train -c configs/llama3_8b.toml --training.steps=100 --parallelism.dp_shard=-1
+    minititan train --nproc 4 ...            4 local ranks through torch.distributed.run
+    torchrun --nproc_per_node 8 -m minititan.cli train -c ...   the same under torchrun / srun
+
+Overrides are `--section.key=value` or `--section.key value` (torchtitan style). Bad input ends in
+one line on stderr naming the fix, exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from minititan.core.config import UserError, config_to_toml, load_config
+
+
+def split_overrides(args: tuple[str, ...]) -> list[str]:
+    """['--a.b=1', '--c.d', '2', '--e.f'] -> ['a.b=1', 'c.d=2', 'e.f=true']."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+        if "=" in arg:
+            out.append(arg[2:])
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{arg[2:]}={args[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{arg[2:]}=true")
+        i += 1
+    return out
+
+
+class FriendlyGroup(click.Group):
+    """Turn UserErrors into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+OVERRIDES = dict(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
+
+
+@click.group(cls=FriendlyGroup)
+def main():
+    """minititan: minimal LLM pre-training on torch.distributed."""
+
+
+@main.command(**OVERRIDES)
+@click.option("-c", "--config", "config_path", default=None, help="TOML config (default: the built-in debug.toml)")
+@click.option("--nproc", type=int, default=None, help="launch N local ranks with torch.distributed.run")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def train(config_path, nproc, overrides):
+    """Train a model. Overrides: --section.key=value."""
+    cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
+    if nproc and "WORLD_SIZE" not in os.environ:
+        launch(nproc, config_path, overrides)
+        return
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from minititan.train import train as run_training
+    run_training(cfg)
+    if _is_rank0() and cfg.data.tokenizer == "byte" and cfg.data.dataset == "shakespeare" and cfg.checkpoint.enable:
+        print_sample(cfg)
+
+
+def launch(nproc: int, config_path, overrides) -> None:
+    """Re-run this command in N processes through torch's elastic launcher (what torchrun is)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+    args = ["--standalone", "--nproc_per_node", str(nproc), "-m", "minititan.cli", "train"]
+    args += ["-c", config_path] if config_path else []
+    try:
+        torchrun(args + list(overrides))
+    except ChildFailedError as e:  # the rank already printed its error; don't add the launcher's traceback
+        code = next(iter(e.failures.values())).exitcode
+        click.echo(f"error: a rank exited with code {code} (see its message above)", err=True)
+        sys.exit(code if code > 0 else 1)
+
+
+def print_sample(cfg) -> None:
+    from minititan.core import checkpoint as ckpt
+    from minititan.generate import generate_text, load_for_inference
+    path = ckpt.latest(Path(cfg.job.dump_folder) / cfg.checkpoint.folder)
+    if path is None:
+        return
+    saved_cfg, params = load_for_inference(path)
+    click.echo("\n--- sample ---\n" + generate_text(params, saved_cfg, "ROMEO:", max_new_tokens=160) + "\n--------------")
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+@main.command(**OVERRIDES)
+@click.option("-c", "--config", "config_path", default=None)
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def config(config_path, overrides):
+    """Print the resolved config as TOML."""
+    click.echo(config_to_toml(load_config(config_path, split_overrides(overrides))), nl=False)
+
+
+@main.command()
+@click.option("--checkpoint", "checkpoint_path", required=True, help="a step-N checkpoint folder")
+@click.option("--prompt", default="ROMEO:")
+@click.option("--max-new-tokens", default=200)
+@click.option("--temperature", default=0.8)
+@click.option("--top-k", default=40)
+@click.option("--seed", default=0)
+def generate(checkpoint_path, prompt, max_new_tokens, temperature, top_k, seed):
+    """Sample text from a checkpoint."""
+    from minititan.generate import generate_text, load_for_inference
+    cfg, params = load_for_inference(checkpoint_path)
+    click.echo(generate_text(params, cfg, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, seed=seed))
+
+
+@main.command()
+@click.argument("metrics_file")
+@click.option("-o", "--out", default=None, help="SVG path (default: beside the metrics file)")
+def plot(metrics_file, out):
+    """Write an SVG chart of loss and throughput from metrics.jsonl."""
+    from minititan.plot import read_rows, to_svg
+    if not Path(metrics_file).is_file():
+        raise UserError(f"{metrics_file} not found: pass the metrics.jsonl of a run (job.dump_folder)")
+    out = out or str(Path(metrics_file).with_suffix(".svg"))
+    Path(out).write_text(to_svg(read_rows(metrics_file)))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("text_file")
+@click.argument("out_file")
+@click.option("--tokenizer", default="byte", help="byte, or a Hugging Face tokenizer.json (needs `tokenizers`)")
+def tokenize(text_file, out_file, tokenizer):
+    """Turn a text file into a token file for data.dataset."""
+    from minititan.core.data import tokenize_file
+    if not Path(text_file).is_file():
+        raise UserError(f"{text_file} not found: pass a UTF-8 text file")
+    n = tokenize_file(text_file, out_file, tokenizer)
+    click.echo(f"wrote {n:,} tokens to {out_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The training configuration: one msgspec Struct per TOML section, plus overrides and validation.
+
+A run is described by a TOML file (`configs/*.toml`) and `--section.key=value` overrides on the
+command line, torchtitan style. Every field has a default and a comment; the names are a contract
+that tests, configs and later features rely on. Errors are `ConfigError`s: one line naming the key
+and the fix, which the CLI prints without a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+
+class UserError(Exception):
+    """Bad input (config, files, layout): the message names the fix; the CLI prints it, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config: the message names the key and what would be valid."""
+
+
+class Job(msgspec.Struct, forbid_unknown_fields=True):
+    dump_folder: str = "./outputs"  # metrics.jsonl, checkpoints and traces go under here
+    description: str = "minititan run"
+
+
+class Model(msgspec.Struct, forbid_unknown_fields=True):
+    name: Literal["llama3", "moe"] = "llama3"
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: n_heads / n_kv_heads queries share one k/v head
+    vocab_size: int = 256  # 256 = the byte tokenizer
+    ffn_dim_multiplier: float = 1.0  # hidden = multiple_of-rounded (ffn_dim_multiplier * 8/3 * dim)
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: bool = False  # Llama 3.1 long-context frequency scaling
+    max_seq_len: int = 256
+    # mixture of experts (model.name = "moe"); ignored by llama3
+    moe_frequency: int = 1  # every N-th block has a MoE feed-forward
+    n_experts: int = 8
+    top_k: int = 2
+    moe_hidden_dim: int = 0  # 0 = the dense hidden dim
+    n_shared_experts: int = 0
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    route_norm: bool = False  # renormalize the top-k scores to sum to 1
+    aux_loss_coef: float = 0.0  # load-balancing auxiliary loss weight
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3); 0 = off
+
+
+class Training(msgspec.Struct, forbid_unknown_fields=True):
+    steps: int = 300
+    seq_len: int = 128
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    local_batch_size: int = 16  # micro-batch per data-parallel rank; accumulation = global / (local * dp)
+    seed: int = 0
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; masters stay fp32
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # gradient reduction dtype
+    max_norm: float = 1.0  # global gradient-norm clipping; 0 = off
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Optimizer(msgspec.Struct, forbid_unknown_fields=True):
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-3
+    betas: list[float] = msgspec.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+class LrScheduler(msgspec.Struct, forbid_unknown_fields=True):
+    warmup_steps: int = 20
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # the lr decays to lr * min_lr_ratio
+
+
+class Parallelism(msgspec.Struct, forbid_unknown_fields=True):
+    dp_replicate: int = 1  # plain data parallel (or the replica dim of HSDP)
+    dp_shard: int = 1  # fully sharded data parallel degree; -1 = whatever is left of the world
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    cp: int = 1  # context parallel
+    ep: int = 1  # expert parallel (folds into dp_shard x cp)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    pp_microbatches: int = 0  # 0 = one per stage
+    sequence_parallel: bool = False
+
+
+class Data(msgspec.Struct, forbid_unknown_fields=True):
+    dataset: str = "shakespeare"  # shakespeare | synthetic | path to a token file (.bin/.npy)
+    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+
+
+class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
+    enable: bool = True
+    folder: str = "checkpoints"  # relative to job.dump_folder unless absolute
+    interval: int = 500  # save every N steps (and at the end)
+    keep_latest_k: int = 2  # 0 = keep all
+    load_path: str = ""  # start from this checkpoint (its params; step restarts unless resume)
+    resume: bool = True  # resume from the newest complete checkpoint in folder
+
+
+class Metrics(msgspec.Struct, forbid_unknown_fields=True):
+    log_freq: int = 10
+    jsonl: bool = True  # append one JSON object per logged step to <dump_folder>/metrics.jsonl
+
+
+class ActivationCheckpoint(msgspec.Struct, forbid_unknown_fields=True):
+    mode: Literal["none", "full", "selective"] = "none"
+    selective: str = "op"  # "op" (save matmul outputs) or N (checkpoint every N-th block)
+
+
+class Compile(msgspec.Struct, forbid_unknown_fields=True):
+    enable: bool = False
+
+
+class Float8(msgspec.Struct, forbid_unknown_fields=True):
+    enable: bool = False
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    job: Job = msgspec.field(default_factory=Job)
+    model: Model = msgspec.field(default_factory=Model)
+    training: Training = msgspec.field(default_factory=Training)
+    optimizer: Optimizer = msgspec.field(default_factory=Optimizer)
+    lr_scheduler: LrScheduler = msgspec.field(default_factory=LrScheduler)
+    parallelism: Parallelism = msgspec.field(default_factory=Parallelism)
+    data: Data = msgspec.field(default_factory=Data)
+    checkpoint: Checkpoint = msgspec.field(default_factory=Checkpoint)
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
+    activation_checkpoint: ActivationCheckpoint = msgspec.field(default_factory=ActivationCheckpoint)
+    compile: Compile = msgspec.field(default_factory=Compile)
+    float8: Float8 = msgspec.field(default_factory=Float8)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def default_config_text() -> str:
+    """The packaged configs/debug.toml: the run you get with no -c."""
+    return importlib.resources.files("minititan").joinpath("configs/debug.toml").read_text()
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or the packaged debug config), apply overrides, validate."""
+    if path is None:
+        text = default_config_text()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} not found: pass an existing TOML file to -c")
+        text = p.read_text()
+    try:
+        raw = msgspec.toml.decode(text)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{path or 'debug.toml'} is not valid TOML: {e}") from None
+    _check_keys(raw)
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _convert(raw)
+    validate(cfg)
+    return cfg
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in msgspec.structs.fields(Config)}
+
+
+def _fields(section: type) -> dict[str, msgspec.structs.FieldInfo]:
+    return {f.name: f for f in msgspec.structs.fields(section)}
+
+
+def _closest(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _check_keys(raw: dict) -> None:
+    sections = _sections()
+    for sec, body in raw.items():
+        if sec not in sections:
+            raise ConfigError(f"unknown config section [{sec}]{_closest(sec, sections)}; valid: {', '.join(sections)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{sec}] must be a table of keys")
+        fields = _fields(sections[sec])
+        for key in body:
+            if key not in fields:
+                raise ConfigError(f"unknown config key {sec}.{key}{_closest(key, fields)}; valid keys of [{sec}]: {', '.join(fields)}")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as TOML, else taken as a string."""
+    item = item.removeprefix("--")
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like --section.key=value")
+    dotted, value = item.split("=", 1)
+    sec, key = dotted.split(".", 1)
+    _check_keys({sec: {key: None}})
+    try:
+        parsed = msgspec.toml.decode(f"v = {value}".encode())["v"]
+    except msgspec.DecodeError:
+        parsed = value  # bare words such as cosine or ./outputs
+    if isinstance(parsed, str) and parsed.lower() in ("true", "false"):
+        parsed = parsed.lower() == "true"
+    raw.setdefault(sec, {})[key] = parsed
+
+
+def _convert(raw: dict) -> Config:
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"bad config value: {e}{_choices_hint(str(e))}") from None
+
+
+def _choices_hint(msg: str) -> str:
+    # msgspec says "at `$.section.key`"; add the valid choices of a Literal field
+    if "$." not in msg:
+        return ""
+    path = msg.rsplit("$.", 1)[1].rstrip("`").split(".")
+    if len(path) != 2 or path[0] not in _sections():
+        return ""
+    field = _fields(_sections()[path[0]]).get(path[1])
+    args = getattr(field.type, "__args__", None) if field else None
+    if args and all(isinstance(a, str) for a in args):
+        return f"; valid choices: {', '.join(args)}"
+    return ""
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (every section, every key)."""
+    lines = []
+    for sec in _sections():
+        lines.append(f"[{sec}]")
+        for key, value in msgspec.to_builtins(getattr(cfg, sec)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def hidden_dim(m: Model) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+    h = int(m.ffn_dim_multiplier * int(2 * 4 * m.dim / 3))
+    return m.multiple_of * math.ceil(h / m.multiple_of)
+
+
+def validate(cfg: Config) -> None:
+    m, t, p = cfg.model, cfg.training, cfg.parallelism
+    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                "model.n_kv_heads": m.n_kv_heads, "model.vocab_size": m.vocab_size, "training.steps": t.steps,
+                "training.seq_len": t.seq_len, "training.global_batch_size": t.global_batch_size,
+                "training.local_batch_size": t.local_batch_size, "metrics.log_freq": cfg.metrics.log_freq,
+                "checkpoint.interval": cfg.checkpoint.interval, "model.multiple_of": m.multiple_of}
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"head dim {m.dim // m.n_heads} must be even for RoPE: change model.dim or model.n_heads")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"training.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError("optimizer.betas must be a list of two numbers, e.g. [0.9, 0.95]")
+    for name in ("dp_replicate", "tp", "pp", "cp", "ep"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallelism.{name} must be >= 1, got {getattr(p, name)}")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise ConfigError(f"parallelism.dp_shard must be >= 1 or -1 (fill the world), got {p.dp_shard}")
+    if m.name == "moe" and not (1 <= m.top_k <= m.n_experts):
+        raise ConfigError(f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")

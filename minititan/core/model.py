@@ -1,0 +1,306 @@
+"""Llama 3 as pure functions over a flat dict of parameters.
+
+    params = init(cfg, seed)                       # {"layers.3.attention.wq": Tensor, ...}
+    logits = forward(params, tokens, cfg)          # [batch, seq, vocab]
+    loss   = loss_sum(params, tokens, labels, cfg) # summed token cross-entropy
+
+There are no nn.Modules. Parallelism works on two seams, both explicit:
+  * the param dict: a layout transforms it (shards it, slices it per rank) and supplies each
+    *unit* of parameters through `ops.gather(params, unit)` right before the unit runs;
+  * the `Ops` record: the few operations the forward calls (linear, attention, embedding,
+    cross-entropy, the entry/exit of a tensor-parallel region, the wrapper around each block).
+A layout swaps entries of `Ops`; the model code never changes.
+
+Units are what FSDP shards and gathers as one: `tok_embeddings`, `layers.{i}.attention`
+(attention_norm + wq wk wv wo), `layers.{i}.feed_forward` (ffn_norm + w1 w2 w3), and
+`output` (norm + output). A unit's params reach its function under names relative to the
+layer ("attention.wq"), so torch.compile sees one graph for every layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minititan.core.config import Model, hidden_dim
+
+Params = dict[str, Tensor]
+
+
+# ---------------------------------------------------------------- names, shapes, units
+
+
+def param_shapes(cfg: Model) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full (unsharded) shape, in forward order."""
+    d, hd = cfg.dim, cfg.dim // cfg.n_heads
+    shapes = {"tok_embeddings": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        L = f"layers.{i}."
+        shapes |= {L + "attention_norm": (d,), L + "attention.wq": (cfg.n_heads * hd, d),
+                   L + "attention.wk": (cfg.n_kv_heads * hd, d), L + "attention.wv": (cfg.n_kv_heads * hd, d),
+                   L + "attention.wo": (d, cfg.n_heads * hd)}
+        shapes |= feed_forward_shapes(cfg, i)
+    shapes |= {"norm": (d,), "output": (cfg.vocab_size, d)}
+    return shapes
+
+
+def feed_forward_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
+    if cfg.name == "moe" and is_moe_layer(cfg, i):
+        from minititan.core.moe import moe_shapes
+        return moe_shapes(cfg, i)
+    L, h = f"layers.{i}.", hidden_dim(cfg)
+    return {L + "ffn_norm": (cfg.dim,), L + "feed_forward.w1": (h, cfg.dim),
+            L + "feed_forward.w2": (cfg.dim, h), L + "feed_forward.w3": (h, cfg.dim)}
+
+
+def is_moe_layer(cfg: Model, i: int) -> bool:
+    return cfg.name == "moe" and i % cfg.moe_frequency == cfg.moe_frequency - 1
+
+
+def unit_of(name: str) -> str:
+    """The unit a parameter belongs to: layers.3.ffn_norm -> layers.3.feed_forward."""
+    if name in ("norm", "output"):
+        return "output"
+    if not name.startswith("layers."):
+        return name.split(".")[0]
+    _, i, rest = name.split(".", 2)
+    part = "attention" if rest.startswith("attention") else "feed_forward"
+    return f"layers.{i}.{part}"
+
+
+def units(cfg: Model) -> dict[str, list[str]]:
+    """Unit name -> its parameter names, in the order the forward runs them."""
+    out: dict[str, list[str]] = {}
+    for name in param_shapes(cfg):
+        out.setdefault(unit_of(name), []).append(name)
+    return out
+
+
+def local_name(name: str) -> str:
+    """The name a unit's function sees: layers.3.attention.wq -> attention.wq."""
+    return name.split(".", 2)[2] if name.startswith("layers.") else name
+
+
+# ---------------------------------------------------------------- init
+
+
+def init(cfg: Model, seed: int, device: str | torch.device = "cpu", dtype=torch.float32,
+         names: list[str] | None = None) -> Params:
+    """Full parameters, identical whatever the layout: each tensor has its own generator
+    seeded by (seed, name), so a rank that builds only some names gets the same values.
+    (Values are bitwise equal for the same device type; the CPU is the reference.)"""
+    shapes = param_shapes(cfg)
+    out = {}
+    for name in names if names is not None else shapes:
+        out[name] = init_param(cfg, name, shapes[name], seed, device, dtype)
+    return out
+
+
+def init_param(cfg: Model, name: str, shape, seed: int, device, dtype) -> Tensor:
+    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    t = torch.empty(shape, device=device, dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    if name.endswith("norm"):
+        t.fill_(1.0)
+    elif name == "tok_embeddings":
+        t.normal_(0.0, 1.0, generator=gen)
+    elif name == "output":
+        std = cfg.dim ** -0.5
+        torch.nn.init.trunc_normal_(t, 0.0, std, -3 * std, 3 * std, generator=gen)
+    elif name.endswith(".bias") or leaf == "expert_bias":
+        t.zero_()
+    else:
+        # depth-scaled init for the projections that write into the residual stream
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else 0
+        std = 0.02 if leaf in ("wq", "wk", "wv", "w1", "router") else 0.02 / math.sqrt(2 * (layer + 1))
+        torch.nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=gen)
+    return t.to(dtype)
+
+
+# ---------------------------------------------------------------- the swappable ops
+
+
+def select_unit(params: Mapping[str, Tensor], unit: str, names: list[str]) -> Params:
+    """The default gather: the unit's tensors, renamed relative to their layer."""
+    return {local_name(n): params[n] for n in names}
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d]; kv heads are shared by hq/hkv queries."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def cross_entropy_sum(h: Tensor, w_out: Tensor, labels: Tensor, linear=F.linear) -> Tensor:
+    """Summed token cross-entropy of logits = h @ w_out.T, computed in fp32."""
+    logits = linear(h, w_out)
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum")
+
+
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
+def call(fn: Callable, *args):
+    return fn(*args)
+
+
+@dataclasses.dataclass
+class Ops:
+    """The operations a forward calls. A parallel layout replaces the ones it changes."""
+    gather: Callable = None  # (params, unit) -> the unit's params, relative names      [FSDP]
+    linear: Callable = F.linear  # (x, w) -> x @ w.T                                     [Float8]
+    attention: Callable = causal_attention  # (q, k, v) in [b, h, s, d]                  [CP]
+    embedding: Callable = F.embedding  # (tokens, weight)                                [TP]
+    cross_entropy: Callable = cross_entropy_sum  # (h, w_out, labels, linear) -> sum    [TP]
+    into_tp: Callable = identity  # before the column-parallel matmuls                   [TP/SP]
+    out_of_tp: Callable = identity  # after the row-parallel matmuls                     [TP/SP]
+    run_block: Callable = call  # (block_fn, *args): where compile / checkpointing wrap  [AC]
+    moe: Callable = None  # (p, x, cfg, ops) -> y, set by minititan.core.moe             [EP]
+
+
+def default_ops(cfg: Model) -> Ops:
+    unit_names = units(cfg)
+    ops = Ops(gather=lambda params, unit: select_unit(params, unit, unit_names[unit]))
+    if cfg.name == "moe":
+        from minititan.core.moe import moe_feed_forward
+        ops.moe = moe_feed_forward
+    return ops
+
+
+# ---------------------------------------------------------------- the network
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rope_frequencies(cfg: Model) -> Tensor:
+    """Per-pair rotation speeds, with Llama 3.1's scaling of the low frequencies if enabled."""
+    hd = cfg.dim // cfg.n_heads
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if cfg.rope_scaling:  # Llama 3.1: factor 8, low 1, high 4, original context 8192
+        factor, low, high, old_len = 8.0, 1.0, 4.0, 8192
+        wavelen = 2 * math.pi / freqs
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, freqs / factor, freqs)
+        mid = (1 - smooth) * freqs / factor + smooth * freqs
+        is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        freqs = torch.where(is_mid, mid, scaled)
+    return freqs
+
+
+def rope_table(cfg: Model, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin for each position and pair: two [seq, head_dim/2] fp32 tensors."""
+    angles = positions.to(torch.float64)[:, None] * rope_frequencies(cfg).to(positions.device)[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate consecutive pairs (x0, x1) of each head by the position's angle (Meta's layout)."""
+    cos, sin = rope[0][:, None, :], rope[1][:, None, :]  # [s, 1, d/2] against x [b, s, h, d]
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def attention_block(p: Params, x: Tensor, rope, eps: float, head_dim: int, ops: Ops) -> Tensor:
+    """x + Attention(RMSNorm(x)). Head counts come from the weight shapes, so a
+    tensor-parallel shard of wq/wk/wv (fewer heads) runs through the same code."""
+    h = ops.into_tp(rms_norm(x, p["attention_norm"], eps))
+    b, s = h.shape[0], h.shape[1]
+    q = ops.linear(h, p["attention.wq"]).view(b, s, -1, head_dim)
+    k = ops.linear(h, p["attention.wk"]).view(b, s, -1, head_dim)
+    v = ops.linear(h, p["attention.wv"]).view(b, s, -1, head_dim)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    o = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    o = o.transpose(1, 2).reshape(b, s, -1)
+    return x + ops.out_of_tp(ops.linear(o, p["attention.wo"]))
+
+
+def feed_forward_block(p: Params, x: Tensor, eps: float, ops: Ops) -> Tensor:
+    """x + SwiGLU(RMSNorm(x)) = x + w2(silu(w1 h) * w3 h)."""
+    h = ops.into_tp(rms_norm(x, p["ffn_norm"], eps))
+    y = ops.linear(F.silu(ops.linear(h, p["feed_forward.w1"])) * ops.linear(h, p["feed_forward.w3"]),
+                   p["feed_forward.w2"])
+    return x + ops.out_of_tp(y)
+
+
+def embed(params: Params, tokens: Tensor, ops: Ops) -> Tensor:
+    return ops.embedding(tokens, ops.gather(params, "tok_embeddings")["tok_embeddings"])
+
+
+def layer(params: Params, i: int, x: Tensor, rope, cfg: Model, ops: Ops) -> Tensor:
+    """One transformer block: its attention unit, then its feed-forward unit."""
+    hd = cfg.dim // cfg.n_heads
+    x = ops.run_block(attention_block, ops.gather(params, f"layers.{i}.attention"), x, rope, cfg.norm_eps, hd, ops)
+    p = ops.gather(params, f"layers.{i}.feed_forward")
+    if is_moe_layer(cfg, i):
+        return ops.run_block(ops.moe, p, x, cfg, ops)
+    return ops.run_block(feed_forward_block, p, x, cfg.norm_eps, ops)
+
+
+def final_hidden(params: Params, x: Tensor, cfg: Model, ops: Ops) -> tuple[Tensor, Tensor]:
+    p = ops.gather(params, "output")
+    return rms_norm(x, p["norm"], cfg.norm_eps), p["output"]
+
+
+def hidden(params: Params, tokens: Tensor, cfg: Model, ops: Ops, positions: Tensor | None = None,
+           layers: range | None = None, x: Tensor | None = None) -> Tensor:
+    """Embedding (unless x is given) and the blocks in `layers` (default all)."""
+    if positions is None:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+    rope = rope_table(cfg, positions)
+    if x is None:
+        x = embed(params, tokens, ops)
+    for i in layers if layers is not None else range(cfg.n_layers):
+        x = layer(params, i, x, rope, cfg, ops)
+    return x
+
+
+def forward(params: Params, tokens: Tensor, cfg: Model, ops: Ops | None = None,
+            positions: Tensor | None = None) -> Tensor:
+    """tokens [b, s] -> logits [b, s, vocab]."""
+    ops = ops or default_ops(cfg)
+    h, w_out = final_hidden(params, hidden(params, tokens, cfg, ops, positions), cfg, ops)
+    return ops.linear(h, w_out)
+
+
+def loss_sum(params: Params, tokens: Tensor, labels: Tensor, cfg: Model, ops: Ops | None = None,
+             positions: Tensor | None = None) -> Tensor:
+    """Summed next-token cross-entropy over every label (divide by the global token count)."""
+    ops = ops or default_ops(cfg)
+    h, w_out = final_hidden(params, hidden(params, tokens, cfg, ops, positions), cfg, ops)
+    return ops.cross_entropy(h, w_out, labels, ops.linear)
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def num_params(cfg: Model, exclude_embedding: bool = False) -> int:
+    shapes = param_shapes(cfg)
+    return sum(math.prod(s) for n, s in shapes.items() if not (exclude_embedding and n == "tok_embeddings"))
+
+
+def flops_per_token(cfg: Model, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), the convention torchtitan uses:
+        6 * N           N = parameters that do matmuls (all but the embedding table;
+                        for MoE only the active experts: top_k of n_experts)
+      + 12 * L * d * s  attention scores and values: 2 matmuls of 2*d*s flops per token per
+                        layer, times 3 for the backward. The causal mask means flash attention
+                        does only half of this; we count it whole, as torchtitan does, so the
+                        MFU figures of the two compare directly."""
+    n = num_params(cfg, exclude_embedding=True)
+    if cfg.name == "moe":
+        from minititan.core.moe import inactive_expert_params
+        n -= inactive_expert_params(cfg)
+    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -1,0 +1,90 @@
+"""AdamW over a dict of fp32 master tensors, the learning-rate schedule, and gradient clipping.
+
+The optimizer state is keyed by parameter name, so checkpoints save it under stable names and
+a sharded layout simply hands it its local shards. On CUDA the update is one fused kernel
+(`torch._fused_adamw_`); elsewhere `torch._foreach_*` ops, which give the same math.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from minititan.core.config import LrScheduler, Optimizer
+
+
+class AdamW:
+    """Decoupled weight decay Adam (Loshchilov & Hutter), matching torch.optim.AdamW."""
+
+    def __init__(self, params: dict[str, Tensor], cfg: Optimizer):
+        self.params = params
+        self.betas = tuple(cfg.betas)
+        self.eps = cfg.eps
+        self.weight_decay = cfg.weight_decay
+        self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.steps = 0
+        self._step_on_device = None  # the fused kernel reads the step count from device memory
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        if not names:
+            return
+        self.steps += 1
+        p = [self.params[n] for n in names]
+        g = [self.params[n].grad for n in names]
+        m = [self.exp_avg[n] for n in names]
+        v = [self.exp_avg_sq[n] for n in names]
+        beta1, beta2 = self.betas
+        if p[0].is_cuda:
+            if self._step_on_device is None:
+                self._step_on_device = torch.full((), float(self.steps - 1), device=p[0].device)
+            self._step_on_device.add_(1)
+            torch._fused_adamw_(p, g, m, v, [], [self._step_on_device] * len(p), lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
+            return
+        torch._foreach_mul_(p, 1 - lr * self.weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        bias1 = 1 - beta1 ** self.steps
+        bias2_sqrt = math.sqrt(1 - beta2 ** self.steps)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything to checkpoint, under names derived from the parameter names."""
+        out = {f"optim.exp_avg.{n}": t for n, t in self.exp_avg.items()}
+        out |= {f"optim.exp_avg_sq.{n}": t for n, t in self.exp_avg_sq.items()}
+        return out
+
+
+def lr_at(step: int, base_lr: float, total_steps: int, cfg: LrScheduler) -> float:
+    """Linear warmup to base_lr over warmup_steps, then decay to base_lr * min_lr_ratio. step is 1-based."""
+    if step <= cfg.warmup_steps:
+        return base_lr * step / max(cfg.warmup_steps, 1)
+    if cfg.decay == "constant":
+        return base_lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1))
+    shape = 1 - progress if cfg.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return base_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def clip_grads_(grads: list[Tensor], total_norm: Tensor, max_norm: float) -> None:
+    """Scale grads so their global norm is at most max_norm, without reading the norm on the host."""
+    if max_norm <= 0 or not grads:
+        return
+    scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, scale.to(grads[0].device))
+
+
+def local_sq_norm(grads: list[Tensor]) -> Tensor:
+    """Sum of squares of these gradients, in fp32 (reduce it over the ranks that hold other parts)."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.stack([n.float() for n in norms]).pow(2).sum()

@@ -1,0 +1,195 @@
+"""The training loop: one function, `train(cfg)`, run identically by every rank.
+
+A step: read the global batch for this step (a pure function of seed and step), take this
+rank's rows, run forward + backward over its micro-batches (the loss of each is the summed token
+cross-entropy divided by the global token count, so gradients just add up), let the layout finish
+the cross-rank gradient reduction, clip by the global norm, take an AdamW step. Nothing reads a
+device value on the host except on logging steps.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minititan import parallelize
+from minititan.collectives.mesh import Mesh, init_distributed, resolve_degrees
+from minititan.core import checkpoint as ckpt
+from minititan.core import model
+from minititan.core.config import Config, UserError, config_to_toml
+from minititan.core.data import TokenSource, rank_rows
+from minititan.core.metrics import MetricsLogger, Timer, peak_flops, say
+from minititan.core.optim import AdamW, clip_grads_, local_sq_norm, lr_at
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("training.device = cuda but no CUDA device is visible: use training.device = cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def setup(cfg: Config):
+    """Device, process group, mesh and layout for this rank."""
+    device = pick_device(cfg.training.device)
+    rank, world = init_distributed(device.type)
+    par = cfg.parallelism
+    try:
+        degrees = resolve_degrees(world, pp=par.pp, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
+                                  cp=par.cp, tp=par.tp)
+    except ValueError as e:
+        raise UserError(f"parallelism: {e}") from None
+    mesh = Mesh(degrees, rank)
+    torch.manual_seed(cfg.training.seed)
+    layout = parallelize.build(cfg, mesh, device)
+    return device, mesh, layout
+
+
+def microbatches(cfg: Config, data_size: int) -> int:
+    t = cfg.training
+    per_rank = t.global_batch_size // data_size
+    if t.global_batch_size % data_size or per_rank % t.local_batch_size:
+        raise UserError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+                        f"training.local_batch_size={t.local_batch_size} x data-parallel ranks={data_size}")
+    return per_rank // t.local_batch_size
+
+
+def train(cfg: Config) -> list[dict]:
+    """Train; returns the logged metric rows (rank 0 prints them)."""
+    device, mesh, layout = setup(cfg)
+    t = cfg.training
+    n_micro = microbatches(cfg, layout.data_size)
+    optimizer = AdamW(layout.params, cfg.optimizer)
+    data = TokenSource(cfg.data.dataset, cfg.model.vocab_size)
+    folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+    start = restore(cfg, layout, optimizer, folder)
+    fp8 = cfg.float8.enable
+    logger = MetricsLogger(cfg.job.dump_folder, cfg.metrics.jsonl, model.flops_per_token(cfg.model, t.seq_len),
+                           peak_flops(device, fp8), mesh.world_size, t.steps, enabled=mesh.rank == 0)
+    say(f"minititan: {model.num_params(cfg.model):,} params, {mesh}, device {device}, {n_micro} micro-batch(es) "
+        f"per step, steps {start + 1}..{t.steps}", mesh.rank)
+    stop = StopSignal()
+    global_tokens = t.global_batch_size * t.seq_len
+    rows, timer, since, step = [], Timer(device), 0, start
+    loss_sum = grad_norm = None
+    for step in range(start + 1, t.steps + 1):
+        inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
+        inputs = rank_rows(inputs, layout.data_rank, layout.data_size).to(device, non_blocking=True)
+        labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
+        loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / global_tokens)
+        grad_norm = clip_and_norm(layout, t.max_norm)
+        lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
+        optimizer.step(lr)
+        for p in layout.params.values():
+            p.grad = None
+        since += 1
+        if step % cfg.metrics.log_freq == 0 or step in (start + 1, t.steps):
+            loss = global_loss(loss_sum, layout)
+            if not math.isfinite(loss):
+                raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint in "
+                                f"{folder} is kept. Lower optimizer.lr or raise lr_scheduler.warmup_steps")
+            rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since, device))
+            since = 0
+        stopping = stop.agreed(step % cfg.metrics.log_freq == 0, device)
+        if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
+            save(cfg, layout, optimizer, folder, step)
+        if stopping:
+            say(f"stopped by signal after step {step}; checkpoint saved in {folder}", mesh.rank)
+            break
+    return rows
+
+
+def forward_backward(cfg: Config, layout, inputs, labels, n_micro: int, scale: float) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches; returns its (detached) share of the loss."""
+    total = torch.zeros((), device=inputs.device)
+    for x, y, i in zip(inputs.chunk(n_micro), labels.chunk(n_micro), range(n_micro)):
+        if i == n_micro - 1:
+            layout.start_last_microbatch()
+        loss = model.loss_sum(layout.params, x, y, cfg.model, layout.ops) * scale
+        loss.backward()
+        total += loss.detach()
+    layout.finish_grads()
+    return total
+
+
+def clip_and_norm(layout, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (each element counted once over all ranks), then clip to max_norm."""
+    owned = [layout.params[n].grad for n in layout.owned if layout.params[n].grad is not None]
+    sq = local_sq_norm(owned).to(next(iter(layout.params.values())).device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    norm = sq.sqrt()
+    clip_grads_([p.grad for p in layout.params.values() if p.grad is not None], norm, max_norm)
+    return norm
+
+
+def global_loss(loss_share: torch.Tensor, layout) -> float:
+    loss = loss_share.clone()
+    if dist.get_world_size(layout.loss_group) > 1:
+        dist.all_reduce(loss, group=layout.loss_group)
+    return loss.item()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save(cfg: Config, layout, optimizer: AdamW, folder: Path, step: int) -> None:
+    tensors = dict(layout.chunks(layout.params))
+    for kind, state in (("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq)):
+        tensors |= {f"optim.{kind}.{n}": v for n, v in layout.chunks(state).items()}
+    ckpt.save(folder, step, tensors, config=config_to_toml(cfg), extra={"optimizer_steps": optimizer.steps},
+              keep_latest_k=cfg.checkpoint.keep_latest_k)
+
+
+def restore(cfg: Config, layout, optimizer: AdamW, folder: Path) -> int:
+    """Resume from the newest complete checkpoint (or load_path); returns the step to continue from."""
+    path = ckpt.latest(folder) if cfg.checkpoint.enable and cfg.checkpoint.resume else None
+    resuming = path is not None
+    if path is None and cfg.checkpoint.load_path:
+        path = Path(cfg.checkpoint.load_path)
+    if path is None:
+        return 0
+    c = ckpt.Checkpoint(path)
+    with torch.no_grad():
+        for name, (view, s) in layout.chunks(layout.params).items():
+            view.copy_(c.read(name, s))
+        if resuming:
+            for kind, state in (("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq)):
+                for name, (view, s) in layout.chunks(state).items():
+                    view.copy_(c.read(f"optim.{kind}.{name}", s))
+            optimizer.steps = int(c.manifest.extra.get("optimizer_steps", c.step))
+    say(f"{'resumed from' if resuming else 'loaded parameters from'} {path} (step {c.step})",
+        dist.get_rank())
+    return c.step if resuming else 0
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to finish the step, checkpoint and exit cleanly. With several
+    ranks the signal may reach them at different steps, so they agree (one all-reduce) on logging
+    steps, where the host waits for the device anyway."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, check_step: bool, device: torch.device) -> bool:
+        if dist.get_world_size() == 1:
+            return self.requested
+        if not check_step:
+            return False
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+

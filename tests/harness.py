@@ -1,0 +1,51 @@
+"""Train tiny models under any layout and read back what they did, for parity tests.
+
+    rows, params = train_run(tmp_path, world=4, overrides=["parallelism.dp_shard=4"])
+
+Every run uses the same tiny model and data (TINY below); `rows` are rank 0's logged metrics
+(one per step), `params` the final full parameters read from the run's last checkpoint, which
+any layout writes in the same layout-independent format.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from minititan.core import checkpoint as ckpt
+from tests.distributed import run_ranks
+
+TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
+        "training.seq_len=32", "training.global_batch_size=8", "training.local_batch_size=2", "training.steps=6",
+        "metrics.log_freq=1", "metrics.jsonl=false", "checkpoint.interval=1000", "training.device=cpu",
+        "lr_scheduler.warmup_steps=2"]
+
+
+def _train_rank(rank, world, overrides):
+    from minititan.core.config import load_config
+    from minititan.train import train
+    return train(load_config(None, overrides))
+
+
+def train_run(tmp_path: Path, world: int = 1, overrides: list[str] = (), name: str = "run"):
+    folder = Path(tmp_path) / name
+    overrides = TINY + [f"job.dump_folder={folder}"] + list(overrides)
+    rows = run_ranks(world, _train_rank, overrides)[0]
+    last = ckpt.latest(folder / "checkpoints")
+    params = {}
+    if last is not None:
+        c = ckpt.Checkpoint(last)
+        params = {n: c.read(n) for n in c.names() if not n.startswith("optim.")}
+    return rows, params
+
+
+def assert_same_losses(rows_a, rows_b, rtol=1e-5):
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        rel = abs(a["loss"] - b["loss"]) / abs(b["loss"])
+        assert rel < rtol, f"step {a['step']}: loss {a['loss']} vs {b['loss']} (rel {rel:.2e})"
+
+
+def assert_same_params(pa, pb, rtol=1e-5):
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        err = (pa[n] - pb[n]).norm() / pb[n].norm().clamp_min(1e-12)
+        assert err < rtol, f"{n}: rel diff {err:.2e}"

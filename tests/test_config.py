@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import pytest
+
+from minititan.core.config import ConfigError, config_to_toml, load_config
+
+
+def test_default_config_loads_and_round_trips(tmp_path):
+    cfg = load_config()
+    path = tmp_path / "c.toml"
+    path.write_text(config_to_toml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_overrides_parse_types():
+    cfg = load_config(None, ["training.steps=7", "optimizer.betas=[0.8, 0.9]", "compile.enable=true",
+                             "job.dump_folder=/tmp/x", "lr_scheduler.decay=linear"])
+    assert cfg.training.steps == 7 and cfg.optimizer.betas == [0.8, 0.9] and cfg.compile.enable
+    assert cfg.job.dump_folder == "/tmp/x" and cfg.lr_scheduler.decay == "linear"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("training.stepz=3", ["training.stepz", "steps"]),
+    ("trainng.steps=3", ["trainng", "training"]),
+    ("lr_scheduler.decay=cos", ["cosine", "linear"]),
+    ("training.steps=abc", ["training.steps"]),
+    ("model.dim=65", ["model.dim", "n_heads"]),
+    ("training.seq_len=100000", ["max_seq_len"]),
+])
+def test_bad_config_names_the_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent.toml")
+
+
+def test_cli_error_is_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "minititan.cli", "train", "--training.stepz=3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "did you mean 'steps'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_shipped_configs_load():
+    for name in ["debug", "llama3_8b", "llama3_70b", "llama3_405b"]:
+        cfg = load_config(f"configs/{name}.toml")
+        assert cfg.model.name == "llama3"
+    cfg = load_config("configs/llama3_8b.toml")
+    m = cfg.model
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.vocab_size, m.rope_theta) == (4096, 32, 32, 8, 128256, 500000)
+    from minititan.core.config import hidden_dim
+    assert hidden_dim(m) == 14336
+    assert cfg.training.seq_len == 8192 and cfg.training.local_batch_size == 2
