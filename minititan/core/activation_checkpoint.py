@@ -36,22 +36,45 @@ def _save_matmuls(ctx, op, *args, **kwargs):
 
 def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False, layers_per_forward: int = 1):
     """The `run_block(fn, *args)` for these settings. `layers_per_forward` = the blocks this rank
-    runs in one forward, so "every N-th" restarts at each forward."""
-    compiled = functools.cache(torch.compile) if compile_blocks else (lambda fn: fn)
+    runs in one forward, so "every N-th" restarts at each forward.
+
+    Checkpointing goes inside the compiled function (compile(checkpoint(fn))), as torchtitan
+    does: the compiler then sees the whole block and applies the save/recompute policy to the
+    graph it partitions, instead of treating a compiled block as one opaque op."""
     every = int(selective) if mode == "selective" and selective != "op" else 0
+    policy = {} if mode == "full" or every else {"context_fn": _selective_op_context}
+    variants = {}
     calls = {"n": 0}
 
-    def run_block(fn, *args):
-        f = compiled(fn)
-        if mode == "none" or not torch.is_grad_enabled():
-            return f(*args)
-        if mode == "full":
-            return checkpoint(f, *args, use_reentrant=False)
-        if every:  # count attention+ffn as one block: checkpoint both halves of every N-th layer
+    def variant(fn, recompute: bool):
+        if (fn, recompute) not in variants:
+            f = functools.partial(_checkpointed, fn, policy) if recompute else fn
+            variants[fn, recompute] = torch.compile(f) if compile_blocks else f
+        return variants[fn, recompute]
+
+    def run_block(fn, params, *args):
+        recompute = mode != "none" and torch.is_grad_enabled()
+        if recompute and every:  # attention + feed-forward are one block: both halves of every N-th layer
             calls["n"] += 1
-            layer = ((calls["n"] - 1) // 2) % layers_per_forward
-            return checkpoint(f, *args, use_reentrant=False) if layer % every == 0 else f(*args)
-        return checkpoint(f, *args, use_reentrant=False,
-                          context_fn=functools.partial(create_selective_checkpoint_contexts, _save_matmuls))
+            recompute = ((calls["n"] - 1) // 2) % layers_per_forward % every == 0
+        if recompute:
+            return variant(fn, True)(tuple(params), *params.values(), *args)
+        return variant(fn, False)(params, *args)
 
     return run_block
+
+
+def _checkpointed(fn, policy, names, *args):
+    """fn(dict(zip(names, params)), *rest) under checkpoint. The unit's params go in as separate
+    tensors, not inside a dict, so checkpoint does not keep them alive until backward: under
+    FSDP they are then freed after the forward and re-gathered for the recompute."""
+    n = len(names)
+
+    def body(*a):
+        return fn(dict(zip(names, a[:n])), *a[n:])
+
+    return checkpoint(body, *args, use_reentrant=False, **policy)
+
+
+def _selective_op_context():
+    return create_selective_checkpoint_contexts(_save_matmuls)

@@ -1,0 +1,93 @@
+"""Run training configurations one after another and print one table row each.
+
+    python benchmarks/bench.py OUT_DIR "name|-c configs/llama3_8b.toml --model.n_layers=8 ..." ...
+    python benchmarks/bench.py OUT_DIR "tt_name|@torchtitan --model.flavor 8B_8L ..."
+
+A spec is `name|arguments`: minititan's `train` arguments, or, after `@torchtitan`, torchtitan
+0.2.2's (run through benchmarks/tt_bench.py, which needs the wheels of the torchtitan harness
+installed). Each run trains 30 steps logging every 5; a row is the median over the logged
+windows after step 10 of tokens/s per device and MFU, and the peak memory. Logs: OUT_DIR/<name>.log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+COMMON = ["--training.steps=30", "--metrics.log_freq=5", "--checkpoint.enable=false", "--data.dataset=synthetic",
+          "--lr_scheduler.warmup_steps=2"]
+
+
+TT_COMMON = ["--metrics.log_freq", "5", "--training.steps", "30", "--lr_scheduler.warmup_steps", "2"]
+TT_LINE = re.compile(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
+
+
+def run_torchtitan(out: Path, name: str, args: list[str], timeout: int = 420) -> dict:
+    driver = Path(__file__).with_name("tt_bench.py")
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "1", str(driver), *TT_COMMON, *args,
+           "--job.dump_folder", str(out / f"run_{name}")]
+    start = time.time()
+    rc = _run_logged(cmd, out / f"{name}.log", timeout)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", (out / f"{name}.log").read_text())
+    rows = [(int(s), float(m), float(t.replace(",", "")), float(u)) for s, m, t, u in TT_LINE.findall(text)]
+    late = [r for r in rows if r[0] > 10]
+    row = {"name": name, "rc": rc, "wall_s": round(time.time() - start)}
+    if late:
+        row |= {"tokens_per_sec": statistics.median(r[2] for r in late), "mfu": statistics.median(r[3] for r in late),
+                "mem_gib": max(r[1] for r in rows)}
+    return row
+
+
+def _run_logged(cmd: list[str], log_path: Path, timeout: int):
+    with open(log_path, "w") as log:
+        log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        try:
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
+def run(out: Path, name: str, args: list[str], timeout: int = 600) -> dict:
+    if args and args[0] == "@torchtitan":
+        return run_torchtitan(out, name, args[1:])
+    folder = out / f"run_{name}"
+    cmd = [sys.executable, "-m", "minititan.cli", "train", *COMMON, *args, f"--job.dump_folder={folder}"]
+    start = time.time()
+    rc = _run_logged(cmd, out / f"{name}.log", timeout)
+    rows = []
+    if (folder / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    late = [r for r in rows if r["step"] > 10]
+    row = {"name": name, "rc": rc, "wall_s": round(time.time() - start)}
+    if late:
+        row |= {"tokens_per_sec": statistics.median(r["tokens_per_sec_per_device"] for r in late),
+                "mfu": statistics.median(r["mfu"] or 0 for r in late),
+                "mem_gib": max(r["mem_peak_gib"] for r in rows), "loss": rows[-1]["loss"]}
+    return row
+
+
+def main():
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for spec in sys.argv[2:]:
+        name, args = spec.split("|", 1)
+        results.append(run(out, name, shlex.split(args)))
+        print(json.dumps(results[-1]), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\n| run | tokens/s/GPU | MFU | peak mem GiB | wall s | rc |\n|---|---:|---:|---:|---:|---|")
+    for r in results:
+        print(f"| {r['name']} | {r.get('tokens_per_sec', 0):,.0f} | {r.get('mfu', 0):.1f}% | "
+              f"{r.get('mem_gib', 0):.1f} | {r['wall_s']} | {r['rc']} |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()
