@@ -150,5 +150,20 @@ def tokenize(text_file, out_file, tokenizer):
     click.echo(f"wrote {n:,} tokens to {out_file}")
 
 
+@main.command()
+@click.option("--pp", type=int, required=True, help="pipeline ranks")
+@click.option("--microbatches", type=int, required=True)
+@click.option("--schedule", default="1f1b", help="gpipe | 1f1b | interleaved_1f1b | zero_bubble")
+@click.option("--virtual", type=int, default=1, help="stages per rank (interleaved_1f1b: >= 2)")
+@click.option("--svg", "svg_path", default=None, help="also write the timeline as SVG")
+def schedule(pp, microbatches, schedule, virtual, svg_path):
+    """Draw a pipeline schedule's timeline and its bubble fraction."""
+    from minititan.schedules import viewer
+    try:
+        viewer.main(pp, microbatches, schedule, virtual, svg_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 if __name__ == "__main__":
     main()

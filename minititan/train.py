@@ -107,10 +107,11 @@ def train(cfg: Config) -> list[dict]:
 def forward_backward(cfg: Config, layout, inputs, labels, n_micro: int, scale: float) -> torch.Tensor:
     """Forward and backward of this rank's micro-batches; returns its (detached) share of the loss."""
     total = torch.zeros((), device=inputs.device)
+    inputs, labels, positions = layout.prepare(inputs, labels)
     for x, y, i in zip(inputs.chunk(n_micro), labels.chunk(n_micro), range(n_micro)):
         if i == n_micro - 1:
             layout.start_last_microbatch()
-        loss = model.loss_sum(layout.params, x, y, cfg.model, layout.ops) * scale
+        loss = model.loss_sum(layout.params, x, y, cfg.model, layout.ops, positions=positions) * scale
         loss.backward()
         total += loss.detach()
     layout.finish_grads()

@@ -89,7 +89,9 @@ class Parallelism(msgspec.Struct, forbid_unknown_fields=True):
     ep: int = 1  # expert parallel (folds into dp_shard x cp)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     pp_microbatches: int = 0  # 0 = one per stage
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # tp: shard norms/residuals along the sequence between blocks
+    async_tp: bool = False  # tp: overlap SP's all-gather / reduce-scatter with the matmuls (needs sequence_parallel)
+    cp_rotate: Literal["ring", "allgather"] = "ring"  # cp: pass K/V around a ring, or all-gather them at once
 
 
 class Data(msgspec.Struct, forbid_unknown_fields=True):
@@ -209,6 +211,8 @@ def _apply_override(raw: dict, item: str) -> None:
         parsed = value  # bare words such as cosine or ./outputs
     if isinstance(parsed, str) and parsed.lower() in ("true", "false"):
         parsed = parsed.lower() == "true"
+    if _fields(_sections()[sec])[key].type is str and not isinstance(parsed, str):
+        parsed = value  # a string field takes the text as written: selective=2 stays "2"
     raw.setdefault(sec, {})[key] = parsed
 
 
@@ -288,5 +292,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallelism.{name} must be >= 1, got {getattr(p, name)}")
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise ConfigError(f"parallelism.dp_shard must be >= 1 or -1 (fill the world), got {p.dp_shard}")
+    sel = cfg.activation_checkpoint.selective
+    if sel != "op" and not (sel.isdigit() and int(sel) > 0):
+        raise ConfigError(f"activation_checkpoint.selective must be \"op\" or a positive integer N (every N-th block), got {sel!r}")
     if m.name == "moe" and not (1 <= m.top_k <= m.n_experts):
         raise ConfigError(f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")

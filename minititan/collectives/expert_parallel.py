@@ -1,0 +1,170 @@
+"""Expert parallelism: the ranks of an `ep` group each hold n_experts/ep of a MoE layer's experts,
+and the tokens travel to their experts and back by all-to-all.
+
+Every rank routes its own tokens and sorts the (token, expert) rows by expert. Then, per layer:
+
+  1. counts  all_to_all_single of the per-expert row counts (E/ep numbers per peer): now each rank
+             knows how many rows every peer will send to each of its experts. The split sizes of
+             the next all-to-all must be host ints, so this is the one host sync of the layer.
+  2. dispatch all_to_all_single of the rows, variable split sizes. Rows for experts of rank r are
+             contiguous (sorted by global expert), so rank r's chunk is one slice.
+  3. permute  the received rows are ordered (source rank, local expert); reorder them to
+             (local expert, source rank) so each local expert's rows are one block, and run the
+             local experts (grouped GEMM or loop) on them.
+  4. combine undo the permutation and all_to_all_single back with the split sizes swapped.
+
+Both all-to-alls are autograd Functions whose backward is the same exchange in reverse, so the
+expert weights get the gradient of every token routed to them, from whichever rank it came.
+
+Param layout: rank e of the ep group holds experts [e*E/ep, (e+1)*E/ep) of every "moe.experts.*"
+tensor (a slice of dim 0); every other parameter is replicated over the ep group, whose ranks
+see different tokens, so those gradients are summed over it like data parallel.
+
+`ep_groups` folds ep into the data dims dp_shard x cp of a mesh: ep peers are consecutive in
+that group; the ranks that hold the same experts form the group experts are FSDP-sharded over.
+
+Only torch and the standard library (and the sibling mesh.py) are used, so this file can be copied.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .mesh import Mesh
+
+
+# ---------------------------------------------------------------- the param layout
+
+
+def is_expert_param(name: str) -> bool:
+    """Stacked expert weights, sliced over ep: layers.3.moe.experts.w1 (or moe.experts.w1)."""
+    return ".moe.experts." in name or name.startswith("moe.experts.")
+
+
+def expert_range(n_experts: int, ep_rank: int, ep: int) -> range:
+    """The global expert ids rank ep_rank holds."""
+    if n_experts % ep:
+        raise ValueError(f"n_experts={n_experts} must be divisible by the expert-parallel degree ep={ep}")
+    per_rank = n_experts // ep
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+def shard_experts(params: dict[str, Tensor], ep_rank: int, ep: int) -> dict[str, Tensor]:
+    """This rank's params: its slice (dim 0) of every expert tensor, every other tensor as is."""
+    out = {}
+    for name, t in params.items():
+        if is_expert_param(name):
+            mine = expert_range(t.shape[0], ep_rank, ep)
+            t = t[mine.start:mine.stop].clone()
+        out[name] = t
+    return out
+
+
+def ep_groups(mesh: Mesh, ep: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """This rank's ep group and expert data-parallel group (see ep_layout).
+    Collective: every rank of the world must call it, in the same order."""
+    ep_lists, expert_dp_lists = ep_layout(mesh, ep)
+    return _new_groups(ep_lists, mesh.rank), _new_groups(expert_dp_lists, mesh.rank)
+
+
+def ep_layout(mesh: Mesh, ep: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Fold ep into the data dims: split every dp_shard x cp group (size D, in its row-major
+    order) into
+        ep groups          D/ep groups of ep consecutive data ranks (neighbours: fast links)
+        expert dp groups   ep groups of the D/ep data ranks that hold the same experts, strided
+                           by ep: the expert weights are FSDP-sharded / their grads summed over it.
+    Returns both lists of global ranks for the whole world."""
+    size = mesh.size("dp_shard", "cp")
+    if ep < 1 or size % ep:
+        raise ValueError(f"parallelism.ep={ep} must divide dp_shard * cp = {size}: ep folds into the data dims")
+    data_groups: dict[tuple, list[tuple[int, int]]] = {}
+    for r in range(mesh.world_size):
+        m = Mesh(mesh.sizes, r)
+        others = tuple(c for d, c in m.coords.items() if d not in ("dp_shard", "cp"))
+        data_groups.setdefault(others, []).append((m.local_rank("dp_shard", "cp"), r))
+    ep_lists, expert_dp_lists = [], []
+    for members in data_groups.values():
+        ranks = [r for _, r in sorted(members)]
+        ep_lists += [ranks[start:start + ep] for start in range(0, size, ep)]
+        expert_dp_lists += [ranks[offset::ep] for offset in range(ep)]
+    return ep_lists, expert_dp_lists
+
+
+def _new_groups(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup:
+    mine = None
+    for ranks in rank_lists:  # every rank creates every group, in the same order
+        group = dist.new_group(ranks)
+        mine = group if rank in ranks else mine
+    return mine
+
+
+# ---------------------------------------------------------------- the token exchange
+
+
+class Route(NamedTuple):
+    """What combine needs to send the rows back where dispatch got them."""
+    send_splits: list[int]  # rows this rank sent to each peer
+    recv_splits: list[int]  # rows this rank got from each peer
+    to_source_order: Tensor  # undoes the (source, expert) -> (expert, source) permutation
+
+
+def dispatch(x: Tensor, counts: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, Route]:
+    """x [n, dim] rows sorted by global expert, counts [E] rows per global expert (device int64).
+    Returns this rank's rows sorted by its local experts, their counts [E/ep] (device), and the
+    Route for combine."""
+    ep = dist.get_world_size(group)
+    if counts.numel() % ep:
+        raise ValueError(f"n_experts={counts.numel()} must be divisible by the expert-parallel degree ep={ep}")
+    per_rank = counts.numel() // ep
+    received_counts = torch.empty_like(counts)  # [source, local expert] flattened
+    dist.all_to_all_single(received_counts, counts, group=group)
+    # the split sizes must be host ints: the layer's one sync
+    splits = torch.cat([counts.view(ep, per_rank).sum(1), received_counts.view(ep, per_rank).sum(1)]).tolist()
+    send_splits, recv_splits = splits[:ep], splits[ep:]
+
+    received = _AllToAll.apply(x, recv_splits, send_splits, group)
+    # block id of each received row: source * per_rank + local expert; sort by (expert, source)
+    block = torch.repeat_interleave(torch.arange(ep * per_rank, device=x.device), received_counts,
+                                    output_size=sum(recv_splits))
+    to_expert_order = ((block % per_rank) * ep + block // per_rank).argsort(stable=True)
+    local_counts = received_counts.view(ep, per_rank).sum(0)
+    route = Route(send_splits, recv_splits, to_expert_order.argsort())
+    return received[to_expert_order], local_counts, route
+
+
+def combine(y: Tensor, route: Route, group: dist.ProcessGroup) -> Tensor:
+    """The local experts' outputs (local expert order) -> the rows this rank dispatched, in its order."""
+    return _AllToAll.apply(y[route.to_source_order], route.send_splits, route.recv_splits, group)
+
+
+def parallel_experts(run_local: Callable[[Tensor, Tensor, dict], Tensor],
+                     group: dist.ProcessGroup) -> Callable[[Tensor, Tensor, dict], Tensor]:
+    """Wrap run_local(x, counts, experts) -- the experts this rank holds -- into the same call
+    over all experts of the ep group: dispatch, run the local experts, combine."""
+    def run(x: Tensor, counts: Tensor, experts: dict) -> Tensor:
+        x_local, local_counts, route = dispatch(x, counts, group)
+        return combine(run_local(x_local, local_counts, experts), route, group)
+    return run
+
+
+def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows go out in in_splits chunks and arrive in out_splits chunks; the gradient goes back
+    the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None

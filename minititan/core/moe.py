@@ -1,0 +1,290 @@
+"""Mixture of experts: a router sends each token to top_k of n_experts SwiGLU feed-forwards.
+
+    y = x + shared(h) + sum_{e in topk(s + b)} w_e * expert_e(h),      h = RMSNorm(x)
+
+* Router: scores s = softmax or sigmoid of h @ router.T (fp32). The top_k experts are chosen
+  by s + b, where b is the expert bias of auxiliary-loss-free balancing (DeepSeek-V3): b only
+  steers the choice, the weights w_e are the plain scores of the chosen experts (renormalized
+  to sum to 1 with route_norm).
+* Dropless: every (token, expert) pair is computed. The pairs are sorted by expert, so each
+  expert's tokens are one contiguous block, and all experts run as one grouped GEMM
+  (`torch._grouped_mm`) where the device and dtype allow it, else as a loop over the blocks.
+  Expert parallelism (minititan/collectives/expert_parallel.py) swaps in its own `run_experts`
+  that ships the blocks to the ranks owning the experts and back.
+* Balancing, two ways, neither of which needs the forward to return anything but x:
+    - aux loss (aux_loss_coef > 0): DeepSeek-V3's sequence-wise balance loss. Its gradient is
+      injected in the backward of the layer output (`_SideGradients`), so it works unchanged
+      under activation checkpointing, pipeline stages and torch.compile.
+    - expert bias (bias_update_rate > 0): the bias is not learned by gradient descent. Its
+      .grad slot instead receives the number of tokens routed to each expert, so the loads are
+      summed over micro-batches and data-parallel ranks by the same reduction as every other
+      gradient. `update_expert_bias` then nudges b toward balance and clears that .grad; call it
+      after the gradient reduction and before clipping and the optimizer step.
+
+Expert weights are stacked per layer: experts.w1/w3 [E, hidden, dim], experts.w2 [E, dim, hidden].
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minititan.core.config import Model, hidden_dim
+
+Experts = dict[str, Tensor]  # "w1", "w2", "w3": this rank's stacked expert weights
+
+
+# ---------------------------------------------------------------- shapes and accounting
+
+
+def expert_hidden_dim(cfg: Model) -> int:
+    return cfg.moe_hidden_dim or hidden_dim(cfg)
+
+
+def moe_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
+    """The parameters of MoE layer i, in forward order (all in unit layers.{i}.feed_forward)."""
+    if not 1 <= cfg.top_k <= cfg.n_experts:
+        raise ValueError(f"model.top_k={cfg.top_k} must be between 1 and model.n_experts={cfg.n_experts}")
+    if cfg.moe_hidden_dim < 0 or cfg.n_shared_experts < 0:
+        raise ValueError("model.moe_hidden_dim and model.n_shared_experts must be >= 0 (moe_hidden_dim 0 = the dense hidden dim)")
+    L, d, h, E = f"layers.{i}.", cfg.dim, expert_hidden_dim(cfg), cfg.n_experts
+    shapes = {L + "ffn_norm": (d,), L + "moe.router": (E, d), L + "moe.expert_bias": (E,),
+              L + "moe.experts.w1": (E, h, d), L + "moe.experts.w2": (E, d, h), L + "moe.experts.w3": (E, h, d)}
+    if cfg.n_shared_experts:
+        hs = cfg.n_shared_experts * h  # the shared experts run as one wider SwiGLU
+        shapes |= {L + "moe.shared.w1": (hs, d), L + "moe.shared.w2": (d, hs), L + "moe.shared.w3": (hs, d)}
+    return shapes
+
+
+def inactive_expert_params(cfg: Model) -> int:
+    """Expert weights a token does not use: (n_experts - top_k) experts in every MoE layer."""
+    from minititan.core.model import is_moe_layer
+    n_moe_layers = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers))
+    return n_moe_layers * (cfg.n_experts - cfg.top_k) * 3 * expert_hidden_dim(cfg) * cfg.dim
+
+
+# ---------------------------------------------------------------- routing
+
+
+def route(h: Tensor, router: Tensor, expert_bias: Tensor, cfg: Model) -> tuple[Tensor, Tensor, Tensor]:
+    """h [..., dim] -> scores [..., E] (fp32), chosen experts [..., k], their weights [..., k] (fp32)."""
+    logits = F.linear(h, router).float()
+    scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    chosen = torch.topk(scores + expert_bias.detach().float(), cfg.top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(-1, chosen)
+    if cfg.route_norm:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return scores, chosen, weights
+
+
+def tokens_per_expert(chosen: Tensor, n_experts: int) -> Tensor:
+    """How many (token, expert) pairs go to each expert, [E] int64, on the device (no host sync:
+    bincount would read the max back to the host on CUDA)."""
+    flat = chosen.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def sequence_balance_loss(scores: Tensor, chosen: Tensor, cfg: Model) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, one value per sequence: [batch].
+
+        sum_e f_e * P_e,   f_e = E / (k S) * (tokens of the sequence sent to e)   (1 when balanced)
+                           P_e = mean over the sequence of the normalized score of e
+    It is 1 for a perfectly balanced router and grows toward E as routing collapses. Per sequence
+    (not per batch) so its value does not depend on how sequences are split over ranks."""
+    b, s, E = scores.shape
+    probs = scores / scores.sum(-1, keepdim=True)  # a no-op for softmax; sigmoid scores don't sum to 1
+    counts = torch.zeros(b, E, device=scores.device).scatter_add_(
+        1, chosen.reshape(b, -1), torch.ones(b, s * cfg.top_k, device=scores.device))
+    f = counts * (E / (cfg.top_k * s))
+    return (f * probs.mean(1)).sum(-1)
+
+
+# ---------------------------------------------------------------- the experts
+
+
+def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, linear=F.linear) -> Tensor:
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+def run_experts(x: Tensor, counts: Tensor, experts: Experts) -> Tensor:
+    """x [n, dim] sorted by expert, counts [E] rows per expert (device) -> [n, dim].
+    Picks the grouped GEMM where it is supported, else the loop over experts."""
+    if experts["w1"].shape[0] != counts.numel():
+        raise ValueError(f"{counts.numel()} experts routed here but the weights hold {experts['w1'].shape[0]}: "
+                         "with expert parallelism give each rank its slice (expert_parallel.shard_experts)")
+    if grouped_mm_ok(x, experts["w1"]):
+        return run_experts_grouped(x, counts, experts)
+    return run_experts_loop(x, counts, experts)
+
+
+def run_experts_grouped(x: Tensor, counts: Tensor, experts: Experts, align: int = 16) -> Tensor:
+    """All experts in three grouped GEMMs, with no host sync.
+
+    The CUDA kernels load each expert's block of rows with TMA, which needs 16-byte aligned
+    offsets: in the weight-gradient GEMM the rows are the contracted dim. So every block is
+    copied into a buffer at a start that is a multiple of `align` rows, the gaps are zeros, an
+    expert without tokens still gets `align` zero rows (no empty groups), and the last block
+    runs to the end of the buffer, whose size (n + E * align) is known without reading counts.
+    Zero rows add nothing to any gradient; their outputs are never read."""
+    n, n_experts = x.shape[0], counts.numel()
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts, output_size=n)
+    padded = ((counts + align - 1) // align * align).clamp_min(align)
+    padded_end = padded.cumsum(0)
+    row_in_block = torch.arange(n, device=x.device) - (counts.cumsum(0) - counts)[expert_of_row]
+    dest = (padded_end - padded)[expert_of_row] + row_in_block
+    rows = n + n_experts * align
+    x_padded = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
+    offs = padded_end.to(torch.int32)
+    offs[-1] = rows
+
+    def mm(a: Tensor, w: Tensor) -> Tensor:  # per block: a @ w[e].T, like F.linear
+        return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+
+    y_padded = mm(F.silu(mm(x_padded, experts["w1"])) * mm(x_padded, experts["w3"]), experts["w2"])
+    return y_padded[dest]
+
+
+def run_experts_loop(x: Tensor, counts: Tensor, experts: Experts) -> Tensor:
+    """The exact reference: one SwiGLU per expert block. Reads counts on the host (one sync)."""
+    blocks = torch.split(x, counts.tolist())
+    w1, w2, w3 = experts["w1"], experts["w2"], experts["w3"]
+    return torch.cat([swiglu(blk, w1[e], w2[e], w3[e]) for e, blk in enumerate(blocks)])
+
+
+def grouped_mm_ok(x: Tensor, w1: Tensor) -> bool:
+    """torch._grouped_mm runs bf16 on CUDA sm90+ (offsets int32, row strides 16-byte aligned: we
+    ask for dim and hidden multiples of 16), and in eager mode on the CPU in recent torch (2.13
+    runs fp32 and bf16 exactly). Elsewhere (fp32 on CUDA, older GPUs, CPU under compile) the loop."""
+    if x.dtype != w1.dtype or x.shape[-1] % 16 or w1.shape[1] % 16:
+        return False
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        return False  # the compile-time shape check accepts bf16 only
+    return _grouped_mm_supported(x.device.type, x.dtype)
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing, never traces into it
+def _grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+    return device_type == "cpu" and _cpu_grouped_mm_runs(dtype)
+
+
+@functools.cache
+def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
+    """Older CPU builds have no kernel: try a tiny one."""
+    try:
+        a, w = torch.ones(4, 16, dtype=dtype), torch.ones(2, 16, 16, dtype=dtype)
+        out = torch._grouped_mm(a, w, offs=torch.tensor([1, 4], dtype=torch.int32))
+        return bool((out == 16).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+# ---------------------------------------------------------------- the layer
+
+
+def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
+                     run_experts: Callable[[Tensor, Tensor, Experts], Tensor] = run_experts,
+                     aux_loss_scale: float = 1.0, aux_log: list | None = None) -> Tensor:
+    """x + MoE(RMSNorm(x)), x [batch, seq, dim]; p has the layer-relative names (moe.router, ...).
+
+    run_experts(x_sorted, counts, experts) computes the experts; expert parallelism replaces it.
+    aux_loss_scale: what the trainer multiplies the summed loss by before backward (1/global
+      label tokens if it backpropagates the mean, 1 if it backpropagates loss_sum). The aux
+      loss is counted like loss_sum, as coef * seq_len per sequence, so after that division it
+      is coef * (mean over sequences of the balance loss) per MoE layer.
+    aux_log: if given, each call appends its mean balance loss (detached, on the device) for
+      the metrics. Activation checkpointing recomputes and appends it again; the mean over the
+      list is unchanged by that."""
+    from minititan.core.model import rms_norm
+    b, s, d = x.shape
+    h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
+    scores, chosen, weights = route(h, p["moe.router"], p["moe.expert_bias"], cfg)
+
+    # sort the (token, slot) pairs by expert so every expert's rows are one contiguous block
+    flat_chosen = chosen.flatten()
+    order = flat_chosen.argsort(stable=True)
+    counts = tokens_per_expert(flat_chosen, cfg.n_experts)
+    h_flat = h.reshape(b * s, d)
+    experts = {w: p[f"moe.experts.{w}"] for w in ("w1", "w2", "w3")}
+    y_sorted = run_experts(h_flat[order // cfg.top_k], counts, experts)
+
+    # back to (token, slot) order, then the weighted sum over each token's k experts, in fp32
+    y_pairs = y_sorted[order.argsort()].view(b * s, cfg.top_k, d)
+    out = (y_pairs.float() * weights.reshape(b * s, cfg.top_k, 1)).sum(1)
+    if cfg.n_shared_experts:
+        out = out + swiglu(h_flat, p["moe.shared.w1"], p["moe.shared.w2"], p["moe.shared.w3"], ops.linear).float()
+    out = out.view(b, s, d).type_as(x)
+
+    aux_sum = None
+    if cfg.aux_loss_coef > 0 or aux_log is not None:
+        balance = sequence_balance_loss(scores, chosen, cfg)
+        if aux_log is not None:
+            aux_log.append(balance.detach().mean())
+        if cfg.aux_loss_coef > 0:
+            aux_sum = cfg.aux_loss_coef * s * balance.sum()
+    out = _SideGradients.apply(out, p["moe.expert_bias"], counts, aux_sum, aux_loss_scale)
+    return x + out
+
+
+class _SideGradients(torch.autograd.Function):
+    """Identity on the layer output. Its backward also gives
+      * the expert bias a "gradient" equal to the tokens routed to each expert (its load), and
+      * the aux loss its gradient d(objective)/d(aux_sum) = aux_loss_scale,
+    so both travel with the ordinary backward wherever the output goes."""
+
+    @staticmethod
+    def forward(ctx, out, expert_bias, counts, aux_sum, aux_loss_scale):
+        ctx.save_for_backward(counts)
+        ctx.bias_dtype, ctx.aux_loss_scale = expert_bias.dtype, aux_loss_scale
+        ctx.has_aux = aux_sum is not None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (counts,) = ctx.saved_tensors
+        aux_grad = grad.new_full((), ctx.aux_loss_scale, dtype=torch.float32) if ctx.has_aux else None
+        return grad, counts.to(ctx.bias_dtype), None, aux_grad, None
+
+
+# ---------------------------------------------------------------- balancing and metrics
+
+
+def is_expert_bias(name: str) -> bool:
+    return name.endswith("moe.expert_bias")
+
+
+@torch.no_grad()
+def update_expert_bias(params: dict[str, Tensor], rate: float) -> Tensor:
+    """Auxiliary-loss-free balancing, once per optimizer step, after the gradient reduction and
+    before clipping / optimizer.step(). Each expert_bias[e] moves by `rate` toward balance:
+    up if expert e got fewer tokens than the mean, down if more (centered so the bias does not
+    drift). Reads the loads from expert_bias.grad and clears it, so neither the grad norm nor
+    the optimizer ever sees them. Needs the full [E] bias tensors (replicated, not sharded).
+    Returns the loads [n_moe_layers, E] (tokens per expert this step; on the device)."""
+    loads = []
+    for name in sorted((n for n in params if is_expert_bias(n)), key=_layer_index):
+        bias = params[name]
+        load = bias.grad.float() if bias.grad is not None else torch.zeros_like(bias, dtype=torch.float32)
+        if rate:
+            step = rate * torch.sign(load.mean() - load)
+            bias += (step - step.mean()).to(bias.dtype)
+        bias.grad = None
+        loads.append(load)
+    return torch.stack(loads) if loads else torch.zeros(0, 0)
+
+
+def load_metrics(loads: Tensor, aux_log: list[Tensor] | None = None) -> dict[str, Tensor]:
+    """Device scalars for the step's log line: the worst layer's max/mean expert load (1 is
+    perfectly balanced), and the mean balance loss the layers logged into aux_log."""
+    out = {"moe/max_load_over_mean": (loads.amax(-1) / loads.mean(-1).clamp_min(1e-9)).max()}
+    if aux_log:
+        out["moe/balance_loss"] = torch.stack(aux_log).mean()
+    return out
+
+
+def _layer_index(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("layers.") else -1

@@ -1,0 +1,258 @@
+"""Hugging Face interop: exact tensors both ways, and the same logits as a Hugging Face-style forward.
+
+The Hugging Face side is built here by hand (no transformers): a tiny Llama folder whose q/k weights
+are Meta-layout weights put through Hugging Face's own permutation, as its convert script does.
+benchmarks/hf_logits_check.py runs the same comparison against transformers itself.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minititan.convert import ffn_settings, hf_to_minititan, minititan_to_hf
+from minititan.core import checkpoint as ckpt
+from minititan.core import model
+from minititan.core.config import Model, UserError, hidden_dim
+from minititan.generate import load_for_inference
+from tests.harness import train_run
+
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def hf_config(scaling=False, tied=False) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "intermediate_size": 200, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
+            "max_position_embeddings": 131072 if scaling else 64, "tie_word_embeddings": tied,
+            "rope_scaling": LLAMA31_SCALING if scaling else None, "torch_dtype": "float32"}
+
+
+def hf_permute(w, n_heads):
+    """Hugging Face's convert_llama_weights_to_hf permutation, as written there."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def meta_weights(c: dict, seed=0) -> dict:
+    """Random Meta-layout weights under minititan names, shapes from the HF config (not from minititan)."""
+    g = torch.Generator().manual_seed(seed)
+    d, f, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["hidden_size"] // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    shapes = {"tok_embeddings": (v, d), "norm": (d,), "output": (v, d)}
+    for i in range(c["num_hidden_layers"]):
+        shapes |= {f"layers.{i}.{n}": s for n, s in [
+            ("attention_norm", (d,)), ("attention.wq", (d, d)), ("attention.wk", (kv, d)), ("attention.wv", (kv, d)),
+            ("attention.wo", (d, d)), ("ffn_norm", (d,)), ("feed_forward.w1", (f, d)), ("feed_forward.w2", (d, f)),
+            ("feed_forward.w3", (f, d))]}
+    out = {}
+    for n, s in shapes.items():
+        if len(s) == 1:
+            out[n] = 1 + 0.2 * torch.randn(s, generator=g)
+        else:
+            out[n] = torch.randn(s, generator=g) * (1.0 if n == "tok_embeddings" else s[1] ** -0.5)
+    if c["tie_word_embeddings"]:
+        out["output"] = out["tok_embeddings"]
+    return out
+
+
+HF_NAMES = {"attention_norm": "input_layernorm", "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
+
+
+def to_hf_layout(meta: dict, c: dict) -> dict:
+    out = {"model.embed_tokens.weight": meta["tok_embeddings"], "model.norm.weight": meta["norm"]}
+    if not c["tie_word_embeddings"]:
+        out["lm_head.weight"] = meta["output"]
+    for n, t in meta.items():
+        if n.startswith("layers."):
+            _, i, rest = n.split(".", 2)
+            if rest == "attention.wq":
+                t = hf_permute(t, c["num_attention_heads"])
+            if rest == "attention.wk":
+                t = hf_permute(t, c["num_key_value_heads"])
+            out[f"model.layers.{i}.{HF_NAMES[rest]}.weight"] = t.contiguous()
+    return out
+
+
+def write_hf_folder(path, c: dict, tensors: dict, shards: int = 1):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(c))
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    names, weight_map = sorted(tensors), {}
+    for k in range(shards):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[k::shards]}
+        save_file(part, str(path / file), metadata={"format": "pt"})
+        weight_map |= {n: file for n in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def read_safetensors(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ---------------------------------------------------------------- a Hugging Face-style forward
+
+
+def hf_style_logits(t: dict, c: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """LlamaForCausalLM's math on HF-layout weights: rotate_half RoPE, GQA by repeating kv heads."""
+    d, H, KV, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
+    hd, (b, s) = d // H, tokens.shape
+    inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    if c["rope_scaling"]:  # transformers' _compute_llama3_parameters, restated
+        r = c["rope_scaling"]
+        low_wl, high_wl = r["original_max_position_embeddings"] / r["low_freq_factor"], r["original_max_position_embeddings"] / r["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wl, inv_freq / r["factor"], inv_freq)
+        smooth = (r["original_max_position_embeddings"] / wavelen - r["low_freq_factor"]) / (r["high_freq_factor"] - r["low_freq_factor"])
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv_freq = torch.where(medium, (1 - smooth) * scaled / r["factor"] + smooth * scaled, scaled)
+    angles = torch.arange(s, dtype=torch.float64)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos().float(), torch.cat([angles, angles], -1).sin().float()
+
+    def rope(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    mask = torch.full((s, s), -float("inf")).triu(1)
+    x = t["model.embed_tokens.weight"][tokens]
+    for i in range(c["num_hidden_layers"]):
+        p = lambda n: t[f"model.layers.{i}.{n}.weight"]  # noqa: E731
+        h = rms(x, p("input_layernorm"))
+        q = rope((h @ p("self_attn.q_proj").T).view(b, s, H, hd).transpose(1, 2))
+        k = rope((h @ p("self_attn.k_proj").T).view(b, s, KV, hd).transpose(1, 2)).repeat_interleave(H // KV, 1)
+        v = (h @ p("self_attn.v_proj").T).view(b, s, KV, hd).transpose(1, 2).repeat_interleave(H // KV, 1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1) @ v
+        x = x + att.transpose(1, 2).reshape(b, s, d) @ p("self_attn.o_proj").T
+        h = rms(x, p("post_attention_layernorm"))
+        x = x + (F.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+    head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
+    return rms(x, t["model.norm.weight"]) @ head.T
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("tied,shards", [(False, 1), (True, 3)])
+def test_hf_to_minititan_is_exact(tmp_path, tied, shards):
+    c = hf_config(tied=tied)
+    meta = meta_weights(c)
+    hf = write_hf_folder(tmp_path / "hf", c, to_hf_layout(meta, c), shards)
+    (hf / "tokenizer.json").write_text("{}")
+    path = hf_to_minititan(hf, tmp_path / "mt")
+    assert path == tmp_path / "mt" / "step-00000000"
+    loaded = ckpt.Checkpoint(path)
+    assert sorted(loaded.names()) == sorted(meta)
+    for n, t in meta.items():
+        assert torch.equal(loaded.read(n), t), n
+    cfg, _ = load_for_inference(path)
+    m = cfg.model
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.vocab_size, hidden_dim(m)) == (64, 2, 4, 2, 256, 200)
+    assert (m.norm_eps, m.rope_theta, m.rope_scaling, m.max_seq_len) == (1e-5, 500000.0, False, 64)
+    assert cfg.data.tokenizer == str((tmp_path / "mt" / "tokenizer.json").resolve())  # generate uses the copy
+    assert (tmp_path / "mt" / "config.toml").read_text() == ckpt.Checkpoint(path).manifest.config
+
+
+def test_round_trip_minititan_hf_minititan(tmp_path):
+    c = hf_config(scaling=True)
+    hf_tensors = to_hf_layout(meta_weights(c), c)
+    first = hf_to_minititan(write_hf_folder(tmp_path / "hf", c, hf_tensors), tmp_path / "mt")
+    out = minititan_to_hf(tmp_path / "mt", tmp_path / "hf2")  # a folder of checkpoints: its newest
+    written = read_safetensors(out / "model.safetensors")
+    assert written.keys() == hf_tensors.keys()
+    assert all(torch.equal(written[n], hf_tensors[n]) for n in written)
+    config = json.loads((out / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "torch_dtype"):
+        assert config[key] == c[key], key
+    again = ckpt.Checkpoint(hf_to_minititan(out, tmp_path / "mt2"))
+    first = ckpt.Checkpoint(first)
+    assert all(torch.equal(again.read(n), first.read(n)) for n in first.names())
+
+
+def test_bf16_keeps_its_dtype(tmp_path):
+    c = hf_config() | {"torch_dtype": "bfloat16"}
+    hf_tensors = {n: t.bfloat16() for n, t in to_hf_layout(meta_weights(c), c).items()}
+    path = hf_to_minititan(write_hf_folder(tmp_path / "hf", c, hf_tensors), tmp_path / "mt")
+    assert ckpt.Checkpoint(path).read("layers.0.attention.wq").dtype == torch.bfloat16
+    out = minititan_to_hf(path, tmp_path / "hf2")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    written = read_safetensors(out / "model.safetensors")
+    assert all(torch.equal(written[n], hf_tensors[n]) for n in written)
+
+
+@pytest.mark.parametrize("scaling", [False, True])
+def test_logits_match_hf_style_forward(tmp_path, scaling):
+    c = hf_config(scaling=scaling, tied=scaling)
+    hf_tensors = to_hf_layout(meta_weights(c), c)
+    cfg, params = load_for_inference(hf_to_minititan(write_hf_folder(tmp_path / "hf", c, hf_tensors), tmp_path / "mt"))
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    ours = model.forward(params, tokens, cfg.model)
+    ref = hf_style_logits(hf_tensors, c, tokens)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    other = hf_style_logits(hf_tensors, c | {"rope_scaling": None if scaling else LLAMA31_SCALING}, tokens)
+    assert (other - ref).abs().max() > 1e-3  # the scaling is visible at these lengths, so the check has teeth
+
+
+def test_train_starts_from_converted_checkpoint(tmp_path):
+    c = hf_config()
+    hf_tensors = to_hf_layout(meta_weights(c), c)
+    path = hf_to_minititan(write_hf_folder(tmp_path / "hf", c, hf_tensors), tmp_path / "mt")
+    cfg, params = load_for_inference(path)
+    m = cfg.model
+    model_args = [f"model.ffn_dim_multiplier={m.ffn_dim_multiplier!r}", f"model.multiple_of={m.multiple_of}",
+                  "model.rope_theta=500000.0", "model.vocab_size=256"]
+    rows, _ = train_run(tmp_path, 1, model_args + [f"checkpoint.load_path={path}", "training.steps=1",
+                                                    "checkpoint.enable=false"])
+    from minititan.core.data import TokenSource
+    inputs, labels = TokenSource("shakespeare", 256).batch(0, 1, 8, 32)
+    expected = model.loss_sum(params, inputs, labels, m).item() / labels.numel()
+    assert abs(rows[0]["loss"] - expected) / expected < 1e-5
+
+
+def test_ffn_settings_land_on_intermediate_size():
+    for dim, size in [(4096, 14336), (8192, 28672), (16384, 53248), (2048, 8192), (3072, 8192), (64, 200), (64, 1)]:
+        mult, multiple_of = ffn_settings(dim, size)
+        assert hidden_dim(Model(dim=dim, ffn_dim_multiplier=mult, multiple_of=multiple_of)) == size
+
+
+def test_clear_errors(tmp_path):
+    c = hf_config()
+    hf_tensors = to_hf_layout(meta_weights(c), c)
+    with pytest.raises(UserError, match="not a folder"):
+        hf_to_minititan(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="config.json not found"):
+        hf_to_minititan(tmp_path / "empty", tmp_path / "out")
+    mistral = write_hf_folder(tmp_path / "mistral", c | {"model_type": "mistral"}, hf_tensors)
+    with pytest.raises(UserError, match="only Llama"):
+        hf_to_minititan(mistral, tmp_path / "out")
+    llama32 = write_hf_folder(tmp_path / "l32", c | {"rope_scaling": LLAMA31_SCALING | {"factor": 32.0}}, hf_tensors)
+    with pytest.raises(UserError, match="factor 32"):
+        hf_to_minititan(llama32, tmp_path / "out")
+    missing = {n: t for n, t in hf_tensors.items() if n != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(UserError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
+        hf_to_minititan(write_hf_folder(tmp_path / "missing", c, missing), tmp_path / "out")
+    untied = {n: t for n, t in hf_tensors.items() if n != "lm_head.weight"}
+    with pytest.raises(UserError, match="no tensor 'lm_head.weight'"):
+        hf_to_minititan(write_hf_folder(tmp_path / "untied", c, untied), tmp_path / "out")
+    extra = hf_tensors | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}
+    with pytest.raises(UserError, match="q_proj.bias"):
+        hf_to_minititan(write_hf_folder(tmp_path / "extra", c, extra), tmp_path / "out")
+    with pytest.raises(UserError, match="does not exist"):
+        minititan_to_hf(tmp_path / "no-checkpoint", tmp_path / "out")

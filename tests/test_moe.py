@@ -1,0 +1,248 @@
+import functools
+from pathlib import Path
+
+import pytest
+from msgspec.structs import replace
+import torch
+import torch.distributed as dist
+
+from minititan.collectives import expert_parallel as ep_lib
+from minititan.collectives.mesh import Mesh
+from minititan.core import model, moe
+from minititan.core.data import shakespeare_text
+from minititan.core.config import Model, load_config
+from tests.distributed import run_ranks
+
+CFG = Model(name="moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64,
+            n_experts=8, top_k=2, moe_hidden_dim=64, n_shared_experts=1, aux_loss_coef=0.01)
+LAYER = "layers.0."
+
+
+def layer_params(cfg: Model, seed: int = 0) -> dict[str, torch.Tensor]:
+    """MoE layer 0's params under layer-relative names, with a router and bias that matter."""
+    full = model.init(cfg, seed)
+    p = {model.local_name(n): t for n, t in full.items() if n.startswith(LAYER) and model.unit_of(n).endswith("feed_forward")}
+    gen = torch.Generator().manual_seed(seed + 1)
+    p["moe.router"] = torch.randn(p["moe.router"].shape, generator=gen)
+    p["moe.expert_bias"] = 0.1 * torch.randn(p["moe.expert_bias"].shape, generator=gen)
+    return {n: t.requires_grad_() for n, t in p.items()}
+
+
+def per_token_reference(p, x, cfg: Model) -> torch.Tensor:
+    """The MoE layer, one token at a time, straight from its definition."""
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            h = model.rms_norm(x[b, s], p["ffn_norm"], cfg.norm_eps)
+            logits = p["moe.router"] @ h
+            scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+            chosen = torch.topk(scores + p["moe.expert_bias"].detach(), cfg.top_k).indices
+            weights = scores[chosen] / (scores[chosen].sum() if cfg.route_norm else 1.0)
+            y = sum(w * moe.swiglu(h, p["moe.experts.w1"][e], p["moe.experts.w2"][e], p["moe.experts.w3"][e])
+                    for w, e in zip(weights, chosen.tolist()))
+            if cfg.n_shared_experts:
+                y = y + moe.swiglu(h, p["moe.shared.w1"], p["moe.shared.w2"], p["moe.shared.w3"])
+            out[b, s] = x[b, s] + y
+    return out
+
+
+def grads_of(fn, p, x, seed=0):
+    """fn's output and the grads of <output, fixed random tensor> w.r.t. x and every param."""
+    x = x.detach().clone().requires_grad_()
+    for t in p.values():
+        t.grad = None
+    y = fn(p, x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)))
+    return y.detach(), x.grad, {n: t.grad for n, t in p.items() if t.grad is not None}
+
+
+def assert_close(a, b, rtol=1e-5, what=""):
+    err = (a - b).norm() / b.norm().clamp_min(1e-12)
+    assert err < rtol, f"{what}: rel diff {err:.2e}"
+
+
+@pytest.mark.parametrize("variant", [dict(score_func="softmax", route_norm=False, n_shared_experts=0),
+                                     dict(score_func="sigmoid", route_norm=True, n_shared_experts=1)])
+def test_layer_matches_per_token_reference(variant):
+    cfg = replace(CFG, aux_loss_coef=0.0, **variant)
+    p, x = layer_params(cfg), torch.randn(2, 8, cfg.dim)
+    ops = model.default_ops(cfg)
+    for run in (moe.run_experts_loop, moe.run_experts_grouped):
+        layer = functools.partial(moe.moe_feed_forward, cfg=cfg, ops=ops, run_experts=run)
+        y, gx, g = grads_of(lambda p, x: layer(p, x), p, x)
+        y_ref, gx_ref, g_ref = grads_of(lambda p, x: per_token_reference(p, x, cfg), p, x)
+        assert_close(y, y_ref, what="output")
+        assert_close(gx, gx_ref, what="input grad")
+        for n in g_ref:
+            assert_close(g[n], g_ref[n], what=n)
+        # the bias gets no gradient but the tokens routed to each expert: its load
+        assert torch.equal(g["moe.expert_bias"].sum(), torch.tensor(2 * 8 * cfg.top_k, dtype=torch.float32))
+
+
+def test_grouped_mm_matches_loop_with_empty_experts():
+    experts = {w: torch.randn(4, 32, 16) if w != "w2" else torch.randn(4, 16, 32) for w in ("w1", "w2", "w3")}
+    experts = {n: t.requires_grad_() for n, t in experts.items()}
+    counts = torch.tensor([5, 0, 11, 0])
+    x = torch.randn(16, 16)
+    assert moe.grouped_mm_ok(x, experts["w1"]), "torch 2.13 runs _grouped_mm on the CPU in fp32"
+    y, gx, g = grads_of(lambda p, x: moe.run_experts_grouped(x, counts, p), experts, x)
+    y_ref, gx_ref, g_ref = grads_of(lambda p, x: moe.run_experts_loop(x, counts, p), experts, x)
+    assert_close(y, y_ref, 1e-6, "output")
+    assert_close(gx, gx_ref, 1e-6, "input grad")
+    for n in g_ref:
+        assert_close(g[n], g_ref[n], 1e-6, n)
+    assert not moe.grouped_mm_ok(torch.randn(4, 24), torch.randn(2, 32, 24)), "dims must be multiples of 16"
+
+
+def test_aux_loss_gradient_is_injected():
+    """The layer's backward adds aux_loss_scale * d(aux_sum): the same router gradient as adding
+    coef * seq_len * (balance loss of each sequence) to the objective by hand."""
+    p, x = layer_params(CFG), torch.randn(2, 8, CFG.dim)
+    grad_out, scale = torch.randn(2, 8, CFG.dim), 0.25
+    y = moe.moe_feed_forward(p, x, CFG, model.default_ops(CFG), aux_loss_scale=scale)
+    y.backward(grad_out)
+    router_grad = p["moe.router"].grad
+    p["moe.router"].grad = None
+
+    no_aux = replace(CFG, aux_loss_coef=0.0)
+    y = moe.moe_feed_forward(p, x, no_aux, model.default_ops(no_aux))
+    h = model.rms_norm(x, p["ffn_norm"], CFG.norm_eps)
+    scores, chosen, _ = moe.route(h, p["moe.router"], p["moe.expert_bias"], CFG)
+    aux_sum = CFG.aux_loss_coef * x.shape[1] * moe.sequence_balance_loss(scores, chosen, CFG).sum()
+    ((y * grad_out).sum() + scale * aux_sum).backward()
+    assert_close(router_grad, p["moe.router"].grad, what="router grad with aux loss")
+
+    log = []
+    moe.moe_feed_forward(p, x, CFG, model.default_ops(CFG), aux_log=log)
+    assert len(log) == 1 and 1.0 <= log[0] <= CFG.n_experts
+
+
+def test_model_runs_and_is_causal():
+    params = model.init(CFG, 0)
+    x = torch.randint(0, 256, (1, 24))
+    y = x.clone()
+    y[0, 12:] = torch.randint(0, 256, (12,))
+    a, b = model.forward(params, x, CFG), model.forward(params, y, CFG)
+    assert a.shape == (1, 24, 256)
+    assert torch.allclose(a[0, :12], b[0, :12], atol=1e-6)
+    assert not torch.allclose(a[0, 12:], b[0, 12:])
+    dense = model.num_params(CFG, exclude_embedding=True) - moe.inactive_expert_params(CFG)
+    assert model.flops_per_token(CFG, 32) == 6 * dense + 12 * 2 * 64 * 32
+    assert moe.inactive_expert_params(CFG) == 2 * (8 - 2) * 3 * 64 * 64
+
+
+@pytest.mark.parametrize("name", ["moe_debug", "moe_4b", "deepseek_v3_small"])
+def test_configs_load(name):
+    cfg = load_config(str(Path(__file__).parent.parent / "configs" / f"{name}.toml")).model
+    total = model.num_params(cfg)
+    active = total - moe.inactive_expert_params(cfg)
+    if name == "moe_4b":
+        assert 4.0e9 < total < 4.3e9 and 1.6e9 < active < 1.8e9
+
+
+def test_update_expert_bias():
+    params = {"layers.1.moe.expert_bias": torch.zeros(4, requires_grad=True), "layers.1.ffn_norm": torch.ones(4)}
+    params["layers.1.moe.expert_bias"].grad = torch.tensor([10.0, 2.0, 2.0, 2.0])
+    loads = moe.update_expert_bias(params, 0.5)
+    assert torch.equal(loads, torch.tensor([[10.0, 2.0, 2.0, 2.0]]))
+    assert torch.equal(params["layers.1.moe.expert_bias"].detach(), torch.tensor([-0.75, 0.25, 0.25, 0.25]))
+    assert params["layers.1.moe.expert_bias"].grad is None  # so clipping and the optimizer never see it
+    assert moe.load_metrics(loads)["moe/max_load_over_mean"] == 10 / 4
+
+
+def test_bias_update_balances_load():
+    """Auxiliary-loss-free balancing on a short byte-level Shakespeare run: without the bias
+    update the router collapses onto a few experts; with it, over the last 50 steps every
+    layer's busiest expert gets at most 1.3x the mean load."""
+    cfg = replace(CFG, dim=32, n_heads=2, n_kv_heads=1, moe_hidden_dim=32, n_shared_experts=0,
+                  aux_loss_coef=0.0, max_seq_len=32)
+    text = shakespeare_text().encode()[:200_000]
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead
+    try:
+        worst = {rate: _train_max_over_mean(cfg, data, rate, steps=200) for rate in (0.0, 0.01)}
+    finally:
+        torch.set_num_threads(threads)
+    assert worst[0.01] <= 1.3, worst
+    assert worst[0.0] > 2.0, worst
+
+
+def _train_max_over_mean(cfg, data, rate, steps):
+    params = {n: t.requires_grad_() for n, t in model.init(cfg, 0).items()}
+    opt = torch.optim.AdamW([t for n, t in params.items() if not moe.is_expert_bias(n)], lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    recent = []
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - 33, (8,), generator=gen)
+        batch = torch.stack([data[s:s + 33] for s in starts])
+        loss = model.loss_sum(params, batch[:, :-1], batch[:, 1:], cfg) / batch[:, 1:].numel()
+        loss.backward()
+        loads = moe.update_expert_bias(params, rate)
+        opt.step()
+        opt.zero_grad()
+        if step >= steps - 50:
+            recent.append(loads)
+    recent = torch.stack(recent).sum(0)  # tokens per expert over the last 50 steps, per layer
+    return (recent.amax(-1) / recent.mean(-1)).max().item()
+
+
+# ---------------------------------------------------------------- expert parallel
+
+
+def _ep_rank(rank, world, cfg, tokens):
+    """Every rank: its own sequences, its experts; returns its loss and grads for each ep degree."""
+    full = model.init(cfg, 0)
+    mesh = Mesh({"dp_shard": world}, rank)
+    out = {}
+    for ep in (2, 4):
+        ep_group, expert_dp_group = ep_lib.ep_groups(mesh, ep)
+        ep_rank = dist.get_rank(ep_group)
+        params = {n: t.detach().clone().requires_grad_() for n, t in ep_lib.shard_experts(full, ep_rank, ep).items()}
+        ops = model.default_ops(cfg)
+        ops.moe = functools.partial(moe.moe_feed_forward, run_experts=ep_lib.parallel_experts(moe.run_experts, ep_group))
+        mine = tokens.chunk(world)[rank]
+        loss = model.loss_sum(params, mine[:, :-1], mine[:, 1:], cfg, ops)
+        loss.backward()
+        grads = {}
+        for n, t in params.items():
+            g = t.grad.clone()
+            dist.all_reduce(g, group=expert_dp_group if ep_lib.is_expert_param(n) else None)
+            grads[n] = g
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        out[ep] = (total, grads, ep_rank)
+    return out
+
+
+def test_expert_parallel_matches_single_process():
+    cfg = CFG  # 2 blocks, both MoE, with a shared expert and the aux loss
+    tokens = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(0))
+    ref_params = {n: t.requires_grad_() for n, t in model.init(cfg, 0).items()}
+    ref_loss = model.loss_sum(ref_params, tokens[:, :-1], tokens[:, 1:], cfg)
+    ref_loss.backward()
+    world = 4  # ep=2 (each expert shard on 2 ranks: grads summed over them) and ep=4
+    for rank_out in run_ranks(world, _ep_rank, cfg, tokens):
+        for ep, (loss, grads, ep_rank) in rank_out.items():
+            assert_close(loss, ref_loss.detach(), what=f"ep {ep} loss")
+            for n, g in grads.items():
+                ref = ref_params[n].grad
+                if ep_lib.is_expert_param(n):
+                    mine = ep_lib.expert_range(cfg.n_experts, ep_rank, ep)
+                    ref = ref[mine.start:mine.stop]
+                assert_close(g, ref, what=f"ep {ep} {n}")
+
+
+def test_ep_folds_into_the_data_dims():
+    # world 16 = dp_shard 4 x cp 2 x tp 2: the data groups are the 8 ranks of equal tp coordinate
+    mesh = Mesh({"dp_shard": 4, "cp": 2, "tp": 2}, 0)
+    ep_lists, expert_dp_lists = ep_lib.ep_layout(mesh, 4)
+    assert ep_lists == [[0, 2, 4, 6], [8, 10, 12, 14], [1, 3, 5, 7], [9, 11, 13, 15]]
+    assert expert_dp_lists == [[0, 8], [2, 10], [4, 12], [6, 14], [1, 9], [3, 11], [5, 13], [7, 15]]
+    with pytest.raises(ValueError, match="must divide dp_shard"):
+        ep_lib.ep_layout(mesh, 3)
+
+
+def test_bad_expert_parallel_degree():
+    with pytest.raises(ValueError, match="divisible"):
+        ep_lib.shard_experts({"layers.0.moe.experts.w1": torch.zeros(6, 2, 2)}, 0, 4)
