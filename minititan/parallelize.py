@@ -38,6 +38,7 @@ from minititan.core import model
 from minititan.core.activation_checkpoint import block_runner
 from minititan.core.checkpoint import Slice
 from minititan.core.config import Config, UserError, hidden_dim
+from minititan.core.float8 import float8_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -75,6 +76,9 @@ def validate(cfg: Config, mesh: Mesh) -> None:
     for dim, what in NOT_YET.items():
         if getattr(par, dim) > 1 or mesh.sizes.get(dim, 1) > 1:  # dp_shard = -1 may fill the world
             raise UserError(f"parallelism.{dim} > 1 ({what}) is not implemented yet: set parallelism.{dim} = 1")
+    if par.async_tp and cfg.float8.enable:
+        raise UserError("parallelism.async_tp and float8.enable both replace the linear op; "
+                        "set one of them to false")
     if par.async_tp and not par.sequence_parallel:
         raise UserError("parallelism.async_tp overlaps the sequence-parallel collectives with the matmuls: "
                         "set parallelism.sequence_parallel = true as well (or async_tp = false)")
@@ -109,6 +113,8 @@ def composed_layout(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     ops = base_ops(cfg)
     if tp > 1:
         ops = dataclasses.replace(ops, **tpm.tp_ops(mesh.group("tp"), par.sequence_parallel, par.async_tp))
+    if cfg.float8.enable:  # last: it wraps whatever gather and linear the layout chose
+        ops = float8_ops(ops, recipe=cfg.float8.recipe, filter=tuple(cfg.float8.filter), device=device)
     layout = Layout(params=params, chunks=chunks, owned={n for n, s in slices.items() if s.owner}, ops=ops,
                     data_rank=mesh.local_rank("dp_replicate", "dp_shard"),
                     data_size=mesh.size("dp_replicate", "dp_shard"), loss_group=mesh.group(*DATA_DIMS))

@@ -191,3 +191,13 @@ def test_model_trains_in_fp8_like_bf16(recipe):
     fp8 = train_losses(TINY, float8_ops(bf16_ops(TINY), recipe), steps=6)
     assert fp8.isfinite().all() and fp8[-1] < fp8[0] - 0.5
     assert torch.all((fp8 - reference).abs() / reference < 0.02)
+
+
+def test_float8_training_through_the_trainer(tmp_path):
+    """float8.enable=true trains through `minititan train`'s loop and stays near the bf16 losses."""
+    from tests.harness import train_run
+    common = ["training.param_dtype=bfloat16", "training.steps=4"]
+    ref, _ = train_run(tmp_path, 1, common, name="bf16")
+    fp8, _ = train_run(tmp_path, 1, common + ["float8.enable=true"], name="fp8")
+    for a, b in zip(fp8, ref):
+        assert abs(a["loss"] - b["loss"]) / b["loss"] < 0.02

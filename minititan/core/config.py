@@ -123,8 +123,9 @@ class Compile(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Float8(msgspec.Struct, forbid_unknown_fields=True):
-    enable: bool = False
-    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    enable: bool = False  # Float8 matmuls (torch._scaled_mm) for every linear whose dims are multiples of 16
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"  # one scale per tensor, or per row
+    filter: list[str] = msgspec.field(default_factory=lambda: ["output"])  # names kept in bf16
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
