@@ -1,4 +1,4 @@
-"""The `minititan` command: train, config, generate, plot, tokenize, schedule.
+"""The `minititan` command: train, config, generate, plot, tokenize, schedule, convert.
 
     minititan train                          the built-in debug run (tiny model, Shakespeare, CPU ok)
     minititan train -c configs/llama3_8b.toml --training.steps=100 --parallelism.dp_shard=-1
@@ -163,6 +163,31 @@ def schedule(pp, microbatches, schedule, virtual, svg_path):
         viewer.main(pp, microbatches, schedule, virtual, svg_path)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+@main.group()
+def convert():
+    """Convert Llama checkpoints to and from Hugging Face's format."""
+
+
+@convert.command("hf-to-minititan")
+@click.argument("hf_dir")
+@click.argument("out_dir")
+def convert_hf_to_minititan(hf_dir, out_dir):
+    """HF_DIR (config.json + *.safetensors) -> OUT_DIR/step-00000000."""
+    from minititan.convert import hf_to_minititan
+    path = hf_to_minititan(hf_dir, out_dir)
+    click.echo(f"wrote {path}\nfine-tune: minititan train -c {Path(out_dir) / 'config.toml'} --checkpoint.load_path={path}"
+               f"\nsample:    minititan generate --checkpoint {path}")
+
+
+@convert.command("minititan-to-hf")
+@click.argument("ckpt_dir")
+@click.argument("out_dir")
+def convert_minititan_to_hf(ckpt_dir, out_dir):
+    """CKPT_DIR (a step-N folder, or a folder of them: the newest) -> OUT_DIR/config.json + model.safetensors."""
+    from minititan.convert import minititan_to_hf
+    click.echo(f"wrote {minititan_to_hf(ckpt_dir, out_dir)}")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minititan.core import checkpoint as ckpt
-from minititan.core.config import Config, ConfigError, Job, Model, Training, UserError, config_to_toml
-from minititan.core.config import hidden_dim, validate
+from minititan.core.config import (Config, ConfigError, Job, Model, Training, UserError, config_to_toml, hidden_dim,
+                                   validate)
 from minititan.core.model import param_shapes
 
 # Llama 3.1's RoPE scaling: the constants minititan's model.rope_frequencies implements when
@@ -52,7 +52,7 @@ _TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "out
 
 
 def hf_name(name: str) -> str:
-    """minititan parameter name -> Hugging Face tensor name: layers.3.attention.wq -> model.layers.3.self_attn.q_proj.weight."""
+    """minititan name -> Hugging Face name: layers.3.attention.wq -> model.layers.3.self_attn.q_proj.weight."""
     if name.startswith("layers."):
         _, i, rest = name.split(".", 2)
         return f"model.layers.{i}.{_LAYER_NAMES[rest]}.weight"

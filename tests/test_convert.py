@@ -43,8 +43,8 @@ def hf_permute(w, n_heads):
 def meta_weights(c: dict, seed=0) -> dict:
     """Random Meta-layout weights under minititan names, shapes from the HF config (not from minititan)."""
     g = torch.Generator().manual_seed(seed)
-    d, f, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["hidden_size"] // c["num_attention_heads"]
-    kv = c["num_key_value_heads"] * hd
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * d // c["num_attention_heads"]
     shapes = {"tok_embeddings": (v, d), "norm": (d,), "output": (v, d)}
     for i in range(c["num_hidden_layers"]):
         shapes |= {f"layers.{i}.{n}": s for n, s in [
@@ -62,9 +62,10 @@ def meta_weights(c: dict, seed=0) -> dict:
     return out
 
 
-HF_NAMES = {"attention_norm": "input_layernorm", "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
+HF_NAMES = {"attention_norm": "input_layernorm", "attention.wq": "self_attn.q_proj",
+            "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm", "feed_forward.w1": "mlp.gate_proj",
+            "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
 
 
 def to_hf_layout(meta: dict, c: dict) -> dict:
@@ -113,12 +114,13 @@ def hf_style_logits(t: dict, c: dict, tokens: torch.Tensor) -> torch.Tensor:
     inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     if c["rope_scaling"]:  # transformers' _compute_llama3_parameters, restated
         r = c["rope_scaling"]
-        low_wl, high_wl = r["original_max_position_embeddings"] / r["low_freq_factor"], r["original_max_position_embeddings"] / r["high_freq_factor"]
+        old, low, high, factor = (r["original_max_position_embeddings"], r["low_freq_factor"], r["high_freq_factor"],
+                                  r["factor"])
         wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wl, inv_freq / r["factor"], inv_freq)
-        smooth = (r["original_max_position_embeddings"] / wavelen - r["low_freq_factor"]) / (r["high_freq_factor"] - r["low_freq_factor"])
-        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
-        inv_freq = torch.where(medium, (1 - smooth) * scaled / r["factor"] + smooth * scaled, scaled)
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     angles = torch.arange(s, dtype=torch.float64)[:, None] * inv_freq[None]
     cos, sin = torch.cat([angles, angles], -1).cos().float(), torch.cat([angles, angles], -1).sin().float()
 
