@@ -3,36 +3,50 @@
 A Layout is everything the training loop needs to know about parallelism:
   params        the local fp32 master tensors the optimizer updates (full tensors, slices, shards)
   chunks(d)     maps a dict shaped like params (the params, their grads, optimizer moments) to
-                {full name: (tensor view, Slice)}: what a checkpoint writes and reads
-  owned         the local tensors this rank counts in the gradient norm (one rank among replicas)
+                {full name: (tensor view, Slice)}: what a checkpoint writes and reads; the views whose
+                Slice.owner is set are also what this rank counts in the gradient norm (one copy of
+                every element over all ranks)
   ops           the model.Ops the forward calls
   data_rank/size  which rows of the global batch this rank reads
   loss_group    summing the per-rank loss over it gives the global loss
   prepare       (inputs, labels) -> (inputs, labels, positions): this rank's part of its rows
   start_last_microbatch / finish_grads   hooks around the backward of a step's last micro-batch
+  forward_context   a context manager each micro-batch's forward runs in (FSDP's resharding)
+  forward_backward  None, or what replaces the trainer's loop over micro-batches (pipeline parallel)
+  after_grads   runs after the gradient reduction, before clipping (MoE: the expert-bias update)
+  log_metrics   () -> {name: float} for the log line; collective, called at log steps (MoE: expert loads)
 Each parallelism adds its piece here; the mechanisms live in minititan/collectives/.
 
 The layout is composed dimension by dimension over the mesh (pp x dp_replicate x dp_shard x cp x tp):
+  pp            each rank keeps only the tensors of its pipeline stages and runs them with the
+                schedule's action list (minititan/pipeline.py)
   tp            each rank keeps its tensor-parallel slice of every tensor (collectives/tensor_parallel.py)
   cp            each rank keeps its load-balanced part of every sequence; attention is ring attention
                 (collectives/ring_attention.py)
   dp_replicate  each rank reads its own rows of the global batch
+  dp_shard      FSDP: each rank keeps a flat shard of every unit of its tp slices, sharded over
+                (dp_shard, cp) (collectives/fsdp.py); with dp_replicate too it is HSDP
+  ep            (model.name = "moe") folds into dp_shard x cp: each rank keeps E/ep experts of every
+                MoE layer, and tokens travel to their experts by all-to-all (minititan/moe_layout.py)
 Ranks that differ only along the data dims (dp_replicate, cp) hold identical tensors and sum their
-gradients, because each saw different tokens.
+gradients, because each saw different tokens; under FSDP they sum them into their own shards.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from minititan import moe_layout, pipeline
 from minititan.collectives import ring_attention
 from minititan.collectives import tensor_parallel as tpm
 from minititan.collectives.data_parallel import GradAllReducer
+from minititan.collectives.fsdp import FSDP
 from minititan.collectives.mesh import Mesh
 from minititan.core import model
 from minititan.core.activation_checkpoint import block_runner
@@ -51,7 +65,6 @@ def whole_sequences(inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Ten
 class Layout:
     params: dict[str, Tensor]
     chunks: Callable[[dict[str, Tensor]], dict[str, tuple[Tensor, Slice]]]
-    owned: set[str]
     ops: model.Ops
     data_rank: int
     data_size: int
@@ -59,9 +72,13 @@ class Layout:
     prepare: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]] = whole_sequences
     start_last_microbatch: Callable[[], None] = lambda: None
     finish_grads: Callable[[], None] = lambda: None
+    forward_context: Callable[[], ContextManager] = contextlib.nullcontext
+    forward_backward: Callable | None = None  # (inputs, labels, n_micro, scale) -> loss share; pp replaces the loop
+    after_grads: Callable[[], None] = lambda: None
+    log_metrics: Callable[[], dict[str, float]] = dict
 
 
-NOT_YET = {"dp_shard": "FSDP", "pp": "pipeline parallel", "ep": "expert parallel"}
+NOT_YET: dict[str, str] = {}  # parallel dims not implemented yet: dim -> what it is
 DATA_DIMS = ("dp_replicate", "dp_shard", "cp")  # ranks along these see different tokens
 
 
@@ -82,6 +99,8 @@ def validate(cfg: Config, mesh: Mesh) -> None:
     if par.async_tp and not par.sequence_parallel:
         raise UserError("parallelism.async_tp overlaps the sequence-parallel collectives with the matmuls: "
                         "set parallelism.sequence_parallel = true as well (or async_tp = false)")
+    pipeline.validate(cfg, mesh.size("pp"))
+    moe_layout.validate(cfg, mesh)
     tp, cp, seq_len = mesh.size("tp"), mesh.size("cp"), cfg.training.seq_len
     try:
         if cp > 1:
@@ -94,33 +113,49 @@ def validate(cfg: Config, mesh: Mesh) -> None:
 
 
 def composed_layout(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
-    """dp_replicate x cp x tp. Every rank keeps its tp slice of every tensor whole; ranks along the
-    data dims hold the same slices and sum their gradients (DDP over dp_replicate and cp)."""
+    """dp_replicate x dp_shard x cp x tp. Every rank keeps its tp slice of every tensor: whole, with ranks
+    along the data dims holding the same slices and summing their gradients (DDP over dp_replicate
+    and cp); or, with dp_shard > 1, FSDP-sharded over (dp_shard, cp) (see add_fsdp)."""
     par = cfg.parallelism
     tp, tp_rank = mesh.size("tp"), mesh.local_rank("tp")
-    shapes = model.param_shapes(cfg.model)
+    shapes = pipeline.held_shapes(cfg, mesh)  # under pp: only this rank's stages
     tp_boxes = {name: tp_box(name, shape, tp_rank, tp) for name, shape in shapes.items()}
-    # The storage step: here each rank keeps its local tensor whole. FSDP replaces this step: it
-    # flat-shards each unit's local tensors over (dp_shard, cp), adds the flat range to the Slice,
-    # and all-gathers the unit in ops.gather.
-    params = {name: local_init(cfg, name, box, device).requires_grad_() for name, box in tp_boxes.items()}
-    slices = {name: Slice(shape=list(shapes[name]), box=box, owner=is_owner(mesh, name))
-              for name, box in tp_boxes.items()}
+    apart = moe_layout.held_apart(cfg, mesh, shapes)  # MoE: expert_bias (and expert slices under ep) live outside
+    tp_boxes = {name: box for name, box in tp_boxes.items() if name not in apart}
+    # The storage step: without dp_shard each rank keeps its local tensor whole. With it, FSDP
+    # flat-shards each unit's local tensors over (dp_shard, cp), the Slices get the flat range,
+    # and ops.gather all-gathers the unit.
+    fsdp = fsdp_storage(cfg, mesh, device, tp_boxes) if mesh.size("dp_shard") > 1 else None
+    if fsdp is None:
+        params = {name: local_init(cfg, name, box, device).requires_grad_() for name, box in tp_boxes.items()}
+        slices = {name: Slice(shape=list(shapes[name]), box=box, owner=is_owner(mesh, name))
+                  for name, box in tp_boxes.items()}
 
-    def chunks(tensors):
-        return {name: (t, slices[name]) for name, t in tensors.items()}
+        def chunks(tensors):
+            return {name: (t, slices[name]) for name, t in tensors.items()}
+    else:
+        params, chunks = fsdp.shards, fsdp_chunks(fsdp, mesh, shapes, tp_boxes)
 
-    ops = base_ops(cfg)
+    ops = base_ops(cfg, pipeline.layers_per_forward(cfg, mesh))
+    if fsdp is not None:
+        ops.gather = fsdp_gather(fsdp)
     if tp > 1:
         ops = dataclasses.replace(ops, **tpm.tp_ops(mesh.group("tp"), par.sequence_parallel, par.async_tp))
     if cfg.float8.enable:  # last: it wraps whatever gather and linear the layout chose
         ops = float8_ops(ops, recipe=cfg.float8.recipe, filter=tuple(cfg.float8.filter), device=device)
-    layout = Layout(params=params, chunks=chunks, owned={n for n, s in slices.items() if s.owner}, ops=ops,
+    layout = Layout(params=params, chunks=chunks, ops=ops,
                     data_rank=mesh.local_rank("dp_replicate", "dp_shard"),
                     data_size=mesh.size("dp_replicate", "dp_shard"), loss_group=mesh.group(*DATA_DIMS))
     if mesh.size("cp") > 1:
         add_context_parallel(layout, cfg, mesh, device)
-    add_grad_sync(layout, cfg, mesh)
+    if fsdp is None:
+        add_grad_sync(layout, cfg, mesh)
+    else:
+        add_fsdp(layout, fsdp, cfg, mesh)
+    if cfg.model.name == "moe":
+        moe_layout.add_moe(layout, cfg, mesh, device, shapes, apart)
+    if mesh.size("pp") > 1:
+        pipeline.add_pipeline(layout, cfg, mesh, device)
     return layout
 
 
@@ -140,11 +175,13 @@ def local_init(cfg: Config, name: str, box: list[list[int]], device: torch.devic
     return full[tuple(slice(a, b) for a, b in box)].clone(memory_format=torch.contiguous_format)
 
 
-def is_owner(mesh: Mesh, name: str) -> bool:
+def is_owner(mesh: Mesh, name: str, sharded_over: tuple[str, ...] = ()) -> bool:
     """One copy of every element is written to checkpoints and counted in the gradient norm: the copy
     at coordinate 0 of every mesh dim the local tensor is replicated over (the data dims, and tp for
-    the tensors tp does not split)."""
-    replicated_over = DATA_DIMS + (("tp",) if tpm.tp_shard_dim(name) is None else ())
+    the tensors tp does not split). FSDP's shard dims are not among them: each rank along them holds
+    a different part. Nor is pp: each tensor lives on one pp rank only."""
+    data_dims = tuple(d for d in DATA_DIMS if d not in sharded_over)
+    replicated_over = data_dims + (("tp",) if tpm.tp_shard_dim(name) is None else ())
     return all(mesh.coords[d] == 0 for d in replicated_over)
 
 
@@ -182,6 +219,93 @@ def add_grad_sync(layout: Layout, cfg: Config, mesh: Mesh) -> None:
             tpm.allreduce_replicated_grads(layout.params, tp_group)
 
     layout.finish_grads = finish_grads
+
+
+# ---------------------------------------------------------------- FSDP / HSDP (dp_shard > 1)
+
+FSDP_DIMS = ("dp_shard", "cp")  # the shard group; cp ranks hold the same params, so FSDP folds them in (as torchtitan)
+
+
+def fsdp_storage(cfg: Config, mesh: Mesh, device: torch.device, tp_boxes: dict[str, list[list[int]]]) -> FSDP:
+    """FSDP over this rank's tp slices (each tp rank shards its own local tensors), flat-sharded over
+    (dp_shard, cp) and, with dp_replicate > 1, replicated over it (HSDP). Filled one unit at a time,
+    so no rank ever holds its whole local model."""
+    units: dict[str, list[str]] = {}
+    for name in tp_boxes:
+        units.setdefault(model.unit_of(name), []).append(name)
+    local_shapes = {name: tuple(b - a for a, b in box) for name, box in tp_boxes.items()}
+    t = cfg.training
+    replicate = mesh.group("dp_replicate") if mesh.size("dp_replicate") > 1 else None
+    fsdp = FSDP(local_shapes, units, mesh.group(*FSDP_DIMS), replicate, device=device,
+                param_dtype=DTYPES[t.param_dtype], reduce_dtype=DTYPES[t.reduce_dtype],
+                reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward)
+    for names in units.values():
+        fsdp.load_full({name: local_init(cfg, name, tp_boxes[name], device) for name in names})
+    return fsdp
+
+
+def fsdp_chunks(fsdp: FSDP, mesh: Mesh, shapes: dict[str, tuple[int, ...]], tp_boxes: dict[str, list[list[int]]]):
+    """chunks() for tensors shaped like the shards, keyed by unit: each parameter's part of a shard
+    as a 1-D view, with its Slice (the tp box, and the flat range inside it). Padding is in no chunk,
+    and a parameter this rank holds nothing of is left out."""
+    slices = {}
+    for unit in fsdp.order:
+        for name, (start, stop, _) in fsdp.shard_ranges(unit).items():
+            slices[name] = Slice(shape=list(shapes[name]), box=tp_boxes[name], flat=[start, stop],
+                                 owner=is_owner(mesh, name, sharded_over=FSDP_DIMS))
+
+    def chunks(tensors):
+        return {name: (fsdp.param_slice(name, t), slices[name])
+                for unit, t in tensors.items() for name in fsdp.shard_ranges(unit)}
+
+    return chunks
+
+
+def fsdp_gather(fsdp: FSDP) -> Callable:
+    """ops.gather: the unit all-gathered by FSDP (which casts to param_dtype itself), under local names."""
+    def gather(params, unit):
+        return {model.local_name(name): t for name, t in fsdp.gather(unit).items()}
+
+    return gather
+
+
+def add_fsdp(layout: Layout, fsdp: FSDP, cfg: Config, mesh: Mesh) -> None:
+    """Forward in fsdp.resharding(): a unit's gathered params are freed after its forward and gathered
+    again in backward. Each unit's grads are reduce-scattered (SUM) over (dp_shard, cp) as soon as its
+    backward is done (then all-reduced over dp_replicate under HSDP); finish_grads waits for the last.
+
+    parallelism.fsdp_reduce_every_microbatch = false: earlier micro-batches only add up the full grads
+    locally (one full grad buffer of memory), the last micro-batch reduces the sum once.
+    Sequence parallel: each tp rank saw part of the sequence, so the norms' grads (tp does not split
+    the norms) are summed over tp after the reduction; tp peers have the same shard layout, so the
+    same view holds the same elements on each."""
+    layout.forward_context = fsdp.resharding
+    every = cfg.parallelism.fsdp_reduce_every_microbatch
+    fsdp.reduce_grads = every
+    if not every:
+        layout.start_last_microbatch = lambda: setattr(fsdp, "reduce_grads", True)
+    sequence_parallel = mesh.size("tp") > 1 and cfg.parallelism.sequence_parallel
+    tp_group = mesh.group("tp") if sequence_parallel else None
+
+    def finish_grads():
+        fsdp.finish_grad_sync()
+        fsdp.reduce_grads = every
+        if sequence_parallel:
+            grads = {unit: shard.grad for unit, shard in fsdp.shards.items() if shard.grad is not None}
+            norms = [view for name, (view, _) in layout.chunks(grads).items() if tpm.tp_shard_dim(name) is None]
+            sum_in_place(norms, tp_group)
+
+    layout.finish_grads = finish_grads
+
+
+def sum_in_place(tensors: list[Tensor], group: dist.ProcessGroup) -> None:
+    """All-reduce (SUM) these tensors (views into bigger ones) in place, with one collective."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for t, summed in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(summed.view_as(t))
 
 
 def base_ops(cfg: Config, layers_per_forward: int | None = None) -> model.Ops:

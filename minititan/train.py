@@ -17,13 +17,17 @@ import torch
 import torch.distributed as dist
 
 from minititan import parallelize
+from minititan.collectives.comm_trace import CommTracer, group_names
 from minititan.collectives.mesh import Mesh, init_distributed, resolve_degrees
 from minititan.core import checkpoint as ckpt
 from minititan.core import model
 from minititan.core.config import Config, UserError, config_to_toml
 from minititan.core.data import TokenSource, rank_rows
+from minititan.core.determinism import make_deterministic
 from minititan.core.metrics import MetricsLogger, Timer, peak_flops, say
 from minititan.core.optim import AdamW, clip_grads_, local_sq_norm, lr_at
+from minititan.core.profiling import StepProfiler
+from minititan.core.validation import Validator
 
 
 def pick_device(name: str) -> torch.device:
@@ -37,14 +41,16 @@ def pick_device(name: str) -> torch.device:
 def setup(cfg: Config):
     """Device, process group, mesh and layout for this rank."""
     device = pick_device(cfg.training.device)
-    rank, world = init_distributed(device.type)
+    rank, world = init_distributed(device.type, cfg.comm.timeout_s)
+    if cfg.training.deterministic:
+        make_deterministic(device, rank)  # before any CUDA work
     par = cfg.parallelism
     try:
         degrees = resolve_degrees(world, pp=par.pp, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
                                   cp=par.cp, tp=par.tp)
     except ValueError as e:
         raise UserError(f"parallelism: {e}") from None
-    mesh = Mesh(degrees, rank)
+    mesh = Mesh(degrees, rank, cfg.comm.timeout_s)
     torch.manual_seed(cfg.training.seed)
     layout = parallelize.build(cfg, mesh, device)
     return device, mesh, layout
@@ -74,44 +80,63 @@ def train(cfg: Config) -> list[dict]:
     say(f"minititan: {model.num_params(cfg.model):,} params, {mesh}, device {device}, {n_micro} micro-batch(es) "
         f"per step, steps {start + 1}..{t.steps}", mesh.rank)
     stop = StopSignal()
+    validator = Validator(cfg, layout, data, n_micro, device)
+    profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, mesh.rank, device, t.steps)
+    tracer = CommTracer(group_names(mesh._groups, mesh.sizes), device) if cfg.comm.trace else None
     global_tokens = t.global_batch_size * t.seq_len
     rows, timer, since, step = [], Timer(device), 0, start
     loss_sum = grad_norm = None
     for step in range(start + 1, t.steps + 1):
+        profiler.step_begin(step)
         inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
         inputs = rank_rows(inputs, layout.data_rank, layout.data_size).to(device, non_blocking=True)
         labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
         loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / global_tokens)
+        layout.after_grads()  # MoE: the expert-bias update reads the reduced loads and clears them
         grad_norm = clip_and_norm(layout, t.max_norm)
         lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
         optimizer.step(lr)
         for p in layout.params.values():
             p.grad = None
         since += 1
-        if step % cfg.metrics.log_freq == 0 or step in (start + 1, t.steps):
+        val = validator.run() if validator.due(step) else {}
+        timer.start += val.get("val_time_s", 0.0)  # step times leave validation out
+        if step % cfg.metrics.log_freq == 0 or step in (start + 1, t.steps) or val:
             loss = global_loss(loss_sum, layout)
             if not math.isfinite(loss):
                 raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint in "
                                 f"{folder} is kept. Lower optimizer.lr or raise lr_scheduler.warmup_steps")
-            rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since, device))
+            rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since, device,
+                                   extra=layout.log_metrics() | val))
             since = 0
         stopping = stop.agreed(step % cfg.metrics.log_freq == 0, device)
         if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
             save(cfg, layout, optimizer, folder, step)
+        profiler.step_end(step)
+        if tracer:
+            tracer.end_step()
         if stopping:
             say(f"stopped by signal after step {step}; checkpoint saved in {folder}", mesh.rank)
             break
+    if tracer:
+        tracer.close()
+        say(tracer.table(), mesh.rank)
+        tracer.write(Path(cfg.job.dump_folder) / "comm_trace" / f"rank{mesh.rank}.json")
     return rows
 
 
 def forward_backward(cfg: Config, layout, inputs, labels, n_micro: int, scale: float) -> torch.Tensor:
-    """Forward and backward of this rank's micro-batches; returns its (detached) share of the loss."""
+    """Forward and backward of this rank's micro-batches; returns its (detached) share of the loss.
+    A layout may bring its own (pipeline parallel: one pipeline per micro-batch)."""
+    if layout.forward_backward is not None:
+        return layout.forward_backward(inputs, labels, n_micro, scale)
     total = torch.zeros((), device=inputs.device)
     inputs, labels, positions = layout.prepare(inputs, labels)
     for x, y, i in zip(inputs.chunk(n_micro), labels.chunk(n_micro), range(n_micro)):
         if i == n_micro - 1:
             layout.start_last_microbatch()
-        loss = model.loss_sum(layout.params, x, y, cfg.model, layout.ops, positions=positions) * scale
+        with layout.forward_context():
+            loss = model.loss_sum(layout.params, x, y, cfg.model, layout.ops, positions=positions) * scale
         loss.backward()
         total += loss.detach()
     layout.finish_grads()
@@ -119,13 +144,16 @@ def forward_backward(cfg: Config, layout, inputs, labels, n_micro: int, scale: f
 
 
 def clip_and_norm(layout, max_norm: float) -> torch.Tensor:
-    """Global gradient norm (each element counted once over all ranks), then clip to max_norm."""
-    owned = [layout.params[n].grad for n in layout.owned if layout.params[n].grad is not None]
+    """Global gradient norm, then clip to max_norm. Each element is counted once over all ranks: by
+    the rank that owns it in a checkpoint (layout.chunks of the grads, per parameter even inside an
+    FSDP shard; padding is in no chunk)."""
+    grads = {n: p.grad for n, p in layout.params.items() if p.grad is not None}
+    owned = [g for g, s in layout.chunks(grads).values() if s.owner]
     sq = local_sq_norm(owned).to(next(iter(layout.params.values())).device)
     if dist.get_world_size() > 1:
         dist.all_reduce(sq)
     norm = sq.sqrt()
-    clip_grads_([p.grad for p in layout.params.values() if p.grad is not None], norm, max_norm)
+    clip_grads_(list(grads.values()), norm, max_norm)
     return norm
 
 

@@ -65,8 +65,9 @@ def resolve_degrees(world_size: int, **degrees: int) -> dict[str, int]:
 class Mesh:
     """Coordinates of this rank on the grid, and the process groups along any set of dims."""
 
-    def __init__(self, sizes: dict[str, int], rank: int):
+    def __init__(self, sizes: dict[str, int], rank: int, timeout_s: float | None = None):
         self.sizes = {d: sizes.get(d, 1) for d in DIMS}
+        self.timeout = timedelta(seconds=timeout_s) if timeout_s else None  # None: torch's default
         self.rank = rank
         self.world_size = math.prod(self.sizes.values())
         self.coords = dict(zip(DIMS, _unravel(rank, [self.sizes[d] for d in DIMS])))
@@ -88,7 +89,7 @@ class Mesh:
         if dims not in self._groups:
             mine = None
             for members in self._enumerate(dims):
-                g = dist.new_group(members)  # every rank creates every group, in the same order
+                g = dist.new_group(members, timeout=self.timeout)  # every rank makes every group, in the same order
                 if self.rank in members:
                     mine = g
             self._groups[dims] = mine

@@ -64,6 +64,7 @@ class Training(msgspec.Struct, forbid_unknown_fields=True):
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # gradient reduction dtype
     max_norm: float = 1.0  # global gradient-norm clipping; 0 = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False  # repeatable GPU runs: deterministic kernels only, at some speed (docs/debugging.md)
 
 
 class Optimizer(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,10 +89,14 @@ class Parallelism(msgspec.Struct, forbid_unknown_fields=True):
     cp: int = 1  # context parallel
     ep: int = 1  # expert parallel (folds into dp_shard x cp)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
-    pp_microbatches: int = 0  # 0 = one per stage
+    pp_microbatches: int = 0  # per pipeline (one per local batch): must divide local_batch_size; 0 = local_batch_size
+    pp_virtual_stages: int = 2  # stages per pp rank under interleaved_1f1b (the other schedules run one)
+    pp_layers_per_stage: list[int] = msgspec.field(default_factory=list)  # [] = balanced by flops; else one per stage
     sequence_parallel: bool = False  # tp: shard norms/residuals along the sequence between blocks
     async_tp: bool = False  # tp: overlap SP's all-gather / reduce-scatter with the matmuls (needs sequence_parallel)
     cp_rotate: Literal["ring", "allgather"] = "ring"  # cp: pass K/V around a ring, or all-gather them at once
+    fsdp_reshard_after_forward: bool = True  # dp_shard: free each unit's gathered params after its forward
+    fsdp_reduce_every_microbatch: bool = True  # dp_shard: false = keep full grads until the last micro-batch
 
 
 class Data(msgspec.Struct, forbid_unknown_fields=True):
@@ -122,6 +127,26 @@ class Compile(msgspec.Struct, forbid_unknown_fields=True):
     enable: bool = False
 
 
+class Validation(msgspec.Struct, forbid_unknown_fields=True):
+    enable: bool = False
+    freq: int = 100  # evaluate every N steps (and at the last step)
+    steps: int = 4  # batches of training.global_batch_size sequences per evaluation (the same batches each time)
+    dataset: str = ""  # "" = the held-out split of data.dataset (shakespeare: its last 10%); or a token file
+
+
+class Profiling(msgspec.Struct, forbid_unknown_fields=True):
+    enable: bool = False  # a torch.profiler trace per rank (Chrome / Perfetto JSON) of the steps below
+    start_step: int = 5
+    steps: int = 2
+    folder: str = "profiling"  # relative to job.dump_folder unless absolute
+    memory_snapshot: bool = False  # CUDA: allocator history, dumped at the peak step and on out-of-memory
+
+
+class Comm(msgspec.Struct, forbid_unknown_fields=True):
+    trace: bool = False  # record every collective / P2P call; print a per-step table at the end
+    timeout_s: float = 600.0  # a collective that waits longer than this fails (instead of hanging)
+
+
 class Float8(msgspec.Struct, forbid_unknown_fields=True):
     enable: bool = False  # Float8 matmuls (torch._scaled_mm) for every linear whose dims are multiples of 16
     recipe: Literal["tensorwise", "rowwise"] = "tensorwise"  # one scale per tensor, or per row
@@ -141,6 +166,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     activation_checkpoint: ActivationCheckpoint = msgspec.field(default_factory=ActivationCheckpoint)
     compile: Compile = msgspec.field(default_factory=Compile)
     float8: Float8 = msgspec.field(default_factory=Float8)
+    validation: Validation = msgspec.field(default_factory=Validation)
+    profiling: Profiling = msgspec.field(default_factory=Profiling)
+    comm: Comm = msgspec.field(default_factory=Comm)
 
 
 # ---------------------------------------------------------------- loading
@@ -274,7 +302,10 @@ def validate(cfg: Config) -> None:
                 "model.n_kv_heads": m.n_kv_heads, "model.vocab_size": m.vocab_size, "training.steps": t.steps,
                 "training.seq_len": t.seq_len, "training.global_batch_size": t.global_batch_size,
                 "training.local_batch_size": t.local_batch_size, "metrics.log_freq": cfg.metrics.log_freq,
-                "checkpoint.interval": cfg.checkpoint.interval, "model.multiple_of": m.multiple_of}
+                "checkpoint.interval": cfg.checkpoint.interval, "model.multiple_of": m.multiple_of,
+                "validation.freq": cfg.validation.freq, "validation.steps": cfg.validation.steps,
+                "profiling.start_step": cfg.profiling.start_step, "profiling.steps": cfg.profiling.steps,
+                "comm.timeout_s": cfg.comm.timeout_s}
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")

@@ -1,0 +1,86 @@
+"""Validation: the loss on held-out tokens, computed by the same layout that trains.
+
+Every `validation.freq` steps (and at the last step) the trainer evaluates `validation.steps`
+batches of training.global_batch_size sequences from the held-out split: the built-in corpus keeps
+its last 10% apart (core/data.py), a token file given as validation.dataset is held out whole. The
+batches are the same at every evaluation (batch i is a pure function of seed and i), so the curve
+moves only because the model does.
+
+The forward is the training forward without gradients: each rank takes its rows, the layout
+prepares them (context parallel keeps its part of each sequence), `model.loss_sum` runs with the
+layout's params and ops (tensor-parallel loss, FSDP gathers, ring attention) inside the layout's
+forward context, and the per-rank sums add up over `layout.loss_group`, exactly like the training
+loss. val_loss is the mean token cross-entropy, val_ppl its exp.
+
+A pipeline-parallel layout runs only part of the model on each rank, so it brings its own
+forward-only pipeline: `layout.eval_loss_sum(inputs, labels, n_micro) -> Tensor`, this rank's
+summed loss (zero but on the last stage; loss_group then includes pp), used when present.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from minititan.core import model
+from minititan.core.config import Config, UserError
+from minititan.core.data import TokenSource, rank_rows
+
+
+class Validator:
+    def __init__(self, cfg: Config, layout, data: TokenSource, n_micro: int, device: torch.device):
+        self.cfg, self.layout, self.n_micro, self.device = cfg, layout, n_micro, device
+        v = cfg.validation
+        self.enabled = v.enable
+        if not self.enabled:
+            return
+        self.source, self.split = held_out(cfg, data)
+
+    def due(self, step: int) -> bool:
+        return self.enabled and (step % self.cfg.validation.freq == 0 or step == self.cfg.training.steps)
+
+    def run(self) -> dict:
+        """{"val_loss", "val_ppl", "val_time_s"}; val_time_s is wall time after the training step finished."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so the time below is validation's alone
+        start = time.perf_counter()
+        t = self.cfg.training
+        total = torch.zeros((), device=self.device)
+        with torch.profiler.record_function("validation"):  # a named range in a profiler trace
+            for i in range(1, self.cfg.validation.steps + 1):
+                inputs, labels = self.source.batch(t.seed, i, t.global_batch_size, t.seq_len, split=self.split)
+                rows = self.layout.data_rank, self.layout.data_size
+                total += self.loss_sum(rank_rows(inputs, *rows).to(self.device, non_blocking=True),
+                                       rank_rows(labels, *rows).to(self.device, non_blocking=True))
+            if dist.get_world_size(self.layout.loss_group) > 1:
+                dist.all_reduce(total, group=self.layout.loss_group)
+        loss = total.item() / (self.cfg.validation.steps * t.global_batch_size * t.seq_len)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_time_s": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This rank's summed token cross-entropy over its rows of one batch (forward only)."""
+        layout = self.layout
+        pipelined = getattr(layout, "eval_loss_sum", None)
+        if pipelined is not None:
+            return pipelined(inputs, labels, self.n_micro)
+        total = torch.zeros((), device=self.device)
+        inputs, labels, positions = layout.prepare(inputs, labels)
+        for x, y in zip(inputs.chunk(self.n_micro), labels.chunk(self.n_micro)):
+            with layout.forward_context():
+                total += model.loss_sum(layout.params, x, y, self.cfg.model, layout.ops, positions=positions).float()
+        return total
+
+
+def held_out(cfg: Config, data: TokenSource) -> tuple[TokenSource, str]:
+    """The validation token source and which of its splits to read."""
+    name = cfg.validation.dataset
+    if name and name != cfg.data.dataset:
+        source = TokenSource(name, cfg.model.vocab_size)
+        return source, "val" if name in ("shakespeare", "synthetic") else "train"  # a token file: all of it
+    if data.synthetic or len(data.val):
+        return data, "val"
+    raise UserError(f"data.dataset {cfg.data.dataset!r} has no held-out split: set validation.dataset to a token "
+                    f"file of held-out text (make one with `minititan tokenize`)")
