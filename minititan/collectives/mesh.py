@@ -110,8 +110,8 @@ class Mesh:
         return list(groups.values())
 
     def __repr__(self):
-        shown = ", ".join(f"{d}={s}" for d, s in self.sizes.items() if s > 1) or "single"
-        return f"Mesh({shown}; rank {self.rank} at {self.coords})"
+        shown = ", ".join(f"{d}={s}" for d, s in self.sizes.items() if s > 1)
+        return f"Mesh({shown}; {self.world_size} ranks)" if shown else "Mesh(one process)"
 
 
 def _unravel(index: int, shape: list[int]) -> list[int]:
