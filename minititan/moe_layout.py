@@ -94,9 +94,7 @@ def add_moe(layout, cfg: Config, mesh: Mesh, device: torch.device, shapes: dict[
     for name, box in apart.items():
         full = model.init(cfg.model, cfg.training.seed, device, names=[name])[name]  # one tensor at a time
         held[name] = full[tuple(slice(a, b) for a, b in box)].clone().requires_grad_()
-        owner = all(mesh.coords[d] == 0 for d in ("tp",) + DATA_DIMS) if moe.is_expert_bias(name) \
-            else mesh.coords["tp"] == 0 and mesh.rank == replicas[0]  # the experts are replicated over tp too
-        slices[name] = Slice(shape=list(shapes[name]), box=box, owner=owner)
+        slices[name] = Slice(shape=list(shapes[name]), box=box, owner=is_apart_owner(mesh, name, replicas))
     layout.params = {**layout.params, **held}
     layout.chunks = chunks_with_apart(layout.chunks, slices)
     layout.ops.gather = gather_with_apart(layout.ops.gather, apart, getattr(torch, cfg.training.param_dtype))
@@ -130,6 +128,15 @@ def new_groups(rank_lists: list[list[int]], mesh: Mesh) -> dist.ProcessGroup:
         group = dist.new_group(ranks, timeout=mesh.timeout)
         mine = group if mesh.rank in ranks else mine
     return mine
+
+
+def is_apart_owner(mesh: Mesh, name: str, replicas: list[int]) -> bool:
+    """One copy of every element goes to checkpoints and the grad norm: expert_bias from the rank at
+    coordinate 0 of every dim it is replicated over (the data dims and tp), an expert slice from the
+    first of the ranks holding it, at tp coordinate 0 (MoE layers are replicated over tp too)."""
+    if moe.is_expert_bias(name):
+        return all(mesh.coords[d] == 0 for d in DATA_DIMS + ("tp",))
+    return mesh.coords["tp"] == 0 and mesh.rank == replicas[0]
 
 
 def chunks_with_apart(chunks, slices: dict[str, Slice]):

@@ -15,6 +15,7 @@ A Layout is everything the training loop needs to know about parallelism:
   forward_backward  None, or what replaces the trainer's loop over micro-batches (pipeline parallel)
   after_grads   runs after the gradient reduction, before clipping (MoE: the expert-bias update)
   log_metrics   () -> {name: float} for the log line; collective, called at log steps (MoE: expert loads)
+  after_optimizer_step  runs right after the optimizer step (fp8 all-gather: precompute the weights' scales)
 Each parallelism adds its piece here; the mechanisms live in minititan/collectives/.
 
 The layout is composed dimension by dimension over the mesh (pp x dp_replicate x dp_shard x cp x tp):
@@ -47,12 +48,13 @@ from minititan.collectives import ring_attention
 from minititan.collectives import tensor_parallel as tpm
 from minititan.collectives.data_parallel import GradAllReducer
 from minititan.collectives.fsdp import FSDP
+from minititan.collectives.fsdp_float8 import enable_float8_all_gather
 from minititan.collectives.mesh import Mesh
 from minititan.core import model
 from minititan.core.activation_checkpoint import block_runner
 from minititan.core.checkpoint import Slice
 from minititan.core.config import Config, UserError, hidden_dim
-from minititan.core.float8 import float8_ops
+from minititan.core.float8 import float8_all_gather_applies, float8_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -76,6 +78,7 @@ class Layout:
     forward_backward: Callable | None = None  # (inputs, labels, n_micro, scale) -> loss share; pp replaces the loop
     after_grads: Callable[[], None] = lambda: None
     log_metrics: Callable[[], dict[str, float]] = dict
+    after_optimizer_step: Callable[[], None] = lambda: None  # fp8 all-gather: precompute the weights' scales
 
 
 NOT_YET: dict[str, str] = {}  # parallel dims not implemented yet: dim -> what it is
@@ -142,7 +145,8 @@ def composed_layout(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     if tp > 1:
         ops = dataclasses.replace(ops, **tpm.tp_ops(mesh.group("tp"), par.sequence_parallel, par.async_tp))
     if cfg.float8.enable:  # last: it wraps whatever gather and linear the layout chose
-        ops = float8_ops(ops, recipe=cfg.float8.recipe, filter=tuple(cfg.float8.filter), device=device)
+        ops = float8_ops(ops, recipe=cfg.float8.recipe, filter=tuple(cfg.float8.filter), device=device,
+                         force_recompute_weight_in_bwd=cfg.float8.force_recompute_weight_in_bwd)
     layout = Layout(params=params, chunks=chunks, ops=ops,
                     data_rank=mesh.local_rank("dp_replicate", "dp_shard"),
                     data_size=mesh.size("dp_replicate", "dp_shard"), loss_group=mesh.group(*DATA_DIMS))
@@ -152,6 +156,8 @@ def composed_layout(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
         add_grad_sync(layout, cfg, mesh)
     else:
         add_fsdp(layout, fsdp, cfg, mesh)
+        if cfg.float8.fsdp_all_gather:
+            add_float8_all_gather(layout, fsdp, cfg)
     if cfg.model.name == "moe":
         moe_layout.add_moe(layout, cfg, mesh, device, shapes, apart)
     if mesh.size("pp") > 1:
@@ -296,6 +302,20 @@ def add_fsdp(layout: Layout, fsdp: FSDP, cfg: Config, mesh: Mesh) -> None:
             sum_in_place(norms, tp_group)
 
     layout.finish_grads = finish_grads
+
+
+def add_float8_all_gather(layout: Layout, fsdp: FSDP, cfg: Config) -> None:
+    """float8.fsdp_all_gather: FSDP all-gathers the weights that run in fp8 (tensorwise) as fp8 bytes,
+    cast with a scale shared over the shard group, and the linears use them as gathered
+    (collectives/fsdp_float8.py). With float8.precompute_scale the scales of all of them come
+    from one all-reduce right after each optimizer step instead of one per unit at its first gather."""
+    fp8_names = [name for unit in fsdp.order for name, shape in zip(fsdp.layouts[unit].names, fsdp.layouts[unit].shapes)
+                 if float8_all_gather_applies(name, shape, tuple(cfg.float8.filter))]
+    if not fp8_names:
+        return
+    fp8 = enable_float8_all_gather(fsdp, fp8_names)
+    if cfg.float8.precompute_scale:
+        layout.after_optimizer_step = lambda: fp8.precompute_scales(fsdp.shards)
 
 
 def sum_in_place(tensors: list[Tensor], group: dist.ProcessGroup) -> None:

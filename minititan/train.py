@@ -96,6 +96,7 @@ def train(cfg: Config) -> list[dict]:
         grad_norm = clip_and_norm(layout, t.max_norm)
         lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
         optimizer.step(lr)
+        layout.after_optimizer_step()  # fp8 all-gather with precompute_scale: next step's weight scales
         for p in layout.params.values():
             p.grad = None
         since += 1
@@ -116,8 +117,10 @@ def train(cfg: Config) -> list[dict]:
         if tracer:
             tracer.end_step()
         if stopping:
+            ckpt.wait_for_async_save()
             say(f"stopped by signal after step {step}; checkpoint saved in {folder}", mesh.rank)
             break
+    ckpt.wait_for_async_save()  # an async save's files are written and renamed before train returns
     if tracer:
         tracer.close()
         say(tracer.table(), mesh.rank)
@@ -172,6 +175,7 @@ def save(cfg: Config, layout, optimizer: AdamW, folder: Path, step: int) -> None
     for kind, state in (("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq)):
         tensors |= {f"optim.{kind}.{n}": v for n, v in layout.chunks(state).items()}
     ckpt.save(folder, step, tensors, config=config_to_toml(cfg), extra={"optimizer_steps": optimizer.steps},
+              async_save=cfg.checkpoint.async_save, timeout_s=cfg.comm.timeout_s,
               keep_latest_k=cfg.checkpoint.keep_latest_k)
 
 

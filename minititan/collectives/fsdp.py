@@ -27,6 +27,10 @@ The moving parts, all in this file:
                    so the buffer is freed once the model moves on to the next unit. Backward
                    unpacks it by gathering the unit again, and prefetches the unit before it.
 
+With `fsdp_float8.enable_float8_all_gather(fsdp, names)` the units holding those weights are
+all-gathered in float8 instead (`self.float8_all_gather`; see fsdp_float8.py): the gathered buffer
+is then a uint8 buffer, and the saved-tensor hooks below handle its fp8 and param_dtype views alike.
+
 Communication is asynchronous (`async_op=True`). On NCCL each collective runs on the process
 group's own CUDA stream, which waits (by an event) for the work queued before it, and
 `work.wait()` makes the compute stream wait for its end: no host synchronisation. Every buffer a
@@ -110,6 +114,8 @@ class GatherUnit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard: Tensor, full: Tensor, fsdp: "FSDP", unit: str):
         ctx.fsdp, ctx.unit = fsdp, unit
+        if fsdp._gathers_in_float8(unit):
+            return fsdp.float8_all_gather.unit_params(unit, full)
         layout = fsdp.layouts[unit]
         return tuple(full[o:o + math.prod(s)].view(s) for o, s in zip(layout.offsets, layout.shapes))
 
@@ -126,6 +132,18 @@ class _SavedRef:
     size: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
+    dtype: torch.dtype  # the buffer may hold several dtypes (fp8 all-gather: uint8 holding fp8 and param_dtype)
+
+
+@dataclasses.dataclass
+class _SavedSubclass:
+    """A tensor subclass saved for backward (fsdp_float8.Float8Weight) whose inner tensors are views
+    of a gathered buffer: saved as its inner tensors, each a _SavedRef or a tensor."""
+    cls: type
+    inner: dict
+    meta: object
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 _DONE = object()
@@ -165,6 +183,7 @@ class FSDP:
         self._unreduced: dict[str, Tensor] = {}  # unit -> full grad kept locally while reduce_grads is False
         self._reductions: list[Iterator] = []  # reductions in flight, oldest first
         self._resharding = False
+        self.float8_all_gather = None  # set by fsdp_float8.enable_float8_all_gather
 
     # ------------------------------------------------------------ loading and checkpoints
 
@@ -246,15 +265,23 @@ class FSDP:
             self._resharding = was
 
     def _pack(self, t: Tensor):
-        if self._gathered and type(t) is Tensor and t.layout == torch.strided and t.dtype == self.param_dtype:
+        if self._gathered and hasattr(t, "__tensor_flatten__"):  # a Float8Weight (activation checkpointing saves it)
+            names, meta = t.__tensor_flatten__()
+            inner = {name: self._pack(getattr(t, name)) for name in names}
+            if any(isinstance(v, _SavedRef) for v in inner.values()):
+                return _SavedSubclass(type(t), inner, meta, tuple(t.shape), tuple(t.stride()))
+        if self._gathered and type(t) is Tensor and t.layout == torch.strided:
             ptr = t.untyped_storage().data_ptr()
             for unit, full in self._gathered.items():
                 if full.data_ptr() == ptr:
                     self._awaiting_backward.add(unit)
-                    return _SavedRef(unit, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+                    return _SavedRef(unit, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
         return t  # activations (and anything else) are saved as usual
 
     def _unpack(self, saved):
+        if isinstance(saved, _SavedSubclass):
+            inner = {name: self._unpack(v) for name, v in saved.inner.items()}
+            return saved.cls.__tensor_unflatten__(inner, saved.meta, saved.size, saved.stride)
         if not isinstance(saved, _SavedRef):
             return saved
         unit = saved.unit
@@ -266,7 +293,7 @@ class FSDP:
                 full = self._finish_all_gather(unit)
             self._gathered[unit] = full
         self._prefetch_before(unit)  # overlaps this unit's backward (a no-op once it is in flight)
-        return full.as_strided(saved.size, saved.stride, saved.offset)
+        return full.view(saved.dtype).as_strided(saved.size, saved.stride, saved.offset)
 
     def _prefetch_before(self, unit: str) -> None:
         """Start gathering the nearest earlier unit that backward will need again."""
@@ -280,6 +307,10 @@ class FSDP:
 
     def _start_all_gather(self, unit: str) -> None:
         shard = self.shards[unit]
+        if self._gathers_in_float8(unit):
+            work, full, pieces = self.float8_all_gather.start(unit, shard)
+            self._in_flight[unit] = (work, full, pieces, shard._version)
+            return
         full = torch.empty(self.layouts[unit].padded_numel, dtype=self.param_dtype, device=shard.device)
         with torch.no_grad():
             piece = shard.detach().to(self.param_dtype)
@@ -290,6 +321,9 @@ class FSDP:
         work, full, _piece, _version = self._in_flight.pop(unit)
         work.wait()  # on NCCL: the compute stream waits for the gather, the host does not
         return full
+
+    def _gathers_in_float8(self, unit: str) -> bool:
+        return self.float8_all_gather is not None and self.float8_all_gather.applies(unit)
 
     def _take_prefetched(self, unit: str) -> Tensor | None:
         """The unit's buffer if its all-gather is in flight and the shard did not change since it started."""
@@ -356,6 +390,8 @@ class FSDP:
         self._drop_in_flight()
         self._gathered.clear()
         self._awaiting_backward.clear()
+        if self.float8_all_gather is not None:
+            self.float8_all_gather.forget_scales()  # the optimizer step changes the shards next
 
     def grad_norm_sq(self) -> Tensor:
         """Squared L2 norm of the full gradient (fp32 scalar tensor, no host sync): the local shards'

@@ -13,13 +13,21 @@ saved under one layout loads under another.
 Atomicity: everything is written into `step-N.tmp/`; rank 0 writes the manifest last and renames
 the directory. A directory without a manifest, or named .tmp, is never loaded, so a crash or a
 full disk in the middle of a save leaves the previous checkpoint as it was.
+
+Async save (save(..., async_save=True)): the chunks are copied to the host and written by a
+background thread while training goes on; see "async save" below for how the ranks agree that
+every file is written without a collective off the training thread.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -75,8 +83,14 @@ def full_slice(shape) -> Slice:
 
 
 def save(folder: str | Path, step: int, tensors: dict[str, tuple[torch.Tensor, Slice]], config: str = "",
-         extra: dict | None = None, keep_latest_k: int = 0) -> Path:
-    """Collective: every rank calls it with the chunks it holds; returns the checkpoint path."""
+         extra: dict | None = None, keep_latest_k: int = 0, async_save: bool = False,
+         timeout_s: float = 600.0) -> Path:
+    """Collective: every rank calls it with the chunks it holds; returns the checkpoint path.
+
+    async_save: copy the chunks to the host, start writing them on a background thread and return;
+    the checkpoint appears at the returned path once every rank's file is written (see
+    wait_for_async_save). timeout_s: how long rank 0's writer waits for the other ranks' files."""
+    wait_for_async_save()  # one save in flight at a time
     folder = Path(folder)
     rank, world = _rank_world()
     final = folder / f"step-{step:08d}"
@@ -88,49 +102,67 @@ def save(folder: str | Path, step: int, tensors: dict[str, tuple[torch.Tensor, S
     _barrier()
     file = f"rank-{rank:05d}.safetensors"
     owned = {name: (t, s) for name, (t, s) in tensors.items() if s.owner}
-    entries = {}
-    payload = {}
-    for i, (name, (t, s)) in enumerate(owned.items()):
-        key = f"t{i}"
-        payload[key] = t.detach().to("cpu").contiguous()
-        entries[name] = (list(s.shape), str(t.dtype).removeprefix("torch."), Chunk(file, key, s.box, s.flat))
+    keys = {name: f"t{i}" for i, name in enumerate(owned)}
+    entries = {name: (list(s.shape), str(t.dtype).removeprefix("torch."), Chunk(file, keys[name], s.box, s.flat))
+               for name, (t, s) in owned.items()}
+    # What every file will hold is known before anything is written, so the one collective of a save
+    # happens here, on the training thread (an async writer must not share process groups with it).
+    everything = _gather_objects(entries)
+    commit = functools.partial(_commit, tmp, final, step, everything, config, extra or {}, keep_latest_k)
+    payload = {keys[name]: t for name, (t, _) in owned.items()}
+    if async_save:
+        _start_async_write(tmp, file, payload, commit, step, timeout_s)
+        return final
     try:
-        if payload:
-            save_file(payload, str(tmp / file))
-        size = (tmp / file).stat().st_size if payload else 0
-        ok = True
+        size, error = _write_file(tmp / file, {k: t.detach().to("cpu").contiguous() for k, t in payload.items()}), None
     except OSError as e:  # disk full: keep the old checkpoints, tell every rank
-        size, ok, err = 0, False, e
-    everything = _gather_objects((entries, file, size, ok))
-    if not all(o for _, _, _, o in everything):
+        size, error = 0, str(e)
+    results = _gather_objects((file, size, error))
+    failed = [f"rank {r}: {e}" for r, (_, _, e) in enumerate(results) if e]
+    if failed:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving step {step} failed on some rank (disk full?); the previous checkpoint is intact"
-                              + (f": {err}" if not ok else ""))
+        raise CheckpointError(f"saving step {step} failed ({'; '.join(failed)}): disk full? The previous "
+                              f"checkpoint is intact")
     if rank == 0:
-        _write_manifest(tmp, step, everything, config, extra or {})
-        if final.exists():  # saving the same step again: swap, never delete first
-            old = folder / f"step-{step:08d}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        _prune(folder, keep_latest_k)
+        commit({f: s for f, s, _ in results if s})
     _barrier()
     return final
 
 
-def _write_manifest(tmp: Path, step: int, everything, config: str, extra: dict) -> None:
+def _write_file(path: Path, payload: dict[str, torch.Tensor]) -> int:
+    """Write one rank's chunks and flush them to the disk (the manifest that follows promises they are
+    there); returns the file's size (0: nothing to write, no file)."""
+    if not payload:
+        return 0
+    save_file(payload, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return path.stat().st_size
+
+
+def _commit(tmp: Path, final: Path, step: int, everything: list[dict], config: str, extra: dict, keep_latest_k: int,
+            sizes: dict[str, int]) -> None:
+    """Rank 0, once every rank's file is in tmp: the manifest last, then the rename that publishes it."""
+    _write_manifest(tmp, step, everything, sizes, config, extra)
+    if final.exists():  # saving the same step again: swap, never delete first
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _prune(final.parent, keep_latest_k)
+
+
+def _write_manifest(tmp: Path, step: int, everything: list[dict], sizes: dict[str, int], config: str,
+                    extra: dict) -> None:
     tensors: dict[str, Entry] = {}
-    files = {}
-    for entries, file, size, _ in everything:
-        if size:
-            files[file] = size
+    for entries in everything:
         for name, (shape, dtype, chunk) in entries.items():
             tensors.setdefault(name, Entry(shape, dtype)).chunks.append(chunk)
-    manifest = Manifest(step=step, tensors=tensors, files=files, config=config, extra=extra)
+    manifest = Manifest(step=step, tensors=tensors, files=dict(sorted(sizes.items())), config=config, extra=extra)
     path = tmp / "manifest.json"
     with open(path.with_suffix(".json.part"), "wb") as f:
         f.write(msgspec.json.format(msgspec.json.encode(manifest), indent=1))
@@ -144,6 +176,125 @@ def _prune(folder: Path, keep: int) -> None:
         return
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- async save
+#
+# The training thread copies this rank's chunks to the host (the next optimizer step changes them
+# in place) and starts a writer thread; training goes on while it writes. Nothing on the writer
+# threads is collective: the ranks meet through files instead. Each writer, after its
+# safetensors file, writes a marker rank-R.done (holding the file's size) or rank-R.failed
+# (holding the error); rank 0's writer waits until all ranks' markers are there, then writes the
+# manifest and renames step-N.tmp as a synchronous save would. The next save, or the end of
+# training, waits for the writer (wait_for_async_save) and agrees on errors with one collective on
+# the training thread. The writer is not a daemon: a process that fails after starting a save
+# still finishes it (rank 0 waits for the other ranks' markers at most timeout_s).
+
+
+@dataclasses.dataclass
+class _AsyncWrite:
+    step: int
+    thread: threading.Thread | None = None
+    error: str | None = None
+
+
+_in_flight: _AsyncWrite | None = None  # this process's async save, until waited for
+_host_buffers: dict[str, torch.Tensor] = {}  # the chunks' host copies, reused by the next save
+
+
+def _start_async_write(tmp: Path, file: str, payload: dict[str, torch.Tensor], commit, step: int,
+                       timeout_s: float) -> None:
+    global _in_flight
+    rank, world = _rank_world()
+    host, copied = _copy_to_host(payload)
+    write = _AsyncWrite(step)
+
+    def run():
+        try:
+            if copied is not None:
+                copied.synchronize()
+            try:
+                size = _write_file(tmp / file, host)
+            except Exception as e:
+                _write_marker(tmp, rank, "failed", str(e))
+                raise
+            _write_marker(tmp, rank, "done", str(size))
+            if rank == 0:
+                commit(_wait_for_markers(tmp, world, timeout_s))
+        except Exception as e:  # kept for wait_for_async_save, which raises it on every rank
+            write.error = f"{type(e).__name__}: {e}"
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    write.thread = threading.Thread(target=run, name=f"checkpoint-step-{step}")
+    write.thread.start()
+    _in_flight = write
+
+
+def wait_for_async_save() -> None:
+    """Block until this process's async save (if one is in flight) is written and, on rank 0, renamed
+    into place. Collective when a save is in flight (then one is on every rank): raises
+    CheckpointError on every rank if any rank's write failed."""
+    global _in_flight
+    if _in_flight is None:
+        return
+    write, _in_flight = _in_flight, None
+    write.thread.join()
+    errors = _gather_objects(write.error)
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if failed:
+        raise CheckpointError(f"the async save of step {write.step} failed ({'; '.join(failed)}); the previous "
+                              f"checkpoint is intact")
+
+
+def _copy_to_host(payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """A host copy of every chunk, into buffers kept from the previous save (fresh memory costs page
+    faults, and pinning it is slow). CUDA chunks go into pinned buffers with non-blocking copies queued
+    on the current stream: they read the values before the next optimizer step (queued after them)
+    overwrites them, and the host does not wait here; the writer waits on the returned event."""
+    host, on_cuda = {}, False
+    for key, t in payload.items():
+        t = t.detach()
+        buf = _host_buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = _host_buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        host[key] = buf.copy_(t, non_blocking=t.is_cuda)
+        on_cuda |= t.is_cuda
+    copied = None
+    if on_cuda:
+        copied = torch.cuda.Event()
+        copied.record()
+    return host, copied
+
+
+def _write_marker(tmp: Path, rank: int, kind: str, text: str) -> None:
+    part = tmp / f"rank-{rank:05d}.{kind}.part"
+    part.write_text(text)
+    os.replace(part, tmp / f"rank-{rank:05d}.{kind}")  # rank 0 never reads half a marker
+
+
+def _wait_for_markers(tmp: Path, world: int, timeout_s: float) -> dict[str, int]:
+    """Rank 0's writer: wait for every rank's marker, remove them; returns file name -> size."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = set(os.listdir(tmp))
+        failed = sorted(n for n in names if n.endswith(".failed"))
+        if failed:
+            raise CheckpointError(f"{failed[0].split('.')[0]} could not write its file: {(tmp / failed[0]).read_text()}")
+        done = [f"rank-{r:05d}.done" for r in range(world)]
+        if all(n in names for n in done):
+            break
+        if time.monotonic() > deadline:
+            missing = [n.split(".")[0] for n in done if n not in names]
+            raise CheckpointError(f"{', '.join(missing[:4])} did not finish writing within {timeout_s:.0f} s")
+        time.sleep(0.02)
+    sizes = {}
+    for r, marker in enumerate(done):
+        size = int((tmp / marker).read_text())
+        if size:
+            sizes[f"rank-{r:05d}.safetensors"] = size
+        (tmp / marker).unlink()
+    return sizes
 
 
 # ---------------------------------------------------------------- find and open

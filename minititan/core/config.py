@@ -111,6 +111,7 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     keep_latest_k: int = 2  # 0 = keep all
     load_path: str = ""  # start from this checkpoint (its params; step restarts unless resume)
     resume: bool = True  # resume from the newest complete checkpoint in folder
+    async_save: bool = False  # copy to the host, write on a background thread while training goes on
 
 
 class Metrics(msgspec.Struct, forbid_unknown_fields=True):
@@ -151,6 +152,9 @@ class Float8(msgspec.Struct, forbid_unknown_fields=True):
     enable: bool = False  # Float8 matmuls (torch._scaled_mm) for every linear whose dims are multiples of 16
     recipe: Literal["tensorwise", "rowwise"] = "tensorwise"  # one scale per tensor, or per row
     filter: list[str] = msgspec.field(default_factory=lambda: ["output"])  # names kept in bf16
+    fsdp_all_gather: bool = False  # dp_shard: all-gather the fp8 weights as fp8 (half the bytes); tensorwise only
+    precompute_scale: bool = False  # fsdp_all_gather: every weight's fp8 scale in one all-reduce after the step
+    force_recompute_weight_in_bwd: bool = False  # save the high-precision weight, not its fp8 copy; re-cast in backward
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -327,5 +331,13 @@ def validate(cfg: Config) -> None:
     sel = cfg.activation_checkpoint.selective
     if sel != "op" and not (sel.isdigit() and int(sel) > 0):
         raise ConfigError(f"activation_checkpoint.selective must be \"op\" or a positive integer N (every N-th block), got {sel!r}")
+    f8 = cfg.float8
+    if f8.fsdp_all_gather and not (f8.enable and f8.recipe == "tensorwise"):
+        raise ConfigError("float8.fsdp_all_gather casts weights with one scale per tensor before the all-gather: "
+                          "it needs float8.enable = true and float8.recipe = \"tensorwise\" "
+                          "(rowwise weights are all-gathered in param_dtype: set float8.fsdp_all_gather = false)")
+    if f8.precompute_scale and not f8.fsdp_all_gather:
+        raise ConfigError("float8.precompute_scale computes the scales of the fp8 all-gather: "
+                          "set float8.fsdp_all_gather = true as well, or float8.precompute_scale = false")
     if m.name == "moe" and not (1 <= m.top_k <= m.n_experts):
         raise ConfigError(f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")

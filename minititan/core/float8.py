@@ -34,9 +34,10 @@ The glue: `float8_ops(ops, recipe)` swaps Ops.linear for `float8_linear` and wra
 the weights that stay in high precision (the output projection by default, any name in
 `filter`) are marked; float8_linear also falls back to F.linear for shapes fp8 cannot take.
 
-For an fp8 FSDP all-gather: cast the shard with `cast_to_fp8` and a scale from the global amax
-(`amax_to_scale` of an all-reduced MAX). gloo cannot move float8 dtypes ("Invalid scalar type"):
-send `t.view(torch.uint8)` and `.view(float8_dtype)` what arrives (that works on NCCL too).
+FSDP's fp8 all-gather (minititan/collectives/fsdp_float8.py, float8.fsdp_all_gather) casts each
+weight's shards with the scale of the whole weight before gathering; the linear then receives a
+Float8Weight carrying `fp8_data` and `fp8_scale`, and float8_linear multiplies those as they are.
+`float8_all_gather_applies` says which weights go that way.
 """
 from __future__ import annotations
 
@@ -117,17 +118,22 @@ def use_scaled_mm(device: torch.device, recipe: str) -> bool:
 
 
 class Float8Matmul(torch.autograd.Function):
-    """y = x @ w.T for 2-D x, with the output, input-grad and weight-grad GEMMs in fp8."""
+    """y = x @ w.T for 2-D x, with the output, input-grad and weight-grad GEMMs in fp8.
+    w_fp8, w_scale: w already in fp8 (tensorwise e4m3; FSDP's fp8 all-gather cast it before
+    gathering): used as is. w then only stands for the weight in autograd (its grad is dw)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, recipe: str, emulate: bool, force_recompute_weight_in_bwd: bool):
+    def forward(ctx, x: Tensor, w: Tensor, recipe: str, emulate: bool, force_recompute_weight_in_bwd: bool,
+                w_fp8: Tensor | None = None, w_scale: Tensor | None = None):
         rowwise = recipe == "rowwise"
+        precast = w_fp8 is not None
         x_fp8, x_scale = quantize(x, E4M3, rowwise)
-        w_fp8, w_scale = quantize(w, E4M3, rowwise)
+        if not precast:
+            w_fp8, w_scale = quantize(w, E4M3, rowwise)
         y = scaled_matmul(x_fp8, x_scale, w_fp8, w_scale, x.dtype, emulate)
         if rowwise:  # the backward scales x and w along their other axis: keep the originals
             ctx.save_for_backward(x, w)
-        elif force_recompute_weight_in_bwd:
+        elif force_recompute_weight_in_bwd and not precast:  # precast: w_fp8 is FSDP's gathered buffer
             ctx.save_for_backward(x_fp8, x_scale, w)
         else:
             ctx.save_for_backward(x_fp8, x_scale, w_fp8, w_scale)
@@ -143,7 +149,7 @@ class Float8Matmul(torch.autograd.Function):
         x_dtype, w_dtype = ctx.dtypes
         dx = scaled_matmul(*dy_rows, *w_cols, x_dtype, ctx.emulate) if ctx.needs_input_grad[0] else None
         dw = scaled_matmul(*dy_cols, *x_cols, w_dtype, ctx.emulate) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def tensorwise_backward_operands(dy: Tensor, x_fp8: Tensor, x_scale: Tensor, *weight: Tensor):
@@ -176,16 +182,23 @@ def float8_linear(x: Tensor, w: Tensor, recipe: str = "tensorwise", *, emulate: 
                   force_recompute_weight_in_bwd: bool = False) -> Tensor:
     """Ops.linear in fp8: x [..., K] @ w[N, K].T -> [..., N] in x's dtype.
     Plain F.linear for a weight marked by `float8_gather` or a shape fp8 GEMMs cannot take.
+    A weight that carries `fp8_data` and `fp8_scale` (FSDP's fp8 all-gather: a Float8Weight of
+    collectives/fsdp_float8.py) is multiplied as it is, without another cast.
     emulate=None asks `use_scaled_mm` (a cached probe; pass a bool under torch.compile)."""
     if recipe not in RECIPES:
         raise ValueError(f"float8 recipe {recipe!r} is unknown: use one of {', '.join(RECIPES)}")
+    precast = getattr(w, "fp8_data", None) is not None
+    if precast and recipe != "tensorwise":
+        raise ValueError("a weight all-gathered in fp8 is scaled tensorwise: set float8.recipe = \"tensorwise\" "
+                         "or float8.fsdp_all_gather = false")
     n, k = w.shape
     m = x.numel() // k
     if getattr(w, "keep_high_precision", False) or not fits_fp8_gemm(m, k, n):
-        return F.linear(x, w)
+        return F.linear(x, w)  # a Float8Weight acts as its dequantized weight here
     if emulate is None:
         emulate = not use_scaled_mm(x.device, recipe)
-    y = Float8Matmul.apply(x.reshape(m, k), w, recipe, emulate, force_recompute_weight_in_bwd)
+    fp8_weight = (w.fp8_data, w.fp8_scale) if precast else ()
+    y = Float8Matmul.apply(x.reshape(m, k), w, recipe, emulate, force_recompute_weight_in_bwd, *fp8_weight)
     return y.view(*x.shape[:-1], n)
 
 
@@ -199,6 +212,16 @@ def float8_applies(name: str, shape: tuple[int, ...], filter: tuple[str, ...] = 
     softmax over the vocabulary and are the layer most sensitive to precision."""
     skipped = any(f".{entry}." in f".{name}." for entry in filter)
     return len(shape) == 2 and fits_fp8_gemm(*shape) and not skipped
+
+
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # what the model passes to ops.linear
+
+
+def float8_all_gather_applies(name: str, shape: tuple[int, ...], filter: tuple[str, ...] = ("output",)) -> bool:
+    """Whether FSDP may all-gather the weight `name` in fp8 (float8.fsdp_all_gather): one that runs
+    in fp8 and reaches the matmul through ops.linear (the embedding is a lookup; a MoE router and
+    the experts are multiplied by other ops)."""
+    return name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS and float8_applies(name, shape, filter)
 
 
 def float8_gather(gather, filter: tuple[str, ...] = ("output",)):
