@@ -25,6 +25,24 @@ def _train_rank(rank, world, overrides):
     return train(load_config(None, overrides))
 
 
+def _train_ranks(rank, world, runs):
+    from minititan.core.config import load_config
+    from minititan.train import train
+    return [train(load_config(None, overrides)) for overrides in runs]
+
+
+def train_runs(folder: Path, world: int, runs: dict[str, list[str]], common: list[str] = ()):
+    """Several runs on one set of `world` ranks (starting ranks costs more than training the tiny
+    model): name -> (rank 0's metric rows, the final params from the run's last checkpoint)."""
+    overrides = [TINY + list(common) + [f"job.dump_folder={Path(folder) / name}"] + o for name, o in runs.items()]
+    rows = run_ranks(world, _train_ranks, overrides)[0]
+    out = {}
+    for name, r in zip(runs, rows):
+        c = ckpt.Checkpoint(ckpt.latest(Path(folder) / name / "checkpoints"))
+        out[name] = r, {n: c.read(n) for n in c.names() if not n.startswith("optim.")}
+    return out
+
+
 def train_run(tmp_path: Path, world: int = 1, overrides: list[str] = (), name: str = "run"):
     folder = Path(tmp_path) / name
     overrides = TINY + [f"job.dump_folder={folder}"] + list(overrides)

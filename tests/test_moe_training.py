@@ -19,11 +19,8 @@ import pytest
 
 from minititan import parallelize
 from minititan.collectives.mesh import Mesh, resolve_degrees
-from minititan.core import checkpoint as ckpt
 from minititan.core.config import UserError, load_config
-from minititan.train import train
-from tests.distributed import run_ranks
-from tests.harness import TINY, assert_same_losses, assert_same_params
+from tests.harness import TINY, assert_same_losses, assert_same_params, train_runs
 
 MOE = ["model.name=moe", "model.n_experts=4", "model.top_k=2", "model.moe_hidden_dim=64", "model.n_shared_experts=1",
        "model.aux_loss_coef=0.01", "model.bias_update_rate=0.01"]
@@ -41,21 +38,6 @@ FOUR_RANKS = {
 LOAD = "moe/max_load_over_mean"
 
 
-def _train_ranks(rank, world, runs):
-    return [train(load_config(None, overrides)) for overrides in runs]
-
-
-def train_runs(folder: Path, world: int, runs: dict[str, list[str]]) -> dict[str, tuple[list[dict], dict]]:
-    """name -> (rank 0's metric rows, the final params from the run's last checkpoint)."""
-    overrides = [TINY + MOE + [f"job.dump_folder={folder / name}"] + o for name, o in runs.items()]
-    rows = run_ranks(world, _train_ranks, overrides)[0]
-    out = {}
-    for name, r in zip(runs, rows):
-        c = ckpt.Checkpoint(ckpt.latest(folder / name / "checkpoints"))
-        out[name] = r, {n: c.read(n) for n in c.names() if not n.startswith("optim.")}
-    return out
-
-
 def assert_matches(run, reference, name):
     try:
         assert_same_losses(run[0], reference[0])
@@ -69,21 +51,21 @@ def assert_matches(run, reference, name):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return train_runs(tmp_path_factory.mktemp("reference"), 1, {"one": []})["one"]
+    return train_runs(tmp_path_factory.mktemp("reference"), 1, {"one": []}, common=MOE)["one"]
 
 
 def test_two_rank_layouts(tmp_path, reference):
-    for name, run in train_runs(tmp_path, 2, TWO_RANKS).items():
+    for name, run in train_runs(tmp_path, 2, TWO_RANKS, common=MOE).items():
         assert_matches(run, reference, name)
 
 
 def test_four_rank_layouts_and_resume_from_ep_4_in_one_process(tmp_path, reference):
     """One test, so that the runs start once however pytest-xdist spreads the tests."""
-    for name, run in train_runs(tmp_path, 4, FOUR_RANKS).items():
+    for name, run in train_runs(tmp_path, 4, FOUR_RANKS, common=MOE).items():
         assert_matches(run, reference, name)
     shutil.copytree(tmp_path / "ep4", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000006")
-    rows, params = train_runs(tmp_path, 1, {"resumed": ["checkpoint.interval=3"]})["resumed"]
+    rows, params = train_runs(tmp_path, 1, {"resumed": ["checkpoint.interval=3"]}, common=MOE)["resumed"]
     assert [r["step"] for r in rows] == [4, 5, 6]
     assert_matches((rows, params), (reference[0][3:], reference[1]), "resumed at ep 1")
 

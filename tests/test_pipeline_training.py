@@ -7,17 +7,13 @@ with the fix.
 Starting ranks costs more than training the tiny model, so the runs of one world size share one
 set of ranks (train_runs), each run in its own folder."""
 import shutil
-from pathlib import Path
 
 import pytest
 
 from minititan import parallelize, pipeline
 from minititan.collectives.mesh import Mesh, resolve_degrees
-from minititan.core import checkpoint as ckpt
 from minititan.core.config import UserError, load_config
-from minititan.train import train
-from tests.distributed import run_ranks
-from tests.harness import TINY, assert_same_losses, assert_same_params
+from tests.harness import TINY, assert_same_losses, assert_same_params, train_runs
 
 LAYERS4 = ["model.n_layers=4"]  # 4 stages at most: pp 4, or pp 2 x 2 virtual stages
 LAYERS8 = ["model.n_layers=8", "training.local_batch_size=4"]  # pp 4 x 2 virtual stages, 4 microbatches
@@ -44,21 +40,6 @@ EIGHT_RANKS = {
                                 "parallelism.sequence_parallel=true", "parallelism.pp_schedule=interleaved_1f1b",
                                 "parallelism.fsdp_reduce_every_microbatch=false"],
 }
-
-
-def _train_ranks(rank, world, runs):
-    return [train(load_config(None, overrides)) for overrides in runs]
-
-
-def train_runs(folder: Path, world: int, runs: dict[str, list[str]]) -> dict[str, tuple[list[dict], dict]]:
-    """name -> (rank 0's metric rows, the final params from the run's last checkpoint)."""
-    overrides = [TINY + [f"job.dump_folder={folder / name}"] + o for name, o in runs.items()]
-    rows = run_ranks(world, _train_ranks, overrides)[0]
-    out = {}
-    for name, r in zip(runs, rows):
-        c = ckpt.Checkpoint(ckpt.latest(folder / name / "checkpoints"))
-        out[name] = r, {n: c.read(n) for n in c.names() if not n.startswith("optim.")}
-    return out
 
 
 def assert_matches(run, reference, name):
