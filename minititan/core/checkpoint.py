@@ -280,7 +280,8 @@ def _wait_for_markers(tmp: Path, world: int, timeout_s: float) -> dict[str, int]
         names = set(os.listdir(tmp))
         failed = sorted(n for n in names if n.endswith(".failed"))
         if failed:
-            raise CheckpointError(f"{failed[0].split('.')[0]} could not write its file: {(tmp / failed[0]).read_text()}")
+            rank = failed[0].split(".")[0]
+            raise CheckpointError(f"{rank} could not write its file: {(tmp / failed[0]).read_text()}")
         done = [f"rank-{r:05d}.done" for r in range(world)]
         if all(n in names for n in done):
             break
