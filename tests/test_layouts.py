@@ -6,10 +6,7 @@ import shutil
 
 import pytest
 
-from minititan import parallelize
-from minititan.collectives.mesh import Mesh, resolve_degrees
-from minititan.core.config import UserError, load_config
-from tests.harness import TINY, assert_same_losses, assert_same_params, train_run
+from tests.harness import assert_layout_refused, assert_same_losses, assert_same_params, train_run
 
 KV4 = ["model.n_heads=8", "model.n_kv_heads=4"]  # tp = 4 needs whole kv heads on every rank
 
@@ -92,10 +89,4 @@ def test_checkpoint_from_tp_1_resumes_at_tp_2_sp(tmp_path, reference):
     (2, ["parallelism.tp=2", "parallelism.async_tp=true"], ["parallelism.sequence_parallel"]),
 ], ids=["kv_heads", "vocab", "sp_seq_len", "cp_seq_len", "async_without_sp"])
 def test_bad_layout_names_the_fix(world, overrides, words):
-    cfg = load_config(None, TINY + overrides)
-    p = cfg.parallelism
-    mesh = Mesh(resolve_degrees(world, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp), rank=0)
-    with pytest.raises(UserError) as e:
-        parallelize.validate(cfg, mesh)
-    for w in words:
-        assert w in str(e.value)
+    assert_layout_refused(world, overrides, words)

@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from minititan import parallelize
-from minititan.collectives.mesh import Mesh, resolve_degrees
-from minititan.core.config import UserError, load_config
-from tests.harness import TINY, assert_same_losses, assert_same_params, train_runs
+from tests.harness import assert_layout_refused, assert_same_losses, assert_same_params, train_runs
 
 MOE = ["model.name=moe", "model.n_experts=4", "model.top_k=2", "model.moe_hidden_dim=64", "model.n_shared_experts=1",
        "model.aux_loss_coef=0.01", "model.bias_update_rate=0.01"]
@@ -92,10 +89,4 @@ def test_moe_debug_config_logs_expert_loads(tmp_path):
     (2, MOE + ["parallelism.tp=2", "parallelism.sequence_parallel=true"], ["sequence_parallel = false"]),
 ], ids=["llama3", "n_experts", "ep_over_dp_shard", "tp_sp"])
 def test_bad_layout_names_the_fix(world, overrides, words):
-    cfg = load_config(None, TINY + overrides)
-    p = cfg.parallelism
-    mesh = Mesh(resolve_degrees(world, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp), rank=0)
-    with pytest.raises(UserError) as e:
-        parallelize.validate(cfg, mesh)
-    for w in words:
-        assert w in str(e.value)
+    assert_layout_refused(world, overrides, words)
