@@ -56,7 +56,7 @@ def render_svg(timeline: Timeline, title: str = "") -> str:
     height = top + pp * row_h + 8
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
            f'font-family="monospace" font-size="11">',
-           f'<rect width="100%" height="100%" fill="white"/>']
+           '<rect width="100%" height="100%" fill="white"/>']
     if title:
         out.append(f'<text x="{left}" y="18" font-size="13">{_escape(title)}</text>')
     n_chunks = chunks(timeline)
