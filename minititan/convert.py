@@ -32,10 +32,10 @@ from minititan.core.config import (Config, ConfigError, Job, Model, Training, Us
                                    validate)
 from minititan.core.model import param_shapes
 
-# Llama 3.1's RoPE scaling: the constants minititan's model.rope_frequencies implements when
-# model.rope_scaling is true.
-LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}
+# Hugging Face's "llama3" RoPE scaling keys -> the model fields that carry them (used when model.rope_scaling)
+LLAMA3_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                    "high_freq_factor": "rope_high_freq_factor",
+                    "original_max_position_embeddings": "rope_original_context"}
 
 _LAYER_NAMES = {  # minititan name inside layers.{i} -> Hugging Face name inside model.layers.{i}
     "attention_norm": "input_layernorm",
@@ -130,14 +130,12 @@ def config_from_hf(hf: dict, source: str = "a Hugging Face model") -> Config:
     if hf.get("head_dim") not in (None, dim // n_heads):
         raise UserError(f"config.json has head_dim {hf['head_dim']} but minititan's head dim is hidden_size / "
                         f"num_attention_heads = {dim // n_heads}: this model does not convert")
-    rope_theta, rope_scaling = _rope_from_hf(hf)
     ffn_dim_multiplier, multiple_of = ffn_settings(dim, hf["intermediate_size"])
     max_seq_len = hf.get("max_position_embeddings", 2048)
     model = Model(name="llama3", dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
                   n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
                   ffn_dim_multiplier=ffn_dim_multiplier, multiple_of=multiple_of,
-                  norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=rope_scaling,
-                  max_seq_len=max_seq_len)
+                  norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=max_seq_len, **_rope_from_hf(hf))
     cfg = Config(job=Job(description=f"converted from Hugging Face {source}"), model=model,
                  training=Training(seq_len=min(Training().seq_len, max_seq_len)))
     validate(cfg)
@@ -152,23 +150,23 @@ def ffn_settings(dim: int, intermediate_size: int) -> tuple[float, int]:
     return (intermediate_size + 0.5) / base, intermediate_size
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, bool]:
-    """(rope_theta, rope_scaling) from either config style: transformers 4 (rope_theta + rope_scaling)
+def _rope_from_hf(hf: dict) -> dict:
+    """The model's rope_* fields from either config style: transformers 4 (rope_theta + rope_scaling)
     or transformers 5 (rope_parameters holding both)."""
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    fields = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
-        return theta, False
+        return fields | {"rope_scaling": False}
     if kind != "llama3":
-        raise UserError(f"config.json uses RoPE scaling {kind!r}: minititan implements only Llama 3.1's \"llama3\" "
-                        f"scaling (or none)")
-    got = {k: rope.get(k) for k in LLAMA3_ROPE_SCALING}
-    if got != LLAMA3_ROPE_SCALING:
-        raise UserError(f"config.json's llama3 RoPE scaling is {got}, but minititan's model.rope_scaling implements "
-                        f"Llama 3.1's {LLAMA3_ROPE_SCALING} only (Llama 3.2 1B/3B use factor 32): this model does "
-                        f"not convert")
-    return theta, True
+        raise ConfigError(f"config.json uses RoPE scaling {kind!r}: minititan implements only Llama 3's \"llama3\" "
+                          f"scaling (or none), so this model does not convert")
+    missing = [key for key in LLAMA3_ROPE_KEYS if not isinstance(rope.get(key), (int, float))]
+    if missing:
+        raise ConfigError(f"config.json's llama3 RoPE scaling has no number for {', '.join(missing)}: it needs "
+                          f"{', '.join(LLAMA3_ROPE_KEYS)} (Llama 3.1: 8, 1, 4, 8192)")
+    scaling = {field: float(rope[key]) for key, field in LLAMA3_ROPE_KEYS.items()}
+    return fields | scaling | {"rope_scaling": True, "rope_original_context": int(scaling["rope_original_context"])}
 
 
 def read_hf_tensors(hf: Path) -> dict[str, torch.Tensor]:
@@ -264,7 +262,7 @@ def hf_config(m: Model, dtype: torch.dtype) -> dict:
         "vocab_size": m.vocab_size,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_scaling": {"rope_type": "llama3", **LLAMA3_ROPE_SCALING} if m.rope_scaling else None,
+        "rope_scaling": _rope_to_hf(m),
         "max_position_embeddings": m.max_seq_len,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -272,3 +270,10 @@ def hf_config(m: Model, dtype: torch.dtype) -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def _rope_to_hf(m: Model) -> dict | None:
+    """config.json's rope_scaling: None (plain RoPE) or the llama3 parameters."""
+    if not m.rope_scaling:
+        return None
+    return {"rope_type": "llama3", **{key: getattr(m, field) for key, field in LLAMA3_ROPE_KEYS.items()}}

@@ -1,12 +1,13 @@
 """Mixture of experts in the trainer: the MoE op, expert parallel, the expert-bias update, the load metrics.
 
 model.name = "moe" trains on every layout parallelize.composed_layout builds (one process,
-dp_replicate, dp_shard (FSDP / HSDP), cp, pp, tp without sequence parallel), plus expert parallel
-(parallelism.ep). `add_moe` adds to such a layout:
+dp_replicate, dp_shard (FSDP / HSDP), cp, pp, tp with or without sequence parallel / async TP), plus
+expert parallel (parallelism.ep). `add_moe` adds to such a layout:
 
   ops.moe       moe.moe_feed_forward with aux_loss_scale = 1 / global label tokens (the factor the
-                trainer applies to loss_sum), and under ep a run_experts that ships each token to
-                the rank holding its expert and back (collectives/expert_parallel.py)
+                trainer applies to loss_sum), the sequence group its balance statistics are summed
+                over, and under ep a run_experts that ships each token to the rank holding its
+                expert and back (collectives/expert_parallel.py)
   after_grads   moe.update_expert_bias, between the gradient reduction and clipping: it reads the
                 loads summed in expert_bias.grad, nudges the bias toward balance, clears the grad
   log_metrics   moe/max_load_over_mean (worst layer, last step) and moe/balance_loss, for the log line
@@ -26,11 +27,36 @@ consecutive data ranks. The expert weights are replicated, not FSDP-sharded, ove
 expert-dp group: FSDP here is one object over one shard group. With ep = dp_shard x cp, the
 usual choice, that group is a single rank and nothing is replicated; otherwise each rank holds
 E/ep experts whole (dp_shard x cp / ep copies of them in the group).
+
+MoE and tp. tensor_parallel.py splits none of the MoE tensors: they are replicated over tp, and the
+MoE layer never enters a tensor-parallel region (it calls no into_tp / out_of_tp). It runs on
+whatever part of the residual stream the rank holds:
+  plain tp         the whole sequence, on every tp rank alike: the same routing, outputs and grads.
+  sequence         each tp rank's slice of the sequence, routed and computed locally (ep exchanges
+  parallel         tokens between ranks of the same tp coordinate); the output stays sequence-
+                   sharded. No activation crosses tp (only the balance statistics, below), and no
+                   token is computed tp times, as it would be if the layer all-gathered the
+                   sequence, ran the experts on all of it on every tp rank and kept its slice.
+                   The price is the one data parallel pays: tp ranks saw different tokens, so the
+                   MoE tensors' grads and loads are partial and are summed over tp. The layout's
+                   own tensors (ffn_norm, router, shared and, at ep 1, routed experts) are summed
+                   with the norms by parallelize; the tensors held apart here fold tp into their
+                   sum groups. Async TP is sequence parallel with an overlapped matmul for the TP
+                   regions; the MoE layer has none, so it uses the plain linear.
+
+Sequences split over ranks (cp, and tp under sequence parallel). The sequence-wise balance loss
+needs each whole sequence's token counts and mean scores: moe.sequence_balance_loss sums them over
+this sequence group with a differentiable all-reduce, so the aux loss, its gradients and
+moe/balance_loss are those of one process. The loads need nothing new: they are per-token counts,
+summed over the ranks like gradients.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from minititan.collectives import expert_parallel as ep_lib
@@ -58,10 +84,16 @@ def validate(cfg: Config, mesh: Mesh) -> None:
     if data % par.ep:
         raise UserError(f"parallelism.ep={par.ep} must divide dp_shard x cp = {data}: ep splits the data ranks "
                         f"into groups that exchange tokens; raise parallelism.dp_shard or lower parallelism.ep")
-    if mesh.size("tp") > 1 and (par.sequence_parallel or par.async_tp):
-        raise UserError("model.name = \"moe\" with parallelism.tp > 1 runs the MoE layers replicated over tp, on "
-                        "the whole sequence: set parallelism.sequence_parallel = false and async_tp = false "
-                        "(or parallelism.tp = 1)")
+
+
+def tp_splits_sequence(cfg: Config, mesh: Mesh) -> bool:
+    """Sequence parallel (async TP implies it): each tp rank holds a slice of the sequence."""
+    return mesh.size("tp") > 1 and cfg.parallelism.sequence_parallel
+
+
+def sequence_dims(cfg: Config, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh dims over which the ranks hold parts of the same sequences."""
+    return ("cp", "tp") if tp_splits_sequence(cfg, mesh) else ("cp",)
 
 
 def held_apart(cfg: Config, mesh: Mesh, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[list[int]]]:
@@ -88,7 +120,8 @@ def add_moe(layout, cfg: Config, mesh: Mesh, device: torch.device, shapes: dict[
     """Give a layout built without the `apart` tensors (see held_apart) those tensors, the MoE op,
     their gradient sums, the expert-bias update and the load metrics."""
     ep = cfg.parallelism.ep
-    ep_group, replicas, replica_group = expert_groups(mesh, ep) if ep > 1 else (None, [mesh.rank], None)
+    split_over_tp = tp_splits_sequence(cfg, mesh)
+    ep_group, replicas, replica_group = expert_groups(mesh, ep, split_over_tp) if ep > 1 else (None, [mesh.rank], None)
     held = {}
     slices = {}
     for name, box in apart.items():
@@ -101,21 +134,30 @@ def add_moe(layout, cfg: Config, mesh: Mesh, device: torch.device, shapes: dict[
 
     aux_log: list[Tensor] = []
     run_experts = moe.run_experts if ep_group is None else ep_lib.parallel_experts(moe.run_experts, ep_group)
-    layout.ops.moe = moe_op(cfg, run_experts, aux_log)
+    seq_dims = sequence_dims(cfg, mesh)
+    sequence_group = mesh.group(*seq_dims) if mesh.size(*seq_dims) > 1 else None
+    local_linear = mesh.size("tp") > 1 and cfg.parallelism.async_tp
+    layout.ops.moe = moe_op(cfg, run_experts, aux_log, sequence_group, local_linear)
     add_apart_grad_sync(layout, cfg, mesh, held, replica_group)
     add_balancing(layout, cfg, aux_log, device)
 
 
-def expert_groups(mesh: Mesh, ep: int) -> tuple[dist.ProcessGroup, list[int], dist.ProcessGroup | None]:
-    """This rank's ep group, the ranks that hold the same experts (its expert-dp group across all of
-    dp_replicate), and their group (None if it is this rank alone). Collective: every rank calls it.
+def expert_groups(mesh: Mesh, ep: int, split_over_tp: bool) -> tuple[dist.ProcessGroup, list[int],
+                                                                     dist.ProcessGroup | None]:
+    """This rank's ep group, the ranks that hold the same experts and sum their grads (its expert-dp
+    group across all of dp_replicate, and across tp when tp splits the sequence), and their group
+    (None if it is this rank alone). Collective: every rank calls it.
 
     The rank order is row-major over pp x dp_replicate x dp_shard x cp x tp, so dp_replicate x
     dp_shard is one data dim of the same order; since ep divides dp_shard x cp, folding ep into
     that merged dim gives the same ep groups as folding it into dp_shard x cp, and expert-dp
-    groups (stride ep) that run over every dp_replicate replica."""
+    groups (stride ep) that run over every dp_replicate replica. tp varies fastest, so the tp
+    peers of a rank q at tp coordinate 0 are q + t."""
     merged = Mesh({**mesh.sizes, "dp_replicate": 1, "dp_shard": mesh.size("dp_replicate", "dp_shard")}, mesh.rank)
     ep_lists, replica_lists = ep_lib.ep_layout(merged, ep)
+    if split_over_tp:
+        tp = mesh.size("tp")
+        replica_lists = [[q + t for q in ranks for t in range(tp)] for ranks in replica_lists if ranks[0] % tp == 0]
     ep_group = new_groups(ep_lists, mesh)
     replicas = next(ranks for ranks in replica_lists if mesh.rank in ranks)
     replica_group = new_groups(replica_lists, mesh) if len(replicas) > 1 else None
@@ -167,14 +209,20 @@ def gather_with_apart(gather, apart: dict[str, list[list[int]]], dtype: torch.dt
     return gather_unit
 
 
-def moe_op(cfg: Config, run_experts, aux_log: list[Tensor]):
-    """ops.moe: the MoE layer scaled like the trainer's loss, logging its balance loss in training forwards
-    (not in validation's)."""
+def moe_op(cfg: Config, run_experts, aux_log: list[Tensor], sequence_group: dist.ProcessGroup | None,
+           local_linear: bool):
+    """ops.moe: the MoE layer scaled like the trainer's loss, its balance statistics summed over the
+    sequence group, logging its balance loss in training forwards (not in validation's).
+    local_linear (async TP): the layout's linear defers a plain tensor's matmul to the out_of_tp
+    that follows it; the MoE layer has no out_of_tp, so its shared experts use F.linear."""
     scale = 1.0 / (cfg.training.global_batch_size * cfg.training.seq_len)
 
     def moe_layer(p, x, model_cfg, ops):
+        if local_linear:
+            ops = dataclasses.replace(ops, linear=F.linear)
         return moe.moe_feed_forward(p, x, model_cfg, ops, run_experts=run_experts, aux_loss_scale=scale,
-                                    aux_log=aux_log if torch.is_grad_enabled() else None)
+                                    aux_log=aux_log if torch.is_grad_enabled() else None,
+                                    sequence_group=sequence_group)
 
     return moe_layer
 
@@ -183,11 +231,13 @@ def add_apart_grad_sync(layout, cfg: Config, mesh: Mesh, held: dict[str, Tensor]
                         replica_group: dist.ProcessGroup | None) -> None:
     """Sum the grads of the tensors kept apart, bucketed and overlapped with the last micro-batch's
     backward like plain data parallel: the expert-bias loads over all data dims (in fp32, so the
-    counts stay exact), the expert slices over the ranks that hold the same experts."""
+    counts stay exact), the expert slices over the ranks that hold the same experts; under sequence
+    parallel both over tp too (each tp rank routed its own slice of the tokens)."""
     reducers = []
     biases = {name: t for name, t in held.items() if moe.is_expert_bias(name)}
-    if biases and mesh.size(*DATA_DIMS) > 1:
-        reducers.append(GradAllReducer(biases, mesh.group(*DATA_DIMS), torch.float32))
+    bias_dims = DATA_DIMS + (("tp",) if tp_splits_sequence(cfg, mesh) else ())
+    if biases and mesh.size(*bias_dims) > 1:
+        reducers.append(GradAllReducer(biases, mesh.group(*bias_dims), torch.float32))
     experts = {name: t for name, t in held.items() if name not in biases}
     if experts and replica_group is not None:
         reducers.append(GradAllReducer(experts, replica_group, getattr(torch, cfg.training.reduce_dtype)))

@@ -216,13 +216,14 @@ def add_grad_sync(layout: Layout, cfg: Config, mesh: Mesh) -> None:
         layout.start_last_microbatch = lambda: setattr(reducer, "enabled", True)
     sequence_parallel = mesh.size("tp") > 1 and cfg.parallelism.sequence_parallel
     tp_group = mesh.group("tp") if sequence_parallel else None
+    params = layout.params  # these only: tensors added later (moe_layout's) sum their own grads
 
     def finish_grads():
         if reducer is not None:
             reducer.finish()
             reducer.enabled = False
         if sequence_parallel:
-            tpm.allreduce_replicated_grads(layout.params, tp_group)
+            tpm.allreduce_replicated_grads(params, tp_group)
 
     layout.finish_grads = finish_grads
 

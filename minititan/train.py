@@ -86,46 +86,62 @@ def train(cfg: Config) -> list[dict]:
     global_tokens = t.global_batch_size * t.seq_len
     rows, timer, since, step = [], Timer(device), 0, start
     loss_sum = grad_norm = None
-    for step in range(start + 1, t.steps + 1):
-        profiler.step_begin(step)
-        inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
-        inputs = rank_rows(inputs, layout.data_rank, layout.data_size).to(device, non_blocking=True)
-        labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
-        loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / global_tokens)
-        layout.after_grads()  # MoE: the expert-bias update reads the reduced loads and clears them
-        grad_norm = clip_and_norm(layout, t.max_norm)
-        lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
-        optimizer.step(lr)
-        layout.after_optimizer_step()  # fp8 all-gather with precompute_scale: next step's weight scales
-        for p in layout.params.values():
-            p.grad = None
-        since += 1
-        val = validator.run() if validator.due(step) else {}
-        timer.start += val.get("val_time_s", 0.0)  # step times leave validation out
-        if step % cfg.metrics.log_freq == 0 or step in (start + 1, t.steps) or val:
-            loss = global_loss(loss_sum, layout)
-            if not math.isfinite(loss):
-                raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint in "
-                                f"{folder} is kept. Lower optimizer.lr or raise lr_scheduler.warmup_steps")
-            rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since, device,
-                                   extra=layout.log_metrics() | val))
-            since = 0
-        stopping = stop.agreed(step % cfg.metrics.log_freq == 0, device)
-        if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
-            save(cfg, layout, optimizer, folder, step)
-        profiler.step_end(step)
-        if tracer:
-            tracer.end_step()
-        if stopping:
-            ckpt.wait_for_async_save()
-            say(f"stopped by signal after step {step}; checkpoint saved in {folder}", mesh.rank)
-            break
+    try:
+        for step in range(start + 1, t.steps + 1):
+            profiler.step_begin(step)
+            inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
+            inputs = rank_rows(inputs, layout.data_rank, layout.data_size).to(device, non_blocking=True)
+            labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
+            loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / global_tokens)
+            layout.after_grads()  # MoE: the expert-bias update reads the reduced loads and clears them
+            grad_norm = clip_and_norm(layout, t.max_norm)
+            lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
+            optimizer.step(lr)
+            layout.after_optimizer_step()  # fp8 all-gather with precompute_scale: next step's weight scales
+            for p in layout.params.values():
+                p.grad = None
+            since += 1
+            val = validator.run() if validator.due(step) else {}
+            timer.start += val.get("val_time_s", 0.0)  # step times leave validation out
+            if step % cfg.metrics.log_freq == 0 or step in (start + 1, t.steps) or val:
+                loss = global_loss(loss_sum, layout)
+                if not math.isfinite(loss):
+                    raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint in "
+                                    f"{folder} is kept. Lower optimizer.lr or raise lr_scheduler.warmup_steps")
+                rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since, device,
+                                       extra=layout.log_metrics() | val))
+                since = 0
+            stopping = stop.agreed(step % cfg.metrics.log_freq == 0, device)
+            if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
+                save(cfg, layout, optimizer, folder, step)
+            profiler.step_end(step)
+            if tracer:
+                tracer.end_step()
+            if stopping:
+                ckpt.wait_for_async_save()
+                say(f"stopped by signal after step {step}; checkpoint saved in {folder}", mesh.rank)
+                break
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(cfg, step, device, profiler, mesh.rank)) from None
     ckpt.wait_for_async_save()  # an async save's files are written and renamed before train returns
     if tracer:
         tracer.close()
         say(tracer.table(), mesh.rank)
         tracer.write(Path(cfg.job.dump_folder) / "comm_trace" / f"rank{mesh.rank}.json")
     return rows
+
+
+def out_of_memory_advice(cfg: Config, step: int, device: torch.device, profiler, rank: int) -> str:
+    t, ac = cfg.training, cfg.activation_checkpoint
+    free, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+    fixes = [f"lower training.local_batch_size (now {t.local_batch_size}; micro-batches keep the global batch)"]
+    if ac.mode != "full":
+        fixes.append(f"set activation_checkpoint.mode = {'selective' if ac.mode == 'none' else 'full'}")
+    fixes.append("shard more (parallelism.dp_shard, tp) or enable float8")
+    where = (f"the allocator history is in {profiler.oom_snapshot_path}" if profiler.memory else
+             "set profiling.memory_snapshot = true to record where the memory went")
+    return (f"out of memory on rank {rank} in step {step} ({(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB "
+            f"in use): " + "; or ".join(fixes) + f". {where}")
 
 
 def forward_backward(cfg: Config, layout, inputs, labels, n_micro: int, scale: float) -> torch.Tensor:

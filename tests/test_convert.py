@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minititan.convert import ffn_settings, hf_to_minititan, minititan_to_hf
+from minititan.convert import config_from_hf, ffn_settings, hf_to_minititan, minititan_to_hf
 from minititan.core import checkpoint as ckpt
 from minititan.core import model
-from minititan.core.config import Model, UserError, hidden_dim
+from minititan.core.config import Config, ConfigError, Model, UserError, hidden_dim, validate
 from minititan.generate import load_for_inference
 from tests.harness import train_run
 
@@ -244,9 +244,9 @@ def test_clear_errors(tmp_path):
     mistral = write_hf_folder(tmp_path / "mistral", c | {"model_type": "mistral"}, hf_tensors)
     with pytest.raises(UserError, match="only Llama"):
         hf_to_minititan(mistral, tmp_path / "out")
-    llama32 = write_hf_folder(tmp_path / "l32", c | {"rope_scaling": LLAMA31_SCALING | {"factor": 32.0}}, hf_tensors)
-    with pytest.raises(UserError, match="factor 32"):
-        hf_to_minititan(llama32, tmp_path / "out")
+    yarn = write_hf_folder(tmp_path / "yarn", c | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, hf_tensors)
+    with pytest.raises(UserError, match="RoPE scaling 'yarn'"):
+        hf_to_minititan(yarn, tmp_path / "out")
     missing = {n: t for n, t in hf_tensors.items() if n != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(UserError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
         hf_to_minititan(write_hf_folder(tmp_path / "missing", c, missing), tmp_path / "out")
@@ -258,3 +258,88 @@ def test_clear_errors(tmp_path):
         hf_to_minititan(write_hf_folder(tmp_path / "extra", c, extra), tmp_path / "out")
     with pytest.raises(UserError, match="does not exist"):
         minititan_to_hf(tmp_path / "no-checkpoint", tmp_path / "out")
+
+
+# ---------------------------------------------------------------- Llama 3 RoPE scaling, any factor
+
+LLAMA32_SCALING = LLAMA31_SCALING | {"factor": 32.0}
+
+
+def llama3_frequency_by_hand(i: int, hd: int, theta: float, factor: float, low: float, high: float,
+                             old_context: int) -> float:
+    """One pair's frequency, Llama 3's rule case by case: short wavelengths (many turns within the
+    pre-training context) stay, long ones slow down by factor, those between blend linearly in context/wavelength."""
+    freq = theta ** (-2 * i / hd)
+    turns = old_context * freq / (2 * math.pi)  # = old_context / wavelength
+    if turns > high:
+        return freq
+    if turns < low:
+        return freq / factor
+    smooth = (turns - low) / (high - low)
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
+def test_factor_32_frequencies_match_hand_computation():
+    """Llama 3.2 1B's head (dim 2048 / 32 heads = 64, theta 500000) with factor 32, and odd settings."""
+    for factor, low, high, old_context in [(32.0, 1.0, 4.0, 8192), (8.0, 1.0, 4.0, 8192), (16.0, 2.0, 8.0, 4096)]:
+        cfg = Model(dim=2048, n_heads=32, rope_theta=500000.0, rope_scaling=True, rope_scaling_factor=factor,
+                    rope_low_freq_factor=low, rope_high_freq_factor=high, rope_original_context=old_context)
+        expected = torch.tensor([llama3_frequency_by_hand(i, 64, 500000.0, factor, low, high, old_context)
+                                 for i in range(32)], dtype=torch.float64)
+        plain = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+        kept, slowed = torch.isclose(expected, plain, rtol=1e-12), torch.isclose(expected, plain / factor, rtol=1e-12)
+        assert kept.any() and slowed.any() and not (kept | slowed).all()  # all three bands are present
+        freqs = model.rope_frequencies(cfg)
+        torch.testing.assert_close(freqs, expected, rtol=1e-12, atol=0)
+        positions = torch.tensor([0, 1, 5000, 100000])
+        angles = positions.double()[:, None] * expected[None]  # the table the blocks use, from the same fields
+        torch.testing.assert_close(model.rope_table(cfg, positions), torch.polar(torch.ones_like(angles), angles).to(
+            torch.complex64))
+
+
+def test_bad_rope_scaling_settings_are_refused():
+    for bad in [{"rope_scaling_factor": 0.5}, {"rope_low_freq_factor": 4.0}, {"rope_original_context": 0}]:
+        with pytest.raises(ConfigError, match="rope_scaling needs"):
+            validate(Config(model=Model(rope_scaling=True, **bad)))
+    validate(Config(model=Model(rope_scaling=False, rope_low_freq_factor=4.0)))  # unused when scaling is off
+
+
+@pytest.mark.parametrize("style", ["transformers4", "transformers5"])
+def test_factor_32_round_trip_and_logits(tmp_path, style):
+    """A Llama 3.2-style rope_scaling (factor 32) converts, computes HF's logits and is written back unchanged."""
+    c = hf_config(scaling=True) | {"rope_scaling": LLAMA32_SCALING}
+    hf_tensors = to_hf_layout(meta_weights(c), c)
+    on_disk = c
+    if style == "transformers5":  # rope_parameters holds theta and scaling; the old keys are gone
+        on_disk = {k: v for k, v in c.items() if k not in ("rope_theta", "rope_scaling")}
+        on_disk["rope_parameters"] = LLAMA32_SCALING | {"rope_theta": c["rope_theta"]}
+    path = hf_to_minititan(write_hf_folder(tmp_path / "hf", on_disk, hf_tensors), tmp_path / "mt")
+    cfg, params = load_for_inference(path)
+    m = cfg.model
+    assert (m.rope_theta, m.rope_scaling, m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
+            m.rope_original_context) == (500000.0, True, 32.0, 1.0, 4.0, 8192)
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    ref = hf_style_logits(hf_tensors, c, tokens)
+    torch.testing.assert_close(model.forward(params, tokens, m), ref, rtol=1e-5, atol=1e-5)
+    factor_8 = hf_style_logits(hf_tensors, c | {"rope_scaling": LLAMA31_SCALING}, tokens)
+    assert (factor_8 - ref).abs().max() > 1e-3  # factor 32 is not factor 8 at these lengths
+    out = minititan_to_hf(path, tmp_path / "hf2")
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_scaling"] == LLAMA32_SCALING and written["rope_theta"] == 500000.0
+    assert config_from_hf(written).model == m
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0}, {"type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "linear", "factor": 2.0}, {"rope_type": "longrope"}])
+def test_unknown_rope_type_is_refused(rope):
+    for hf in (hf_config() | {"rope_scaling": rope}, hf_config() | {"rope_parameters": rope | {"rope_theta": 1e4}}):
+        with pytest.raises(ValueError, match=f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}.*\"llama3\""):
+            config_from_hf(hf)
+
+
+def test_incomplete_llama3_rope_scaling_is_refused():
+    partial = {k: v for k, v in LLAMA32_SCALING.items() if k != "low_freq_factor"}
+    with pytest.raises(ConfigError, match="no number for low_freq_factor"):
+        config_from_hf(hf_config() | {"rope_scaling": partial})
+    with pytest.raises(ConfigError, match="rope_scaling needs"):  # high <= low would divide by zero
+        config_from_hf(hf_config() | {"rope_scaling": LLAMA32_SCALING | {"high_freq_factor": 1.0}})

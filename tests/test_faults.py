@@ -78,3 +78,22 @@ def test_diverged_loss_stops_with_the_step(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "diverged" in r.stderr and "at step" in r.stderr
+
+
+def test_out_of_memory_names_the_fixes(monkeypatch, tmp_path):
+    """An out-of-memory error in a step becomes one UserError with the step and what to change."""
+    import pytest
+    import torch
+
+    from minititan import train as trainer
+    from minititan.core.config import UserError, load_config
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.62 GiB")
+    monkeypatch.setattr(trainer, "forward_backward", no_memory)
+    cfg = load_config(None, TINY + [f"job.dump_folder={tmp_path}", "activation_checkpoint.mode=none"])
+    with pytest.raises(UserError) as e:
+        trainer.train(cfg)
+    for words in ("out of memory", "step 1", "training.local_batch_size (now 2", "activation_checkpoint.mode = selective",
+                  "profiling.memory_snapshot = true"):
+        assert words in str(e.value)

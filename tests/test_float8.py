@@ -1,5 +1,6 @@
 """Float8 linear: quantization error bounds, the three fp8 GEMMs against a high-precision linear,
 the fallbacks to F.linear, _scaled_mm against its emulation, and a few training steps of the model."""
+import dataclasses
 import functools
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from minititan.core import model
+from minititan.core.activation_checkpoint import block_runner
 from minititan.core.config import Model
-from minititan.core.float8 import (E4M3, E5M2, GRAD_DTYPE, RECIPES, Float8Matmul, amax_to_scale, cast_to_fp8,
-                                   float8_applies, float8_linear, float8_ops, quantize, scaled_matmul,
+from minititan.core.float8 import (E4M3, E5M2, GRAD_DTYPE, RECIPES, Float8Matmul, HighPrecisionWeight, amax_to_scale,
+                                   cast_to_fp8, float8_applies, float8_linear, float8_ops, quantize, scaled_matmul,
                                    scaled_mm_supported, use_scaled_mm)
 
 CPU = torch.device("cpu")
@@ -144,18 +146,43 @@ def test_float8_applies_by_name_and_shape():
     assert not float8_applies("layers.0.attention_norm", (64,))
 
 
-def test_float8_ops_marks_filtered_weights_and_rejects_unknown_recipe():
-    params = model.init(TINY, seed=0)
+def test_float8_ops_gathers_filtered_weights_as_high_precision_weights_and_rejects_unknown_recipe():
+    params = {k: v.requires_grad_() for k, v in model.init(TINY, seed=0).items()}
     ops = float8_ops(model.default_ops(TINY), "tensorwise", filter=("output", "layers.1.attention.wo"))
-    assert ops.gather(params, "output")["output"].keep_high_precision
-    assert not hasattr(ops.gather(params, "layers.0.attention")["attention.wo"], "keep_high_precision")
-    assert ops.gather(params, "layers.1.attention")["attention.wo"].keep_high_precision
+    assert isinstance(ops.gather(params, "output")["output"], HighPrecisionWeight)
+    assert type(ops.gather(params, "layers.0.attention")["attention.wo"]) is torch.Tensor
+    wo = ops.gather(params, "layers.1.attention")["attention.wo"]
+    assert isinstance(wo, HighPrecisionWeight) and isinstance(wo.detach(), HighPrecisionWeight)  # checkpoint detaches
     x = torch.randn(2, 16, 64)
-    assert torch.equal(ops.linear(x, params["output"]), F.linear(x, params["output"]))
+    ops.linear(x, wo).sum().backward()  # F.linear, and the gradient reaches the master weight
+    w = params["layers.1.attention.wo"].detach().requires_grad_()
+    F.linear(x, w).sum().backward()
+    assert torch.equal(ops.linear(x, wo), F.linear(x, w)) and torch.equal(params["layers.1.attention.wo"].grad, w.grad)
     with pytest.raises(ValueError, match="float8.recipe"):
         float8_ops(model.default_ops(TINY), "blockwise")
     with pytest.raises(ValueError, match="list of names"):
         float8_ops(model.default_ops(TINY), "rowwise", filter="output")
+
+
+def loss_and_grads(ops):
+    params = {k: v.requires_grad_() for k, v in model.init(TINY, seed=0).items()}
+    tokens = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    loss = model.loss_sum(params, tokens[:, :-1], tokens[:, 1:], TINY, ops)
+    loss.backward()
+    return loss, {k: v.grad for k, v in params.items()}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_filtered_weights_in_a_block_survive_the_recompute(mode):
+    """Activation checkpointing recomputes a block from detached inputs: the filtered weights must
+    take F.linear again, or the recompute differs from the forward (checkpoint raises). Without
+    FSDP; tests/test_float8_fsdp.py has it with FSDP's re-gathered weights."""
+    filter = ("output", "wo", "layers.1.attention.wq")
+    plain = float8_ops(model.default_ops(TINY), filter=filter)
+    loss, grads = loss_and_grads(plain)
+    recomputed = loss_and_grads(dataclasses.replace(plain, run_block=block_runner(mode)))
+    assert torch.equal(recomputed[0], loss)
+    assert all(torch.equal(recomputed[1][k], grads[k]) for k in grads)
 
 
 def bf16_ops(cfg):

@@ -1,7 +1,8 @@
 """FSDP's fp8 all-gather (float8.fsdp_all_gather): the gathered bytes are the linear's own fp8 cast
 of the whole weight, so outputs and gradients equal those of the param_dtype all-gather bit for
 bit; the trainer at dp_shard 2 reproduces dp_shard 1's fp8 losses; the fp8 weights' all-gathers
-move half the bytes of bf16; precompute_scale takes one all-reduce per step."""
+move half the bytes of bf16; precompute_scale takes one all-reduce per step; a filter naming weights
+inside a block keeps them in high precision through activation checkpointing's recompute."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,9 +15,9 @@ from minititan.collectives.fsdp_float8 import Float8Weight, enable_float8_all_ga
 from minititan.collectives.mesh import Mesh, resolve_degrees
 from minititan.core import model
 from minititan.core.config import ConfigError, load_config
-from minititan.core.float8 import E4M3, float8_linear, quantize
+from minititan.core.float8 import E4M3, Float8Matmul, float8_linear, quantize
 from tests.distributed import run_ranks
-from tests.harness import TINY, assert_same_losses, train_run
+from tests.harness import TINY, assert_same_losses, train_run, train_runs
 
 FP8 = ["float8.enable=true"]
 FP8_ALL_GATHER = FP8 + ["float8.fsdp_all_gather=true"]
@@ -159,3 +160,68 @@ def test_fp8_weights_all_gather_half_the_bytes_of_bf16():
     assert [c for c in bf16_calls if c[0] == "all_reduce"] == []
     n_fp8_weights = 7 * 2  # wq, wk, wv, wo, w1, w2, w3 of 2 layers
     assert [c for c in fp8_calls if c[0] == "all_reduce"] == [("all_reduce", "float32", 4 * n_fp8_weights)]
+
+
+# ---------------------------------------------------------------- float8.filter naming weights inside a block
+
+# "wo" in every layer, wq in layer 1 only: the blocks' function is shared, only the name tells them apart
+IN_BLOCK_FILTER = FP8 + ['float8.filter=["output", "wo", "layers.1.attention.wq"]']
+HIGH_PRECISION = {"layers.0.attention": [False, False, False, True], "layers.0.feed_forward": [False] * 3,
+                  "layers.1.attention": [True, False, False, True], "layers.1.feed_forward": [False] * 3}
+
+
+def _linears_of_a_step(rank, world, ac_mode, fp8_all_gather):
+    """One forward + backward at dp_shard 2 with activation checkpointing: for every ops.linear call
+    in order (forward, then backward's recomputes), [whether it ran in high precision (no Float8Matmul),
+    the weight's type, the type of the tensor a HighPrecisionWeight wraps]."""
+    cfg = load_config(None, TINY + IN_BLOCK_FILTER + ["parallelism.dp_shard=2", f"activation_checkpoint.mode={ac_mode}",
+                                                      f"float8.fsdp_all_gather={fp8_all_gather}"])
+    layout = parallelize.build(cfg, Mesh(resolve_degrees(world, dp_shard=world), rank), torch.device("cpu"))
+    calls, linear, fp8_matmul = [], layout.ops.linear, Float8Matmul.apply
+
+    def recording_linear(x, w):
+        # recorded before it runs: a recompute stops inside the block's last linear once it has
+        # re-made every tensor backward needs (checkpoint's early stop), so that call never returns
+        calls.append([True, type(w).__name__, type(getattr(w, "weight", w)).__name__])
+        return linear(x, w)
+
+    def recording_fp8_matmul(*args):
+        calls[-1][0] = False
+        return fp8_matmul(*args)
+
+    layout.ops.linear = recording_linear  # the blocks get layout.ops: forward and recompute both record
+    Float8Matmul.apply = recording_fp8_matmul
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(rank))
+    with layout.forward_context():
+        loss = model.loss_sum(layout.params, tokens[:, :-1], tokens[:, 1:], cfg.model, layout.ops)
+    forward = len(calls)
+    loss.backward()
+    layout.finish_grads()
+    Float8Matmul.apply = fp8_matmul
+    return calls[:forward], calls[forward:]
+
+
+@pytest.mark.parametrize("ac_mode, fp8_all_gather", [("full", False), ("selective", True)])
+def test_filtered_weights_in_a_block_run_in_high_precision_through_the_recompute(ac_mode, fp8_all_gather):
+    forward, recompute = run_ranks(2, _linears_of_a_step, ac_mode, fp8_all_gather)[0]
+    blocks = list(HIGH_PRECISION.values())
+    assert [hp for hp, _, _ in forward] == sum(blocks, []) + [True]  # + the output head
+    assert [hp for hp, _, _ in recompute] == sum(reversed(blocks), [])  # backward recomputes the last block first
+    fp8_weight = "Float8Weight" if fp8_all_gather else "Tensor"
+    for hp, kind, inner in forward + recompute:  # the fp8 all-gather skips filtered weights: a plain view inside
+        assert (kind, inner) == (("HighPrecisionWeight", "Tensor") if hp else (fp8_weight, fp8_weight))
+
+
+@pytest.fixture(scope="module")
+def in_block_filter_dp_shard_1(tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("fp8_filter_ref"), 1, IN_BLOCK_FILTER)
+
+
+def test_in_block_filter_with_activation_checkpointing_matches_dp_shard_1(tmp_path, in_block_filter_dp_shard_1):
+    runs = {"ac_full": ["activation_checkpoint.mode=full"],
+            "ac_selective": ["activation_checkpoint.mode=selective"],
+            "ac_full_fp8_all_gather": ["activation_checkpoint.mode=full", "float8.fsdp_all_gather=true"],
+            "ac_selective_fp8_all_gather": ["activation_checkpoint.mode=selective", "float8.fsdp_all_gather=true"]}
+    results = train_runs(tmp_path, 2, runs, common=IN_BLOCK_FILTER + ["parallelism.dp_shard=2"])
+    for rows, _ in results.values():
+        assert_same_losses(rows, in_block_filter_dp_shard_1[0], rtol=1e-3)

@@ -50,3 +50,22 @@ def test_flops_per_token_matches_torchtitan_convention():
     cfg = Model(dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.3,
                 multiple_of=1024, rope_theta=500000.0, max_seq_len=8192)
     assert abs(28144 * model.flops_per_token(cfg, 8192) / 989e12 - 0.479) < 0.002
+
+
+def test_chunked_loss_matches_one_pass(monkeypatch):
+    """The eager loss computes its gradient chunk by chunk in the forward; value and gradients match one pass."""
+    monkeypatch.setattr(model, "LOSS_CHUNK_TOKENS", 7)  # 3 x 10 tokens -> 5 chunks, the last one short
+    h = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 10))
+    labels[1, 3] = labels[2, 9] = -100  # ignored
+    chunked = model.cross_entropy_sum(h, w, labels)
+    chunked.backward()
+    grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    whole = torch.nn.functional.cross_entropy((h @ w.T).flatten(0, 1), labels.flatten(), reduction="sum")
+    whole.backward()
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(grads, (h.grad, w.grad))
+    with torch.no_grad():
+        torch.testing.assert_close(model.cross_entropy_sum(h, w, labels), whole)

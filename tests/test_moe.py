@@ -117,6 +117,41 @@ def test_aux_loss_gradient_is_injected():
     assert len(log) == 1 and 1.0 <= log[0] <= CFG.n_experts
 
 
+def _sequence_part_rank(rank, world, cfg, p, x, grad_out):
+    """Every rank holds its contiguous part of every sequence (like cp or sequence parallel) and
+    sums the balance statistics over the world; returns its output, input grad, summed param grads
+    and logged balance loss."""
+    part = slice(rank * x.shape[1] // world, (rank + 1) * x.shape[1] // world)
+    p = {n: t.detach().clone().requires_grad_() for n, t in p.items()}
+    x = x[:, part].clone().requires_grad_()
+    log = []
+    y = moe.moe_feed_forward(p, x, cfg, model.default_ops(cfg), aux_loss_scale=0.25, aux_log=log,
+                             sequence_group=dist.group.WORLD)
+    y.backward(grad_out[:, part])
+    grads = {n: t.grad for n, t in p.items()}
+    for g in grads.values():
+        dist.all_reduce(g)  # each rank routed its own tokens: the grads and loads are partial sums
+    return y.detach(), x.grad, grads, log[0]
+
+
+def test_balance_loss_of_split_sequences_is_the_whole_sequence_one():
+    """The aux loss (large here, so a wrong gradient factor shows) and the logged balance loss
+    with each sequence split over 2 ranks equal those of the whole sequences in one process."""
+    cfg = replace(CFG, aux_loss_coef=1.0)
+    p, x, grad_out = layer_params(cfg), torch.randn(2, 8, cfg.dim), torch.randn(2, 8, cfg.dim)
+    x_ref = x.clone().requires_grad_()
+    log = []
+    y_ref = moe.moe_feed_forward(p, x_ref, cfg, model.default_ops(cfg), aux_loss_scale=0.25, aux_log=log)
+    y_ref.backward(grad_out)
+    for rank, (y, gx, grads, balance) in enumerate(run_ranks(2, _sequence_part_rank, cfg, p, x, grad_out)):
+        part = slice(rank * 4, (rank + 1) * 4)
+        assert_close(y, y_ref.detach()[:, part], what="output")
+        assert_close(gx, x_ref.grad[:, part], what="input grad")
+        for n, t in p.items():
+            assert_close(grads[n], t.grad, what=n)
+        assert_close(balance, log[0], what="logged balance loss")
+
+
 def test_model_runs_and_is_causal():
     params = model.init(CFG, 0)
     x = torch.randint(0, 256, (1, 24))

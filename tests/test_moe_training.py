@@ -1,9 +1,11 @@
-"""The mixture of experts end to end through the trainer: dp_replicate, dp_shard (FSDP), tp (MoE
-replicated over tp), expert parallel alone and composed with HSDP and with pipeline parallel must
-reproduce the one-process run (same losses per step, grad norms, expert-load metrics and final
-parameters, fp32, relative difference < 1e-5), with the aux loss and the expert-bias update on. A
-checkpoint written at ep = 4 resumes in one process; `minititan train -c configs/moe_debug.toml`
-logs the expert loads; a layout ep cannot make is refused with the fix.
+"""The mixture of experts end to end through the trainer: dp_replicate, dp_shard (FSDP), tp plain
+(MoE replicated over tp), with sequence parallel and async TP (each tp rank routes its slice of the
+sequence), cp (balance statistics summed over each sequence's ranks), expert parallel alone and
+composed with HSDP, pipeline parallel, tp with sequence parallel and cp must reproduce the
+one-process run (same losses per step, grad norms, expert-load metrics and final parameters, fp32,
+relative difference < 1e-5), with the aux loss and the expert-bias update on. A checkpoint written
+at ep = 4 resumes in one process; `minititan train -c configs/moe_debug.toml` logs the expert
+loads; a layout ep cannot make is refused with the fix.
 
 Starting ranks costs more than training the tiny model, so the runs of one world size share one
 set of ranks, each run in its own folder."""
@@ -26,11 +28,19 @@ TWO_RANKS = {
     "dp_shard2": ["parallelism.dp_shard=2"],
     "ep2": ["parallelism.dp_shard=2", "parallelism.ep=2"],
     "tp2": ["parallelism.tp=2"],
+    "tp2_sp": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
+    "tp2_async": ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
+    "cp2": ["parallelism.cp=2"],
+    "cp2_ep2": ["parallelism.cp=2", "parallelism.ep=2"],
 }
 FOUR_RANKS = {
     "ep4": ["parallelism.dp_shard=4", "parallelism.ep=4", "checkpoint.interval=3"],
     "ep2_hsdp": ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=2"],
     "ep2_pp2": ["parallelism.pp=2", "parallelism.dp_shard=2", "parallelism.ep=2"],
+    "tp2_sp_ep2": ["parallelism.dp_shard=2", "parallelism.tp=2", "parallelism.sequence_parallel=true",
+                   "parallelism.ep=2"],
+    "cp2_tp2_sp_ep2": ["parallelism.cp=2", "parallelism.tp=2", "parallelism.sequence_parallel=true",
+                       "parallelism.ep=2"],  # each sequence split over 4 ranks (cp x tp)
 }
 LOAD = "moe/max_load_over_mean"
 
@@ -86,7 +96,6 @@ def test_moe_debug_config_logs_expert_loads(tmp_path):
      ["model.n_experts=3", "parallelism.ep=2"]),
     (4, MOE + ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=4"],
      ["parallelism.ep=4", "dp_shard x cp = 2"]),
-    (2, MOE + ["parallelism.tp=2", "parallelism.sequence_parallel=true"], ["sequence_parallel = false"]),
-], ids=["llama3", "n_experts", "ep_over_dp_shard", "tp_sp"])
+], ids=["llama3", "n_experts", "ep_over_dp_shard"])
 def test_bad_layout_names_the_fix(world, overrides, words):
     assert_layout_refused(world, overrides, words)

@@ -40,7 +40,11 @@ class Model(msgspec.Struct, forbid_unknown_fields=True):
     multiple_of: int = 32
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: bool = False  # Llama 3.1 long-context frequency scaling
+    rope_scaling: bool = False  # Llama 3 long-context frequency scaling, shaped by the four rope_* keys below
+    rope_scaling_factor: float = 8.0  # low frequencies slow down this much (Llama 3.1: 8, Llama 3.2: 32)
+    rope_low_freq_factor: float = 1.0  # wavelengths over rope_original_context / this are fully scaled
+    rope_high_freq_factor: float = 4.0  # wavelengths under rope_original_context / this are kept; between: blended
+    rope_original_context: int = 8192  # the context length pre-training used before the extension
     max_seq_len: int = 256
     # mixture of experts (model.name = "moe"); ignored by llama3
     moe_frequency: int = 1  # every N-th block has a MoE feed-forward
@@ -339,5 +343,11 @@ def validate(cfg: Config) -> None:
     if f8.precompute_scale and not f8.fsdp_all_gather:
         raise ConfigError("float8.precompute_scale computes the scales of the fp8 all-gather: "
                           "set float8.fsdp_all_gather = true as well, or float8.precompute_scale = false")
+    if m.rope_scaling and not (m.rope_scaling_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                               and m.rope_original_context > 0):
+        raise ConfigError(f"model.rope_scaling needs rope_scaling_factor >= 1, 0 < rope_low_freq_factor < "
+                          f"rope_high_freq_factor and rope_original_context > 0; got {m.rope_scaling_factor}, "
+                          f"{m.rope_low_freq_factor}, {m.rope_high_freq_factor}, {m.rope_original_context} "
+                          f"(Llama 3.1: 8, 1, 4, 8192; Llama 3.2: 32, 1, 4, 8192)")
     if m.name == "moe" and not (1 <= m.top_k <= m.n_experts):
         raise ConfigError(f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")

@@ -32,7 +32,8 @@ emulation: dequantize both operands to fp32, matmul, cast (see `use_scaled_mm`).
 
 The glue: `float8_ops(ops, recipe)` swaps Ops.linear for `float8_linear` and wraps Ops.gather so
 the weights that stay in high precision (the output projection by default, any name in
-`filter`) are marked; float8_linear also falls back to F.linear for shapes fp8 cannot take.
+`filter`) reach the linear as a `HighPrecisionWeight`; float8_linear runs F.linear for those, and
+for shapes fp8 cannot take.
 
 FSDP's fp8 all-gather (minititan/collectives/fsdp_float8.py, float8.fsdp_all_gather) casts each
 weight's shards with the scale of the whole weight before gathering; the linear then receives a
@@ -47,6 +48,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._pytree import tree_map_only
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -147,8 +149,11 @@ class Float8Matmul(torch.autograd.Function):
         else:
             dy_rows, w_cols, dy_cols, x_cols = tensorwise_backward_operands(dy, *ctx.saved_tensors)
         x_dtype, w_dtype = ctx.dtypes
-        dx = scaled_matmul(*dy_rows, *w_cols, x_dtype, ctx.emulate) if ctx.needs_input_grad[0] else None
-        dw = scaled_matmul(*dy_cols, *x_cols, w_dtype, ctx.emulate) if ctx.needs_input_grad[1] else None
+        # Both, always: training needs both, and skipping one on ctx.needs_input_grad is the suspected
+        # cause of the block weights getting no gradient under torch 2.11's compile on a GPU
+        # (benchmarks/float8.md).
+        dx = scaled_matmul(*dy_rows, *w_cols, x_dtype, ctx.emulate)
+        dw = scaled_matmul(*dy_cols, *x_cols, w_dtype, ctx.emulate)
         return dx, dw, None, None, None, None, None
 
 
@@ -181,7 +186,7 @@ def fits_fp8_gemm(*dims: int) -> bool:
 def float8_linear(x: Tensor, w: Tensor, recipe: str = "tensorwise", *, emulate: bool | None = None,
                   force_recompute_weight_in_bwd: bool = False) -> Tensor:
     """Ops.linear in fp8: x [..., K] @ w[N, K].T -> [..., N] in x's dtype.
-    Plain F.linear for a weight marked by `float8_gather` or a shape fp8 GEMMs cannot take.
+    Plain F.linear for a HighPrecisionWeight (see `float8_gather`) or a shape fp8 GEMMs cannot take.
     A weight that carries `fp8_data` and `fp8_scale` (FSDP's fp8 all-gather: a Float8Weight of
     collectives/fsdp_float8.py) is multiplied as it is, without another cast.
     emulate=None asks `use_scaled_mm` (a cached probe; pass a bool under torch.compile)."""
@@ -193,7 +198,7 @@ def float8_linear(x: Tensor, w: Tensor, recipe: str = "tensorwise", *, emulate: 
                          "or float8.fsdp_all_gather = false")
     n, k = w.shape
     m = x.numel() // k
-    if getattr(w, "keep_high_precision", False) or not fits_fp8_gemm(m, k, n):
+    if isinstance(w, HighPrecisionWeight) or not fits_fp8_gemm(m, k, n):
         return F.linear(x, w)  # a Float8Weight acts as its dequantized weight here
     if emulate is None:
         emulate = not use_scaled_mm(x.device, recipe)
@@ -206,12 +211,16 @@ def float8_linear(x: Tensor, w: Tensor, recipe: str = "tensorwise", *, emulate: 
 
 
 def float8_applies(name: str, shape: tuple[int, ...], filter: tuple[str, ...] = ("output",)) -> bool:
-    """Whether the matrix `name` (full name, e.g. layers.3.attention.wq) of `shape` runs in fp8.
-    A filter entry skips every name it matches as whole dotted parts: "output", "wo",
+    """Whether the matrix `name` (full name, e.g. layers.3.attention.wq) of `shape` runs in fp8:
+    2-D, dims multiples of 16, and not `filtered`."""
+    return len(shape) == 2 and fits_fp8_gemm(*shape) and not filtered(name, filter)
+
+
+def filtered(name: str, filter: tuple[str, ...] = ("output",)) -> bool:
+    """Whether a filter entry names the weight `name`, matching whole dotted parts: "output", "wo",
     "attention.wk", "layers.0". The output projection is filtered by default: the logits feed a
     softmax over the vocabulary and are the layer most sensitive to precision."""
-    skipped = any(f".{entry}." in f".{name}." for entry in filter)
-    return len(shape) == 2 and fits_fp8_gemm(*shape) and not skipped
+    return any(f".{entry}." in f".{name}." for entry in filter)
 
 
 LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # what the model passes to ops.linear
@@ -224,17 +233,63 @@ def float8_all_gather_applies(name: str, shape: tuple[int, ...], filter: tuple[s
     return name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS and float8_applies(name, shape, filter)
 
 
+class HighPrecisionWeight(torch.Tensor):
+    """A weight that float8_linear multiplies in its own dtype (a filtered one). To autograd and to
+    every op it is the weight it wraps (`weight`); float8_linear only checks its type.
+    A type rather than an attribute on the tensor, because the attribute would not survive a
+    backward recompute: activation checkpointing detaches the block's inputs, and under FSDP the
+    recompute gets fresh views of a re-gathered buffer. A detach here keeps the type, and FSDP's
+    saved-tensor hooks take the subclass apart and rebuild it (`__tensor_flatten__`), as they do
+    for Float8Weight."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results of torch ops are plain tensors
+
+    @staticmethod
+    def __new__(cls, weight: Tensor):
+        t = torch.Tensor._make_wrapper_subclass(cls, weight.shape, strides=weight.stride(), dtype=weight.dtype,
+                                                device=weight.device)
+        t.weight = weight
+        return t
+
+    def __repr__(self):
+        return f"HighPrecisionWeight({self.weight!r})"
+
+    def __tensor_flatten__(self):
+        return ["weight"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta, outer_size, outer_stride):
+        return HighPrecisionWeight(inner["weight"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return HighPrecisionWeight(func(args[0].weight))
+        args, kwargs = tree_map_only(HighPrecisionWeight, lambda t: t.weight, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
+class KeepHighPrecision(torch.autograd.Function):
+    """w -> HighPrecisionWeight(w), differentiable: the gradient passes through to w."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor):
+        return HighPrecisionWeight(w.detach())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad
+
+
 def float8_gather(gather, filter: tuple[str, ...] = ("output",)):
-    """Wrap Ops.gather so the weights that stay in high precision carry `keep_high_precision`,
-    the one thing float8_linear(x, w) can see of a weight's name."""
-    def gather_marking(params, unit: str):
+    """Wrap Ops.gather so that each weight `filter` names reaches the linear as a HighPrecisionWeight:
+    the gather is the one place that knows a weight's full name, float8_linear(x, w) sees only w."""
+    def gather_keeping_filtered(params, unit: str):
         p = gather(params, unit)
         prefix = unit.rsplit(".", 1)[0] + "." if unit.startswith("layers.") else ""
-        for local, t in p.items():
-            if t.dim() == 2 and not float8_applies(prefix + local, tuple(t.shape), filter):
-                t.keep_high_precision = True
-        return p
-    return gather_marking
+        return {local: KeepHighPrecision.apply(t) if t.dim() == 2 and filtered(prefix + local, filter) else t
+                for local, t in p.items()}
+    return gather_keeping_filtered
 
 
 def float8_ops(ops, recipe: str = "tensorwise", filter: tuple[str, ...] = ("output",),

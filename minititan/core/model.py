@@ -149,10 +149,49 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+IGNORE_INDEX = -100  # a label that adds nothing to the loss, as in F.cross_entropy
+LOSS_CHUNK_TOKENS = 2048
+
+
 def cross_entropy_sum(h: Tensor, w_out: Tensor, labels: Tensor, linear=F.linear) -> Tensor:
-    """Summed token cross-entropy of logits = h @ w_out.T, computed in fp32."""
-    logits = linear(h, w_out)
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="sum")
+    """Summed token cross-entropy of logits = h @ w_out.T, computed in fp32 without ever holding fp32
+    logits for the whole batch. Compiled, inductor fuses the upcast into the log-softmax reduction;
+    eager, CrossEntropyGradInForward works through chunks of tokens."""
+    logits, labels = linear(h, w_out).flatten(0, -2), labels.flatten()
+    if torch.compiler.is_compiling():
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return CrossEntropyGradInForward.apply(logits, labels)
+    acc = torch.promote_types(logits.dtype, torch.float32)  # no backward (validation): just the chunks' losses
+    return sum(F.cross_entropy(lg.to(acc), lb, ignore_index=IGNORE_INDEX, reduction="sum")
+               for lg, lb in zip(logits.split(LOSS_CHUNK_TOKENS), labels.split(LOSS_CHUNK_TOKENS)))
+
+
+class CrossEntropyGradInForward(torch.autograd.Function):
+    """The gradient of a summed cross-entropy is softmax(logits) - one_hot(label), known as soon as the
+    softmax is. So the forward computes it chunk by chunk (fp32 for one chunk of tokens at a time:
+    1 GiB at 8B's 128K vocabulary, instead of three 4 GiB tensors for a 8192-token sequence) and keeps
+    it in the logits' dtype; the backward only scales it. Eager, this moves about half the bytes of
+    F.cross_entropy on upcast logits and needs no recompute."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        grad, total = torch.empty_like(logits), logits.new_zeros((), dtype=acc)
+        for lo in range(0, labels.numel(), LOSS_CHUNK_TOKENS):
+            rows = slice(lo, lo + LOSS_CHUNK_TOKENS)
+            label, kept = labels[rows].clamp_min(0)[:, None], (labels[rows] != IGNORE_INDEX)[:, None]
+            logp = F.log_softmax(logits[rows], dim=-1, dtype=acc)
+            total -= logp.gather(1, label).mul_(kept).sum()
+            probs = logp.exp_().scatter_add_(1, label, -kept.to(acc))  # softmax - one_hot(label)
+            torch.mul(probs, kept, out=grad[rows])  # ignored tokens: no gradient
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None
 
 
 def identity(x: Tensor) -> Tensor:
@@ -190,20 +229,28 @@ def default_ops(cfg: Model) -> Ops:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    """x / rms(x) * weight. torch's fused kernel accumulates in fp32 whatever x's dtype; eager it is
+    one kernel where the spelled-out formula is six (benchmarks/single_gpu.md, eager rows)."""
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
 
 
 def rope_frequencies(cfg: Model) -> Tensor:
-    """Per-pair rotation speeds, with Llama 3.1's scaling of the low frequencies if enabled."""
-    return _rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.rope_scaling).clone()
+    """Per-pair rotation speeds, with Llama 3's scaling of the low frequencies if enabled."""
+    return _rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, _llama3_scaling(cfg)).clone()
+
+
+def _llama3_scaling(cfg: Model) -> tuple[float, float, float, int] | None:
+    """(factor, low_freq_factor, high_freq_factor, original context), or None: hashable, for the cache."""
+    if not cfg.rope_scaling:
+        return None
+    return cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context
 
 
 @functools.lru_cache
-def _rope_frequencies(hd: int, theta: float, scaling: bool) -> Tensor:
+def _rope_frequencies(hd: int, theta: float, scaling: tuple[float, float, float, int] | None) -> Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    if scaling:  # Llama 3.1: factor 8, low 1, high 4, original context 8192
-        factor, low, high, old_len = 8.0, 1.0, 4.0, 8192
+    if scaling:  # Llama 3: wavelengths longer than the pre-training context slow down by factor, short ones
+        factor, low, high, old_len = scaling  # stay, and the band between blends the two (3.1: 8, 1, 4, 8192)
         wavelen = 2 * math.pi / freqs
         smooth = ((old_len / wavelen) - low) / (high - low)
         scaled = torch.where(wavelen > old_len / low, freqs / factor, freqs)
@@ -213,19 +260,18 @@ def _rope_frequencies(hd: int, theta: float, scaling: bool) -> Tensor:
     return freqs
 
 
-def rope_table(cfg: Model, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin for each position and pair: two [seq, head_dim/2] fp32 tensors."""
-    freqs = _rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.rope_scaling)
+def rope_table(cfg: Model, positions: Tensor) -> Tensor:
+    """e^(i * angle) for each position and pair: a [seq, head_dim/2] complex64 tensor."""
+    freqs = _rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, _llama3_scaling(cfg))
     angles = positions.to(torch.float64)[:, None] * freqs.to(positions.device, non_blocking=True)[None, :]
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate consecutive pairs (x0, x1) of each head by the position's angle (Meta's layout)."""
-    cos, sin = rope[0][:, None, :], rope[1][:, None, :]  # [s, 1, d/2] against x [b, s, h, d]
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x0, x1) of each head by the position's angle (Meta's layout):
+    read each pair as the complex number x0 + i x1 and multiply, one kernel in eager mode."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope[:, None, :]).flatten(-2).type_as(x)  # rope [s, 1, d/2]
 
 
 def attention_block(p: Params, x: Tensor, rope, eps: float, head_dim: int, ops: Ops) -> Tensor:

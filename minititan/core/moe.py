@@ -14,7 +14,9 @@
 * Balancing, two ways, neither of which needs the forward to return anything but x:
     - aux loss (aux_loss_coef > 0): DeepSeek-V3's sequence-wise balance loss. Its gradient is
       injected in the backward of the layer output (`_SideGradients`), so it works unchanged
-      under activation checkpointing, pipeline stages and torch.compile.
+      under activation checkpointing, pipeline stages and torch.compile. When a sequence is
+      split over ranks (context parallel, sequence parallel) its statistics are summed over
+      those ranks first (`sequence_group`), so the loss is that of the whole sequence.
     - expert bias (bias_update_rate > 0): the bias is not learned by gradient descent. Its
       .grad slot instead receives the number of tokens routed to each expert, so the loads are
       summed over micro-batches and data-parallel ranks by the same reduction as every other
@@ -29,6 +31,7 @@ import functools
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -87,19 +90,53 @@ def tokens_per_expert(chosen: Tensor, n_experts: int) -> Tensor:
     return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def sequence_balance_loss(scores: Tensor, chosen: Tensor, cfg: Model) -> Tensor:
+def sequence_balance_loss(scores: Tensor, chosen: Tensor, cfg: Model,
+                          sequence_group: dist.ProcessGroup | None = None) -> Tensor:
     """DeepSeek-V3's sequence-wise balance loss, one value per sequence: [batch].
 
         sum_e f_e * P_e,   f_e = E / (k S) * (tokens of the sequence sent to e)   (1 when balanced)
                            P_e = mean over the sequence of the normalized score of e
     It is 1 for a perfectly balanced router and grows toward E as routing collapses. Per sequence
-    (not per batch) so its value does not depend on how sequences are split over ranks."""
+    (not per batch) so its value does not depend on how sequences are split over ranks.
+
+    sequence_group: the ranks that each hold an equal part of these sequences (cp, and tp under
+    sequence parallel), or None. The token counts and score sums are summed over it before they
+    are divided by the whole S, so every rank of the group gets the whole sequence's loss."""
     b, s, E = scores.shape
     probs = scores / scores.sum(-1, keepdim=True)  # a no-op for softmax; sigmoid scores don't sum to 1
     counts = torch.zeros(b, E, device=scores.device).scatter_add_(
         1, chosen.reshape(b, -1), torch.ones(b, s * cfg.top_k, device=scores.device))
+    stats = torch.stack([counts, probs.sum(1)])  # [2, b, E]: one collective for both
+    if sequence_group is not None:
+        stats = _SumOverRanks.apply(stats, sequence_group)
+        s *= dist.get_world_size(sequence_group)  # the parts are equal: cp and sp split evenly
+    counts, score_sums = stats.unbind(0)
     f = counts * (E / (cfg.top_k * s))
-    return (f * probs.mean(1)).sum(-1)
+    return (f * score_sums / s).sum(-1)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = sum over ranks of x_r (all-reduce), whose backward is the all-reduce of the gradient.
+
+    Every rank r adds its own term J_r(y) of the same y to the objective, so for every rank q
+    d(sum_r J_r)/d(x_q) = sum_r dJ_r/dy: the sum over ranks of each rank's gradient wrt y. Here
+    J_r is rank r's aux term, weighted by its own tokens (coef * local seq len): the weights add
+    up to the one-process coef * S over the group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    x = x.clone(memory_format=torch.contiguous_format)  # never reduce in place into a tensor autograd holds
+    dist.all_reduce(x, group=group)
+    return x
 
 
 # ---------------------------------------------------------------- the experts
@@ -188,7 +225,8 @@ def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
 
 def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
                      run_experts: Callable[[Tensor, Tensor, Experts], Tensor] = run_experts,
-                     aux_loss_scale: float = 1.0, aux_log: list | None = None) -> Tensor:
+                     aux_loss_scale: float = 1.0, aux_log: list | None = None,
+                     sequence_group: dist.ProcessGroup | None = None) -> Tensor:
     """x + MoE(RMSNorm(x)), x [batch, seq, dim]; p has the layer-relative names (moe.router, ...).
 
     run_experts(x_sorted, counts, experts) computes the experts; expert parallelism replaces it.
@@ -198,7 +236,11 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
       is coef * (mean over sequences of the balance loss) per MoE layer.
     aux_log: if given, each call appends its mean balance loss (detached, on the device) for
       the metrics. Activation checkpointing recomputes and appends it again; the mean over the
-      list is unchanged by that."""
+      list is unchanged by that.
+    sequence_group: the ranks holding the other parts of x's sequences (cp, and tp under sequence
+      parallel), or None if x holds whole sequences. Every token is routed where it is; only the
+      balance statistics are summed over the group (see sequence_balance_loss). Each rank counts
+      the aux loss with its own seq len, so the group's terms add up to coef * S per sequence."""
     from minititan.core.model import rms_norm
     b, s, d = x.shape
     h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
@@ -221,10 +263,11 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
 
     aux_sum = None
     if cfg.aux_loss_coef > 0 or aux_log is not None:
-        balance = sequence_balance_loss(scores, chosen, cfg)
+        needs_grad = cfg.aux_loss_coef > 0  # logging only: no backward through the group's sum
+        balance = sequence_balance_loss(scores if needs_grad else scores.detach(), chosen, cfg, sequence_group)
         if aux_log is not None:
             aux_log.append(balance.detach().mean())
-        if cfg.aux_loss_coef > 0:
+        if needs_grad:
             aux_sum = cfg.aux_loss_coef * s * balance.sum()
     out = _SideGradients.apply(out, p["moe.expert_bias"], counts, aux_sum, aux_loss_scale)
     return x + out

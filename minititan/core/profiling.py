@@ -77,7 +77,9 @@ class StepProfiler:
                 self.peak = peak
                 torch.cuda.memory._dump_snapshot(str(self.folder / f"memory_snapshot_rank{self.rank}.pickle"))
 
+    @property
+    def oom_snapshot_path(self) -> Path:
+        return self.folder / f"memory_snapshot_oom_rank{self.rank}.pickle"
+
     def _on_out_of_memory(self, device, alloc, device_alloc, device_free) -> None:
-        path = self.folder / f"memory_snapshot_oom_rank{self.rank}.pickle"
-        torch.cuda.memory._dump_snapshot(str(path))
-        print(f"out of memory on rank {self.rank}: memory snapshot written to {path}", flush=True)
+        torch.cuda.memory._dump_snapshot(str(self.oom_snapshot_path))
