@@ -2,11 +2,13 @@
 
     python benchmarks/bench.py OUT_DIR "name|-c configs/llama3_8b.toml --model.n_layers=8 ..." ...
     python benchmarks/bench.py OUT_DIR "tt_name|@torchtitan --model.flavor 8B_8L ..."
+    python benchmarks/bench.py OUT_DIR "tt_fsdp|@torchtitan:2 --parallelism.data_parallel_shard_degree 2 ..."
 
 A spec is `name|arguments`: minititan's `train` arguments, or, after `@torchtitan`, torchtitan
-0.2.2's (run through benchmarks/tt_bench.py, which needs the wheels of the torchtitan harness
-installed). Each run trains 30 steps logging every 5; a row is the median over the logged
-windows after step 10 of tokens/s per device and MFU, and the peak memory. Logs: OUT_DIR/<name>.log.
+0.2.2's (benchmarks/tt_bench.py under torchrun on one GPU, or N for `@torchtitan:N`; it needs the
+wheels of the torchtitan harness installed). Each run trains 30 steps logging every 5; a row is the
+median over the logged windows after step 10 of tokens/s per device and MFU, and the peak memory.
+Logs: OUT_DIR/<name>.log.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ TT_COMMON = ["--metrics.log_freq", "5", "--training.steps", "30", "--lr_schedule
 TT_LINE = re.compile(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
 
 
-def run_torchtitan(out: Path, name: str, args: list[str], timeout: int = 420) -> dict:
+def run_torchtitan(out: Path, name: str, args: list[str], nproc: int = 1, timeout: int = 420) -> dict:
     driver = Path(__file__).with_name("tt_bench.py")
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "1", str(driver), *TT_COMMON, *args,
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), str(driver), *TT_COMMON, *args,
            "--job.dump_folder", str(out / f"run_{name}")]
     start = time.time()
     rc = _run_logged(cmd, out / f"{name}.log", timeout)
@@ -55,8 +57,8 @@ def _run_logged(cmd: list[str], log_path: Path, timeout: int):
 
 
 def run(out: Path, name: str, args: list[str], timeout: int = 600) -> dict:
-    if args and args[0] == "@torchtitan":
-        return run_torchtitan(out, name, args[1:])
+    if args and args[0].startswith("@torchtitan"):
+        return run_torchtitan(out, name, args[1:], nproc=int(args[0].partition(":")[2] or 1))
     folder = out / f"run_{name}"
     cmd = [sys.executable, "-m", "minititan.cli", "train", *COMMON, *args, f"--job.dump_folder={folder}"]
     start = time.time()

@@ -4,8 +4,8 @@
 #   OUT=... bash benchmarks/run_multi_gpu.sh longctx              # issue 13: FSDP x CP up to 262,144 tokens
 #   OUT=... bash benchmarks/run_multi_gpu.sh pipeline             # issue 14: 70B width, PP 4 schedules, 3D/4D
 # NPROC (default: all visible GPUs) sets the world; DRY=1 prints the commands only.
-# Not yet run: no multi-GPU machine has been lent to this project. minititan rows only; torchtitan rows
-# come from benchmarks/vs_torchtitan.sh once it grows multi-GPU parts.
+# Not yet run: no machine of 4 or 8 GPUs has been lent to this project. minititan rows only; the
+# two-GPU side-by-side parts are in benchmarks/vs_torchtitan.sh (fsdp2_*, cp2, pp2_*).
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

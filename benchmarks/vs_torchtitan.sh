@@ -5,9 +5,13 @@
 # torchao==0.17.0 for torchtitan; see benchmarks/README.md) and OUT set to a log folder:
 #   bash benchmarks/vs_torchtitan.sh table1a     # bf16 rows: eager, compile, selective AC + compile
 #   bash benchmarks/vs_torchtitan.sh table1b     # Float8 rows and the 1B / 3B shapes
+# and on two GPUs (nvidia-h200-x2), issue 11's tables 2 and 3:
+#   fsdp2_eager | fsdp2_compile | fsdp2_fp8      Llama 3.1 8B, dp_shard 2, seq 8192, local batch 2, selective AC
+#   cp2                                          8B width x 16 layers, cp 2, seq 65,536, full AC + compile
+#   pp2_1f1b | pp2_interleaved                   8B width x 16 layers, pp 2, batch 8 in micro-batches of 1
 # A table is split in parts so that each part fits one 10-minute command on a lent GPU.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+[ "${DRY:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1 && export PYTHONPATH=/tmp/site:$PWD || { echo "wheel install failed"; exit 1; }
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -16,6 +20,12 @@ OUT=${OUT:-./bench_out}
 M8="-c configs/llama3_8b.toml --model.n_layers=8 --model.rope_scaling=false"
 T8="@torchtitan --model.flavor 8B_8L --training.seq_len 8192"
 b() { echo "--training.global_batch_size=$1 --training.local_batch_size=$1"; }
+# two GPUs: Llama 3.1 8B (full depth, its RoPE scaling) under FSDP; 8B width x 16 layers for CP and PP
+F2="-c configs/llama3_8b.toml --nproc 2 --parallelism.dp_shard=2 --training.local_batch_size=2 --training.global_batch_size=4 --activation_checkpoint.mode=selective"
+TF2="@torchtitan:2 --model.flavor 8B --training.seq_len 8192 --training.local_batch_size 2 --parallelism.data_parallel_shard_degree 2 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op"
+M16="-c configs/llama3_8b.toml --model.n_layers=16 --model.rope_scaling=false"
+P2="$M16 --nproc 2 --parallelism.pp=2 --training.global_batch_size=8 --training.local_batch_size=8 --parallelism.pp_microbatches=8 --activation_checkpoint.mode=selective"
+TP2="@torchtitan:2 --model.flavor 8B_16L --training.seq_len 8192 --training.local_batch_size 8 --parallelism.pipeline_parallel_degree 2 --parallelism.pipeline_parallel_microbatch_size 1 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op --compile.enable"
 case "${1:-table1a}" in
   table1a) rows=(
     "mt_eager_b1|$M8 $(b 1) --activation_checkpoint.mode=none --compile.enable=false"
@@ -32,6 +42,19 @@ case "${1:-table1a}" in
     "mt_fp8tw_compile_b2|$M8 $(b 2) --activation_checkpoint.mode=none --float8.enable=true --float8.recipe=tensorwise"
     "mt_1B_selop_compile_b4|-c configs/llama3_8b.toml --model.dim=2048 --model.n_layers=16 --model.ffn_dim_multiplier=1.5 --model.multiple_of=256 --model.rope_scaling=false $(b 4)"
     "tt_1B_selop_compile_b4|@torchtitan --model.flavor 1B --training.seq_len 8192 --training.local_batch_size 4 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op --compile.enable") ;;
+  fsdp2_eager) rows=("mt_fsdp2_eager|$F2 --compile.enable=false" "tt_fsdp2_eager|$TF2") ;;
+  fsdp2_compile) rows=("mt_fsdp2_compile|$F2" "tt_fsdp2_compile|$TF2 --compile.enable") ;;
+  fsdp2_fp8) rows=(
+    "mt_fsdp2_fp8|$F2 --float8.enable=true --float8.fsdp_all_gather=true --float8.precompute_scale=true"
+    "tt_fsdp2_fp8|$TF2 --compile.enable --model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name tensorwise --quantize.linear.float8.enable_fsdp_float8_all_gather --quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp") ;;
+  cp2) rows=(
+    "mt_cp2_64k|$M16 --nproc 2 --parallelism.cp=2 --training.seq_len=65536 $(b 1) --activation_checkpoint.mode=full"
+    "tt_cp2_64k|@torchtitan:2 --model.flavor 8B_16L --training.seq_len 65536 --training.local_batch_size 1 --parallelism.context_parallel_degree 2 --activation_checkpoint.mode full --compile.enable") ;;
+  pp2_1f1b) rows=("mt_pp2_1f1b|$P2 --parallelism.pp_schedule=1f1b" "tt_pp2_1f1b|$TP2 --parallelism.pipeline_parallel_schedule 1F1B") ;;
+  pp2_interleaved) rows=(
+    "mt_pp2_interleaved|$P2 --parallelism.pp_schedule=interleaved_1f1b"
+    "tt_pp2_interleaved|$TP2 --parallelism.pipeline_parallel_schedule Interleaved1F1B --parallelism.pipeline_parallel_layers_per_stage 4") ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
+if [ "${DRY:-0}" = 1 ]; then printf '%s\n' "${rows[@]}"; exit 0; fi  # DRY=1: print the rows only
 python3 benchmarks/bench.py "$OUT" "${rows[@]}"

@@ -26,7 +26,8 @@ The layout is composed dimension by dimension over the mesh (pp x dp_replicate x
                 (collectives/ring_attention.py)
   dp_replicate  each rank reads its own rows of the global batch
   dp_shard      FSDP: each rank keeps a flat shard of every unit of its tp slices, sharded over
-                (dp_shard, cp) (collectives/fsdp.py); with dp_replicate too it is HSDP
+                (dp_shard, cp), so cp alone shards too, as in torchtitan (collectives/fsdp.py);
+                with dp_replicate too it is HSDP
   ep            (model.name = "moe") folds into dp_shard x cp: each rank keeps E/ep experts of every
                 MoE layer, and tokens travel to their experts by all-to-all (minititan/moe_layout.py)
 Ranks that differ only along the data dims (dp_replicate, cp) hold identical tensors and sum their
@@ -117,18 +118,18 @@ def validate(cfg: Config, mesh: Mesh) -> None:
 
 def composed_layout(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     """dp_replicate x dp_shard x cp x tp. Every rank keeps its tp slice of every tensor: whole, with ranks
-    along the data dims holding the same slices and summing their gradients (DDP over dp_replicate
-    and cp); or, with dp_shard > 1, FSDP-sharded over (dp_shard, cp) (see add_fsdp)."""
+    along the data dims holding the same slices and summing their gradients (DDP over dp_replicate);
+    or, with dp_shard x cp > 1, FSDP-sharded over (dp_shard, cp) (see add_fsdp)."""
     par = cfg.parallelism
     tp, tp_rank = mesh.size("tp"), mesh.local_rank("tp")
     shapes = pipeline.held_shapes(cfg, mesh)  # under pp: only this rank's stages
     tp_boxes = {name: tp_box(name, shape, tp_rank, tp) for name, shape in shapes.items()}
     apart = moe_layout.held_apart(cfg, mesh, shapes)  # MoE: expert_bias (and expert slices under ep) live outside
     tp_boxes = {name: box for name, box in tp_boxes.items() if name not in apart}
-    # The storage step: without dp_shard each rank keeps its local tensor whole. With it, FSDP
+    # The storage step: without dp_shard or cp each rank keeps its local tensor whole. With either, FSDP
     # flat-shards each unit's local tensors over (dp_shard, cp), the Slices get the flat range,
     # and ops.gather all-gathers the unit.
-    fsdp = fsdp_storage(cfg, mesh, device, tp_boxes) if mesh.size("dp_shard") > 1 else None
+    fsdp = fsdp_storage(cfg, mesh, device, tp_boxes) if mesh.size("dp_shard", "cp") > 1 else None
     if fsdp is None:
         params = {name: local_init(cfg, name, box, device).requires_grad_() for name, box in tp_boxes.items()}
         slices = {name: Slice(shape=list(shapes[name]), box=box, owner=is_owner(mesh, name))
@@ -228,7 +229,7 @@ def add_grad_sync(layout: Layout, cfg: Config, mesh: Mesh) -> None:
     layout.finish_grads = finish_grads
 
 
-# ---------------------------------------------------------------- FSDP / HSDP (dp_shard > 1)
+# ---------------------------------------------------------------- FSDP / HSDP (dp_shard x cp > 1)
 
 FSDP_DIMS = ("dp_shard", "cp")  # the shard group; cp ranks hold the same params, so FSDP folds them in (as torchtitan)
 

@@ -74,9 +74,8 @@ def train(cfg: Config) -> list[dict]:
     data = TokenSource(cfg.data.dataset, cfg.model.vocab_size)
     folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
     start = restore(cfg, layout, optimizer, folder)
-    fp8 = cfg.float8.enable
     logger = MetricsLogger(cfg.job.dump_folder, cfg.metrics.jsonl, model.flops_per_token(cfg.model, t.seq_len),
-                           peak_flops(device, fp8), mesh.world_size, t.steps, enabled=mesh.rank == 0)
+                           peak_flops(device, cfg.float8.enable), mesh.world_size, t.steps, enabled=mesh.rank == 0)
     say(f"minititan: {model.num_params(cfg.model):,} params, {mesh}, device {device}, {n_micro} micro-batch(es) "
         f"per step, steps {start + 1}..{t.steps}", mesh.rank)
     stop = StopSignal()
@@ -85,21 +84,10 @@ def train(cfg: Config) -> list[dict]:
     tracer = CommTracer(group_names(mesh._groups, mesh.sizes), device) if cfg.comm.trace else None
     global_tokens = t.global_batch_size * t.seq_len
     rows, timer, since, step = [], Timer(device), 0, start
-    loss_sum = grad_norm = None
     try:
         for step in range(start + 1, t.steps + 1):
             profiler.step_begin(step)
-            inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
-            inputs = rank_rows(inputs, layout.data_rank, layout.data_size).to(device, non_blocking=True)
-            labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
-            loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / global_tokens)
-            layout.after_grads()  # MoE: the expert-bias update reads the reduced loads and clears them
-            grad_norm = clip_and_norm(layout, t.max_norm)
-            lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
-            optimizer.step(lr)
-            layout.after_optimizer_step()  # fp8 all-gather with precompute_scale: next step's weight scales
-            for p in layout.params.values():
-                p.grad = None
+            loss_sum, grad_norm, lr = train_step(cfg, layout, optimizer, data, step, n_micro, device)
             since += 1
             val = validator.run() if validator.due(step) else {}
             timer.start += val.get("val_time_s", 0.0)  # step times leave validation out
@@ -108,8 +96,8 @@ def train(cfg: Config) -> list[dict]:
                 if not math.isfinite(loss):
                     raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint in "
                                     f"{folder} is kept. Lower optimizer.lr or raise lr_scheduler.warmup_steps")
-                rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since, device,
-                                       extra=layout.log_metrics() | val))
+                rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since,
+                                       device, extra=layout.log_metrics() | val))
                 since = 0
             stopping = stop.agreed(step % cfg.metrics.log_freq == 0, device)
             if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
@@ -129,6 +117,25 @@ def train(cfg: Config) -> list[dict]:
         say(tracer.table(), mesh.rank)
         tracer.write(Path(cfg.job.dump_folder) / "comm_trace" / f"rank{mesh.rank}.json")
     return rows
+
+
+def train_step(cfg: Config, layout, optimizer: AdamW, data: TokenSource, step: int, n_micro: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step on this rank's rows of the step's global batch. Returns the rank's loss
+    share and the grad norm as device tensors (read on logging steps only: no host sync here)."""
+    t = cfg.training
+    inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
+    inputs = rank_rows(inputs, layout.data_rank, layout.data_size).to(device, non_blocking=True)
+    labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
+    loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / (t.global_batch_size * t.seq_len))
+    layout.after_grads()  # MoE: the expert-bias update reads the reduced loads and clears them
+    grad_norm = clip_and_norm(layout, t.max_norm)
+    lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
+    optimizer.step(lr)
+    layout.after_optimizer_step()  # fp8 all-gather with precompute_scale: next step's weight scales
+    for p in layout.params.values():
+        p.grad = None
+    return loss_sum, grad_norm, lr
 
 
 def out_of_memory_advice(cfg: Config, step: int, device: torch.device, profiler, rank: int) -> str:

@@ -79,19 +79,20 @@ def test_checkpoint_from_dp_shard_4_resumes_at_dp_shard_2(tmp_path, dp_shard_4, 
     assert_same_params(params, reference[1])
 
 
-def _bytes_per_rank(rank, world):
-    cfg = load_config(None, TINY + [f"parallelism.dp_shard={world}"])
-    layout = parallelize.build(cfg, Mesh(resolve_degrees(world, dp_shard=world), rank), torch.device("cpu"))
+def _bytes_per_rank(rank, world, dim="dp_shard"):
+    cfg = load_config(None, TINY + [f"parallelism.{dim}={world}"])
+    layout = parallelize.build(cfg, Mesh(resolve_degrees(world, **{dim: world}), rank), torch.device("cpu"))
     optimizer = AdamW(layout.params, cfg.optimizer)
     tensors = [*layout.params.values(), *optimizer.exp_avg.values(), *optimizer.exp_avg_sq.values()]
     return sum(t.numel() * t.element_size() for t in tensors), sum(t.numel() for t in layout.params.values())
 
 
-def test_each_rank_holds_a_shard_of_params_and_optimizer_state():
+@pytest.mark.parametrize("dim", ["dp_shard", "cp"])  # cp alone shards too (over its ranks, as torchtitan)
+def test_each_rank_holds_a_shard_of_params_and_optimizer_state(dim):
     world = 2
     cfg = load_config(None, TINY).model
     total, n_params, n_units = model.num_params(cfg), len(model.param_shapes(cfg)), len(model.units(cfg))
-    per_rank = run_ranks(world, _bytes_per_rank)
+    per_rank = run_ranks(world, _bytes_per_rank, dim)
     elements = per_rank[0][1]
     assert all(r == per_rank[0] for r in per_rank)
     assert per_rank[0][0] == 3 * 4 * elements  # fp32 master + AdamW's two fp32 moments

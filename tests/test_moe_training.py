@@ -1,11 +1,13 @@
 """The mixture of experts end to end through the trainer: dp_replicate, dp_shard (FSDP), tp plain
 (MoE replicated over tp), with sequence parallel and async TP (each tp rank routes its slice of the
 sequence), cp (balance statistics summed over each sequence's ranks), expert parallel alone and
-composed with HSDP, pipeline parallel, tp with sequence parallel and cp must reproduce the
+composed with HSDP, pipeline parallel, tp with sequence parallel and cp, and ep = 2 of dp_shard = 4
+(expert FSDP: each expert slice sharded over its 2-rank expert-dp group) must reproduce the
 one-process run (same losses per step, grad norms, expert-load metrics and final parameters, fp32,
-relative difference < 1e-5), with the aux loss and the expert-bias update on. A checkpoint written
-at ep = 4 resumes in one process; `minititan train -c configs/moe_debug.toml` logs the expert
-loads; a layout ep cannot make is refused with the fix.
+relative difference < 1e-5), with the aux loss and the expert-bias update on. Checkpoints written
+at ep = 4 and at dp_shard 4 x ep 2 resume in one process, and the one-process checkpoint resumes at
+dp_shard 4 x ep 2, whose ranks hold half of their expert slice each; `minititan train -c
+configs/moe_debug.toml` logs the expert loads; a layout ep cannot make is refused with the fix.
 
 Starting ranks costs more than training the tiny model, so the runs of one world size share one
 set of ranks, each run in its own folder."""
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import assert_layout_refused, assert_same_losses, assert_same_params, train_runs
+from tests.distributed import run_ranks
+from tests.harness import TINY, assert_layout_refused, assert_same_losses, assert_same_params, train_runs
+from tests.test_checkpoint_layouts import _final_params
 
 MOE = ["model.name=moe", "model.n_experts=4", "model.top_k=2", "model.moe_hidden_dim=64", "model.n_shared_experts=1",
        "model.aux_loss_coef=0.01", "model.bias_update_rate=0.01"]
@@ -35,6 +39,7 @@ TWO_RANKS = {
 }
 FOUR_RANKS = {
     "ep4": ["parallelism.dp_shard=4", "parallelism.ep=4", "checkpoint.interval=3"],
+    "dp_shard4_ep2": ["parallelism.dp_shard=4", "parallelism.ep=2", "checkpoint.interval=3"],  # expert FSDP
     "ep2_hsdp": ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=2"],
     "ep2_pp2": ["parallelism.pp=2", "parallelism.dp_shard=2", "parallelism.ep=2"],
     "tp2_sp_ep2": ["parallelism.dp_shard=2", "parallelism.tp=2", "parallelism.sequence_parallel=true",
@@ -57,8 +62,15 @@ def assert_matches(run, reference, name):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return train_runs(tmp_path_factory.mktemp("reference"), 1, {"one": []}, common=MOE)["one"]
+def reference_run(tmp_path_factory):
+    """The one-process run's folder (checkpoints at steps 3 and 6), its metric rows and final params."""
+    folder = tmp_path_factory.mktemp("reference")
+    return folder / "one", train_runs(folder, 1, {"one": ["checkpoint.interval=3"]}, common=MOE)["one"]
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return reference_run[1]
 
 
 def test_two_rank_layouts(tmp_path, reference):
@@ -70,11 +82,14 @@ def test_four_rank_layouts_and_resume_from_ep_4_in_one_process(tmp_path, referen
     """One test, so that the runs start once however pytest-xdist spreads the tests."""
     for name, run in train_runs(tmp_path, 4, FOUR_RANKS, common=MOE).items():
         assert_matches(run, reference, name)
-    shutil.copytree(tmp_path / "ep4", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000006")
-    rows, params = train_runs(tmp_path, 1, {"resumed": ["checkpoint.interval=3"]}, common=MOE)["resumed"]
-    assert [r["step"] for r in rows] == [4, 5, 6]
-    assert_matches((rows, params), (reference[0][3:], reference[1]), "resumed at ep 1")
+    resumed = {"resumed": "ep4", "resumed_from_dp_shard4_ep2": "dp_shard4_ep2"}
+    for name, saved in resumed.items():
+        shutil.copytree(tmp_path / saved, tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-00000006")
+    runs = train_runs(tmp_path, 1, {name: ["checkpoint.interval=3"] for name in resumed}, common=MOE)
+    for name, (rows, params) in runs.items():
+        assert [r["step"] for r in rows] == [4, 5, 6]
+        assert_matches((rows, params), (reference[0][3:], reference[1]), f"{name} at ep 1")
 
 
 def test_moe_debug_config_logs_expert_loads(tmp_path):
@@ -88,6 +103,42 @@ def test_moe_debug_config_logs_expert_loads(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(1.0 <= row[LOAD] < 8 and math.isfinite(row["moe/balance_loss"]) for row in rows), rows
+
+
+def _expert_shards_then_resume(rank, world, overrides):
+    """The layout's expert storage at these overrides, then the training run they describe."""
+    import torch
+    from minititan import parallelize
+    from minititan.collectives.mesh import Mesh, resolve_degrees
+    from minititan.core.config import load_config
+    from minititan.train import train
+    cfg = load_config(None, overrides)
+    layout = parallelize.build(cfg, Mesh(resolve_degrees(world, dp_shard=cfg.parallelism.dp_shard), rank),
+                               torch.device("cpu"))
+    slices = {name: s for name, (_, s) in layout.chunks(layout.params).items() if ".moe.experts." in name}
+    stored = {name: t.numel() for name, t in layout.params.items() if ".moe.experts" in name}
+    return stored, slices, train(cfg)
+
+
+def test_expert_fsdp_holds_half_a_slice_and_resumes_the_one_process_checkpoint(tmp_path, reference_run):
+    """dp_shard 4 x ep 2: the 2 ranks holding the same 2 experts (an expert-dp group) each keep half
+    of them, as one flat shard per MoE layer; the one-process checkpoint of step 3 resumes there."""
+    folder, reference = reference_run
+    shutil.copytree(folder / "checkpoints" / "step-00000003", tmp_path / "checkpoints" / "step-00000003")
+    overrides = TINY + MOE + ["parallelism.dp_shard=4", "parallelism.ep=2", "checkpoint.interval=3",
+                              f"job.dump_folder={tmp_path}"]
+    results = run_ranks(4, _expert_shards_then_resume, overrides)
+    slice_numel = 2 * 3 * 64 * 64  # 2 of the 4 experts, each w1, w2, w3 of moe_hidden_dim x dim = 64 x 64
+    for stored, slices, _ in results:
+        assert sorted(stored) == ["layers.0.moe.experts", "layers.1.moe.experts"]  # a shard per layer, no w1/w2/w3
+        for layer, numel in stored.items():
+            chunks = [s for name, s in slices.items() if name.startswith(layer + ".")]
+            assert all(s.box[0][1] - s.box[0][0] == 2 for s in chunks)
+            assert sum(s.flat[1] - s.flat[0] for s in chunks) == numel  # its chunks are its shard, no padding
+            assert 2 * numel == slice_numel
+    rows = results[0][2]
+    assert [r["step"] for r in rows] == [4, 5, 6]
+    assert_matches((rows, _final_params(tmp_path)), (reference[0][3:], reference[1]), "one process -> dp_shard4_ep2")
 
 
 @pytest.mark.parametrize("world, overrides, words", [

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Iterator, Mapping
 
@@ -147,6 +148,21 @@ class _SavedSubclass:
 
 
 _DONE = object()
+_resharding_now: list["FSDP"] = []  # the FSDP objects inside resharding(), outermost first
+
+
+def _pack_for_first(fsdps: tuple["FSDP", ...], t: Tensor):
+    """The saved-tensor pack hook: the first FSDP object whose gathered buffer t views saves it."""
+    for fsdp in fsdps:
+        saved = fsdp._pack(t)
+        if saved is not t:
+            return fsdp, saved
+    return None, t
+
+
+def _unpack_by_packer(packed):
+    fsdp, saved = packed
+    return saved if fsdp is None else fsdp._unpack(saved)
 
 
 # ---------------------------------------------------------------- FSDP
@@ -253,15 +269,23 @@ class FSDP:
         """Run a forward in here: a tensor saved for backward that is a view of a unit's gathered
         params is stored as a reference, and backward gathers the unit again to read it. So each
         unit's full params live only while the unit runs, in forward and in backward.
-        Does nothing when reshard_after_forward is False."""
+        Does nothing when reshard_after_forward is False.
+
+        Several FSDP objects (over different groups: the dense layers and the experts, say) nest:
+        inside `with a.resharding(), b.resharding():` views of either's buffers are saved as
+        references. Saved-tensor hooks do not nest (only the innermost pair runs), so the pair
+        installed here asks every FSDP object whose resharding() is open."""
         if not self.reshard_after_forward:
             yield
             return
         was, self._resharding = self._resharding, True
+        _resharding_now.append(self)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            pack = functools.partial(_pack_for_first, tuple(_resharding_now))
+            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_by_packer):
                 yield
         finally:
+            _resharding_now.remove(self)
             self._resharding = was
 
     def _pack(self, t: Tensor):
