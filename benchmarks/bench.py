@@ -7,7 +7,8 @@
 A spec is `name|arguments`: minititan's `train` arguments, or, after `@torchtitan`, torchtitan
 0.2.2's (benchmarks/tt_bench.py under torchrun on one GPU, or N for `@torchtitan:N`; it needs the
 wheels of the torchtitan harness installed). Each run trains 30 steps logging every 5; a row is the
-median over the logged windows after step 10 of tokens/s per device and MFU, and the peak memory.
+median over the logged windows after step 10 of tokens/s per device and MFU, and the peak memory
+(BENCH_STEPS, BENCH_LOG_FREQ and BENCH_AFTER change the 30, 5 and 10).
 Logs: OUT_DIR/<name>.log.
 """
 from __future__ import annotations
@@ -22,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = ["--training.steps=30", "--metrics.log_freq=5", "--checkpoint.enable=false", "--data.dataset=synthetic",
-          "--lr_scheduler.warmup_steps=2"]
-
-
-TT_COMMON = ["--metrics.log_freq", "5", "--training.steps", "30", "--lr_scheduler.warmup_steps", "2"]
+# BENCH_STEPS / BENCH_LOG_FREQ / BENCH_AFTER shorten runs whose steps take many seconds (long context)
+STEPS, LOG_FREQ, AFTER = (int(os.environ.get(f"BENCH_{k}", d)) for k, d in (("STEPS", 30), ("LOG_FREQ", 5), ("AFTER", 10)))
+COMMON = [f"--training.steps={STEPS}", f"--metrics.log_freq={LOG_FREQ}", "--checkpoint.enable=false",
+          "--data.dataset=synthetic", "--lr_scheduler.warmup_steps=2"]
+TT_COMMON = ["--metrics.log_freq", str(LOG_FREQ), "--training.steps", str(STEPS), "--lr_scheduler.warmup_steps", "2"]
 TT_LINE = re.compile(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
 
 
@@ -38,7 +39,7 @@ def run_torchtitan(out: Path, name: str, args: list[str], nproc: int = 1, timeou
     rc = _run_logged(cmd, out / f"{name}.log", timeout)
     text = re.sub(r"\x1b\[[0-9;]*m", "", (out / f"{name}.log").read_text())
     rows = [(int(s), float(m), float(t.replace(",", "")), float(u)) for s, m, t, u in TT_LINE.findall(text)]
-    late = [r for r in rows if r[0] > 10]
+    late = [r for r in rows if r[0] > AFTER]
     row = {"name": name, "rc": rc, "wall_s": round(time.time() - start)}
     if late:
         row |= {"tokens_per_sec": statistics.median(r[2] for r in late), "mfu": statistics.median(r[3] for r in late),
@@ -66,7 +67,7 @@ def run(out: Path, name: str, args: list[str], timeout: int = 600) -> dict:
     rows = []
     if (folder / "metrics.jsonl").is_file():
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    late = [r for r in rows if r["step"] > 10]
+    late = [r for r in rows if r["step"] > AFTER]
     row = {"name": name, "rc": rc, "wall_s": round(time.time() - start)}
     if late:
         row |= {"tokens_per_sec": statistics.median(r["tokens_per_sec_per_device"] for r in late),

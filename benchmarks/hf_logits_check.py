@@ -2,7 +2,7 @@
 
     python benchmarks/hf_logits_check.py
 
-For each case (Llama 3.1 RoPE scaling on/off, tied/untied embeddings, one file/shards) it builds a tiny
+For each case (no RoPE scaling, Llama 3.1's factor 8, Llama 3.2's factor 32; tied/untied embeddings; one file/shards) it builds a tiny
 random LlamaForCausalLM, saves it with save_pretrained, converts it with hf_to_minititan and compares
 minititan's fp32 logits with transformers'. Then it converts back with minititan_to_hf, reloads that with
 from_pretrained (no missing or unexpected keys allowed) and checks it gives transformers' logits again.
@@ -27,16 +27,17 @@ from minititan.core import model
 from minititan.generate import load_for_inference
 
 TOLERANCE = 1e-4
-LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
+def llama3_scaling(factor: float) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
 
 
-def tiny_llama(folder: Path, scaling: bool, tied: bool) -> LlamaForCausalLM:
+def tiny_llama(folder: Path, scaling: float | None, tied: bool) -> LlamaForCausalLM:
     """A random tiny Llama 3, configured through a legacy-style config.json as Hub checkpoints are."""
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
               "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
-              "rope_scaling": LLAMA31_SCALING if scaling else None, "tie_word_embeddings": tied,
+              "rope_scaling": llama3_scaling(scaling) if scaling else None, "tie_word_embeddings": tied,
               "max_position_embeddings": 131072 if scaling else 2048, "torch_dtype": "float32"}
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
@@ -48,7 +49,7 @@ def tiny_llama(folder: Path, scaling: bool, tied: bool) -> LlamaForCausalLM:
     return hf
 
 
-def check(tmp: Path, scaling: bool, tied: bool, sharded: bool) -> bool:
+def check(tmp: Path, scaling: float | None, tied: bool, sharded: bool) -> bool:
     name = f"scaling={scaling} tied={tied} sharded={sharded}"
     hf = tiny_llama(tmp / "config", scaling, tied)
     hf.save_pretrained(tmp / "hf", **({"max_shard_size": "200KB"} if sharded else {}))
@@ -73,7 +74,7 @@ def check(tmp: Path, scaling: bool, tied: bool, sharded: bool) -> bool:
 def main() -> int:
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     results = []
-    cases = [(False, False, False), (True, False, True), (False, True, False), (True, True, True)]
+    cases = [(None, False, False), (8.0, False, True), (None, True, False), (32.0, True, True)]
     for scaling, tied, sharded in cases:
         with tempfile.TemporaryDirectory() as tmp:
             results.append(check(Path(tmp), scaling, tied, sharded))
