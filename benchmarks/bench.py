@@ -8,7 +8,9 @@ A spec is `name|arguments`: minititan's `train` arguments, or, after `@torchtita
 0.2.2's (benchmarks/tt_bench.py under torchrun on one GPU, or N for `@torchtitan:N`; it needs the
 wheels of the torchtitan harness installed). Each run trains 30 steps logging every 5; a row is the
 median over the logged windows after step 10 of tokens/s per device and MFU, and the peak memory
-(BENCH_STEPS, BENCH_LOG_FREQ and BENCH_AFTER change the 30, 5 and 10).
+(BENCH_STEPS, BENCH_LOG_FREQ and BENCH_AFTER change the 30, 5 and 10). minititan rows also show step
+1's gradient norm: the same weights and data in every row, so a row far from the others computed
+something else (it caught the Float8 backward of benchmarks/float8.md).
 Logs: OUT_DIR/<name>.log.
 """
 from __future__ import annotations
@@ -72,7 +74,8 @@ def run(out: Path, name: str, args: list[str], timeout: int = 600) -> dict:
     if late:
         row |= {"tokens_per_sec": statistics.median(r["tokens_per_sec_per_device"] for r in late),
                 "mfu": statistics.median(r["mfu"] or 0 for r in late),
-                "mem_gib": max(r["mem_peak_gib"] for r in rows), "loss": rows[-1]["loss"]}
+                "mem_gib": max(r["mem_peak_gib"] for r in rows), "loss": rows[-1]["loss"],
+                "gnorm_step1": rows[0]["grad_norm"]}  # same weights and data in every row: a sanity check
     return row
 
 
@@ -85,10 +88,11 @@ def main():
         results.append(run(out, name, shlex.split(args)))
         print(json.dumps(results[-1]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n| run | tokens/s/GPU | MFU | peak mem GiB | wall s | rc |\n|---|---:|---:|---:|---:|---|")
+    print(f"\n| run | tokens/s/GPU | MFU | peak mem GiB | step-1 grad norm | wall s | rc |\n"
+          f"|---|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['name']} | {r.get('tokens_per_sec', 0):,.0f} | {r.get('mfu', 0):.1f}% | "
-              f"{r.get('mem_gib', 0):.1f} | {r['wall_s']} | {r['rc']} |")
+              f"{r.get('mem_gib', 0):.1f} | {r.get('gnorm_step1', float('nan')):.3f} | {r['wall_s']} | {r['rc']} |")
 
 
 if __name__ == "__main__":
