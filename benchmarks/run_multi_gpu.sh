@@ -12,13 +12,7 @@
 # NPROC (default: all visible GPUs) sets the world; DRY=1 prints the rows only. Not yet run: no machine
 # of 4 or 8 GPUs has been lent to this project.
 set -u
-if [ "${DRY:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-./bench_out}
+source benchmarks/gpu_env.sh
 N=${NPROC:-$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 8)}
 B8="-c configs/llama3_8b.toml --nproc $N"
 TT8="@torchtitan:$N --model.flavor 8B"

@@ -3,12 +3,7 @@
 #   OUT=/path/to/logs bash benchmarks/run_single_gpu.sh
 # Needs msgspec (carry its wheel in .whl/, as the device README explains). About 8 minutes on an H100.
 set -u
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-OUT=${OUT:-./bench_out}
+source benchmarks/gpu_env.sh
 M8="-c configs/llama3_8b.toml --model.n_layers=8 --model.rope_scaling=false"
 b() { echo "--training.global_batch_size=$1 --training.local_batch_size=$1"; }
 rows=()

@@ -11,11 +11,7 @@
 #   pp2_1f1b | pp2_interleaved                   8B width x 16 layers, pp 2, batch 8 in micro-batches of 1
 # A table is split in parts so that each part fits one 10-minute command on a lent GPU.
 set -u
-[ "${DRY:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >/dev/null 2>&1 && export PYTHONPATH=/tmp/site:$PWD || { echo "wheel install failed"; exit 1; }
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-./bench_out}
+source benchmarks/gpu_env.sh
 # 8B width x 8 layers, seq 8192: ours through configs/llama3_8b.toml, theirs through the 8B_8L flavor
 M8="-c configs/llama3_8b.toml --model.n_layers=8 --model.rope_scaling=false"
 T8="@torchtitan --model.flavor 8B_8L --training.seq_len 8192"
