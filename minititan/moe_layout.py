@@ -146,7 +146,8 @@ def add_moe(layout, cfg: Config, mesh: Mesh, device: torch.device, shapes: dict[
     ep_group, expert_dp_group, replicate_group = expert_groups(cfg, mesh) if ep > 1 else (None, None, None)
     sharded = {name: box for name, box in apart.items() if expert_dp_group is not None and ep_lib.is_expert_param(name)}
     whole = {name: box for name, box in apart.items() if name not in sharded}
-    held = {name: local_init(cfg, name, box, device).requires_grad_() for name, box in whole.items()}
+    seed = cfg.training.seed
+    held = {name: model.init_box(cfg.model, seed, name, box, device).requires_grad_() for name, box in whole.items()}
     slices = {name: Slice(shape=list(shapes[name]), box=box, owner=is_apart_owner(mesh, name))
               for name, box in whole.items()}
     experts = expert_fsdp(cfg, device, sharded, expert_dp_group, replicate_group) if sharded else None
@@ -193,12 +194,6 @@ def new_groups(rank_lists: list[list[int]], mesh: Mesh) -> dist.ProcessGroup:
     return mine
 
 
-def local_init(cfg: Config, name: str, box: list[list[int]], device: torch.device) -> Tensor:
-    """The fp32 master of this rank's box of one tensor; init is per name, so one full tensor at a time."""
-    full = model.init(cfg.model, cfg.training.seed, device, names=[name])[name]
-    return full[tuple(slice(a, b) for a, b in box)].clone()
-
-
 def expert_fsdp(cfg: Config, device: torch.device, boxes: dict[str, list[list[int]]],
                 expert_dp_group: dist.ProcessGroup, replicate_group: dist.ProcessGroup | None) -> FSDP:
     """FSDP over this rank's expert slices, one unit per MoE layer (layers.{i}.moe.experts, its
@@ -213,7 +208,7 @@ def expert_fsdp(cfg: Config, device: torch.device, boxes: dict[str, list[list[in
                    reduce_dtype=getattr(torch, t.reduce_dtype),
                    reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward)
     for names in units.values():
-        experts.load_full({name: local_init(cfg, name, boxes[name], device) for name in names})
+        experts.load_full({n: model.init_box(cfg.model, cfg.training.seed, n, boxes[n], device) for n in names})
     return experts
 
 

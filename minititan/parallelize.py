@@ -131,7 +131,9 @@ def composed_layout(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     # and ops.gather all-gathers the unit.
     fsdp = fsdp_storage(cfg, mesh, device, tp_boxes) if mesh.size("dp_shard", "cp") > 1 else None
     if fsdp is None:
-        params = {name: local_init(cfg, name, box, device).requires_grad_() for name, box in tp_boxes.items()}
+        seed = cfg.training.seed
+        params = {name: model.init_box(cfg.model, seed, name, box, device).requires_grad_()
+                  for name, box in tp_boxes.items()}
         slices = {name: Slice(shape=list(shapes[name]), box=box, owner=is_owner(mesh, name))
                   for name, box in tp_boxes.items()}
 
@@ -174,12 +176,6 @@ def tp_box(name: str, shape: tuple[int, ...], tp_rank: int, tp: int) -> list[lis
         n = shape[dim] // tp
         box[dim] = [tp_rank * n, (tp_rank + 1) * n]
     return box
-
-
-def local_init(cfg: Config, name: str, box: list[list[int]], device: torch.device) -> Tensor:
-    """The fp32 master of this rank's box of one tensor; init is per name, so one full tensor at a time."""
-    full = model.init(cfg.model, cfg.training.seed, device, names=[name])[name]
-    return full[tuple(slice(a, b) for a, b in box)].clone(memory_format=torch.contiguous_format)
 
 
 def is_owner(mesh: Mesh, name: str, sharded_over: tuple[str, ...] = ()) -> bool:
@@ -248,7 +244,7 @@ def fsdp_storage(cfg: Config, mesh: Mesh, device: torch.device, tp_boxes: dict[s
                 param_dtype=DTYPES[t.param_dtype], reduce_dtype=DTYPES[t.reduce_dtype],
                 reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward)
     for names in units.values():
-        fsdp.load_full({name: local_init(cfg, name, tp_boxes[name], device) for name in names})
+        fsdp.load_full({n: model.init_box(cfg.model, cfg.training.seed, n, tp_boxes[n], device) for n in names})
     return fsdp
 
 

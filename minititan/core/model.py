@@ -104,6 +104,13 @@ def init(cfg: Model, seed: int, device: str | torch.device = "cpu", dtype=torch.
     return out
 
 
+def init_box(cfg: Model, seed: int, name: str, box: list[list[int]], device) -> Tensor:
+    """The fp32 [start, stop) box (per dim) of one tensor's init: a rank's slice of it, built one
+    full tensor at a time, so its values do not depend on the layout."""
+    full = init(cfg, seed, device, names=[name])[name]
+    return full[tuple(slice(a, b) for a, b in box)].clone(memory_format=torch.contiguous_format)
+
+
 def init_param(cfg: Model, name: str, shape, seed: int, device, dtype) -> Tensor:
     gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     t = torch.empty(shape, device=device, dtype=torch.float32)
