@@ -17,9 +17,9 @@ from minititan.core.data import TokenSource
 from minititan.train import forward_backward, setup
 
 SHAPE = ["model.dim=4096", "model.n_layers=2", "model.n_heads=32", "model.n_kv_heads=8", "model.ffn_dim_multiplier=1.3",
-         "model.multiple_of=1024", "model.vocab_size=128256", "training.seq_len=2048", "training.global_batch_size=1",
-         "training.local_batch_size=1", "data.dataset=synthetic", "checkpoint.enable=false",
-         "activation_checkpoint.mode=none"]
+         "model.multiple_of=1024", "model.vocab_size=128256", "model.max_seq_len=2048", "training.seq_len=2048",
+         "training.param_dtype=bfloat16", "training.global_batch_size=1", "training.local_batch_size=1",
+         "data.dataset=synthetic", "checkpoint.enable=false", "activation_checkpoint.mode=none"]
 RUNS = {f"{recipe} {mode}": [f"float8.enable={recipe != 'bf16'}", f"compile.enable={mode == 'compile'}"]
         + ([f"float8.recipe={recipe}"] if recipe != "bf16" else [])
         for recipe in ("bf16", "tensorwise", "rowwise") for mode in ("eager", "compile")}

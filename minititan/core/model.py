@@ -146,8 +146,9 @@ _CUDA_ATTENTION_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d]; kv heads are shared by hq/hkv queries.
     On CUDA cuDNN's kernel goes first: on an H100 it ran the 8B shapes 1.75x faster than flash
-    (benchmarks/single_gpu.md); flash and memory-efficient stay as fallbacks."""
-    if q.is_cuda:
+    (benchmarks/single_gpu.md); flash and memory-efficient stay as fallbacks. Those three take 16-bit
+    inputs only (memory-efficient takes fp32 but not shared kv heads): fp32 goes the CPU's way."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         with sdpa_kernel(_CUDA_ATTENTION_ORDER, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     if k.shape[1] != q.shape[1]:
