@@ -5,8 +5,8 @@ file builds that function from the config:
   mode = "none"       keep every activation for backward;
   mode = "full"       keep only each block's input, recompute the block in backward;
   mode = "selective"  with selective = "op": keep the outputs of matmuls and attention (the
-                      expensive ops) and recompute only the cheap element-wise ones (norms,
-                      SiLU, RoPE, casts); with selective = N (an integer): checkpoint fully every
+                      expensive ops) and Float8's amaxes, and recompute only the cheap
+                      element-wise ones (norms, SiLU, RoPE, casts); with selective = N (an integer): checkpoint fully every
                       N-th transformer block and keep everything in the others.
 compile wraps each block function with torch.compile (one compiled graph serves all layers,
 since every layer's params reach the function under the same relative names).
@@ -27,6 +27,10 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    # Float8's amaxes (a scalar, or one per row): kept, the recompute casts with them instead of
+    # reading the weight and the activation once more to reduce them again. torchtitan's policy
+    # keeps aten.max, its spelling of the same reduction, for the same reason.
+    torch.ops.aten.amax.default,
 }
 
 
