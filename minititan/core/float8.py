@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +269,11 @@ class HighPrecisionWeight(torch.Tensor):
             return HighPrecisionWeight(func(args[0].weight))
         args, kwargs = tree_map_only(HighPrecisionWeight, lambda t: t.weight, (args, kwargs or {}))
         return func(*args, **kwargs)
+
+
+# Compile's cache asks traceable subclasses for a hash of their metadata and otherwise hashes what
+# __tensor_flatten__ gives (the wrapped weight): exactly this subclass's metadata, so say nothing.
+warnings.filterwarnings("ignore", message="HighPrecisionWeight does not implement _stable_hash_for_caching")
 
 
 class KeepHighPrecision(torch.autograd.Function):
