@@ -26,7 +26,7 @@ CASES = {
 def step_grads(overrides: list[str]) -> dict[str, torch.Tensor]:
     torch._dynamo.reset()
     cfg = load_config(None, TINY + ["training.global_batch_size=2", "checkpoint.enable=false"] + overrides)
-    device, _, layout = setup(cfg)
+    _, _, layout = setup(cfg)
     t = cfg.training
     inputs, labels = TokenSource(cfg.data.dataset, cfg.model.vocab_size).batch(t.seed, 0, t.local_batch_size, t.seq_len)
     forward_backward(cfg, layout, inputs, labels, 1, 1.0 / (t.local_batch_size * t.seq_len))

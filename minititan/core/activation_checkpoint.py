@@ -6,8 +6,9 @@ file builds that function from the config:
   mode = "full"       keep only each block's input, recompute the block in backward;
   mode = "selective"  with selective = "op": keep the outputs of matmuls and attention (the
                       expensive ops) and Float8's amaxes, and recompute only the cheap
-                      element-wise ones (norms, SiLU, RoPE, casts); with selective = N (an integer): checkpoint fully every
-                      N-th transformer block and keep everything in the others.
+                      element-wise ones (norms, SiLU, RoPE, casts); with selective = N (an
+                      integer): checkpoint fully every N-th transformer block and keep
+                      everything in the others.
 compile wraps each block function with torch.compile (one compiled graph serves all layers,
 since every layer's params reach the function under the same relative names).
 """
