@@ -8,9 +8,10 @@ A spec is `name|arguments`: minititan's `train` arguments, or, after `@torchtita
 0.2.2's (benchmarks/tt_bench.py under torchrun on one GPU, or N for `@torchtitan:N`; it needs the
 wheels of the torchtitan harness installed). Each run trains 30 steps logging every 5; a row is the
 median over the logged windows after step 10 of tokens/s per device and MFU, and the peak memory
-(BENCH_STEPS, BENCH_LOG_FREQ and BENCH_AFTER change the 30, 5 and 10). minititan rows also show step
-1's gradient norm: the same weights and data in every row, so a row far from the others computed
-something else (it caught the Float8 backward of benchmarks/float8.md).
+(BENCH_STEPS, BENCH_LOG_FREQ and BENCH_AFTER change the 30, 5 and 10; BENCH_TIMEOUT the 600 s a run
+may take). minititan rows also show step 1's gradient norm: the same weights and data in every row,
+so a row far from the others computed something else (it caught the Float8 backward of
+benchmarks/float8.md).
 Logs: OUT_DIR/<name>.log.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,14 +28,15 @@ import time
 from pathlib import Path
 
 # BENCH_STEPS / BENCH_LOG_FREQ / BENCH_AFTER shorten runs whose steps take many seconds (long context)
-STEPS, LOG_FREQ, AFTER = (int(os.environ.get(f"BENCH_{k}", d)) for k, d in (("STEPS", 30), ("LOG_FREQ", 5), ("AFTER", 10)))
+STEPS, LOG_FREQ, AFTER, TIMEOUT = (int(os.environ.get(f"BENCH_{k}", d)) for k, d in
+                                    (("STEPS", 30), ("LOG_FREQ", 5), ("AFTER", 10), ("TIMEOUT", 600)))
 COMMON = [f"--training.steps={STEPS}", f"--metrics.log_freq={LOG_FREQ}", "--checkpoint.enable=false",
           "--data.dataset=synthetic", "--lr_scheduler.warmup_steps=2"]
 TT_COMMON = ["--metrics.log_freq", str(LOG_FREQ), "--training.steps", str(STEPS), "--lr_scheduler.warmup_steps", "2"]
 TT_LINE = re.compile(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%")
 
 
-def run_torchtitan(out: Path, name: str, args: list[str], nproc: int = 1, timeout: int = 420) -> dict:
+def run_torchtitan(out: Path, name: str, args: list[str], nproc: int = 1, timeout: int = min(TIMEOUT, 420)) -> dict:
     driver = Path(__file__).with_name("tt_bench.py")
     cmd = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), str(driver), *TT_COMMON, *args,
            "--job.dump_folder", str(out / f"run_{name}")]
@@ -53,13 +56,20 @@ def _run_logged(cmd: list[str], log_path: Path, timeout: int):
     with open(log_path, "w") as log:
         log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # SIGTERM first: torch's elastic launcher then stops its workers (which a kill would orphan)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
             return "timeout"
 
 
-def run(out: Path, name: str, args: list[str], timeout: int = 600) -> dict:
+def run(out: Path, name: str, args: list[str], timeout: int = TIMEOUT) -> dict:
     if args and args[0].startswith("@torchtitan"):
         return run_torchtitan(out, name, args[1:], nproc=int(args[0].partition(":")[2] or 1))
     folder = out / f"run_{name}"

@@ -4,7 +4,8 @@
 # torchtitan==0.2.2 torchdata dill multiprocess tomli tyro docstring-parser typeguard shtab
 # torchao==0.17.0 for torchtitan; see benchmarks/README.md) and OUT set to a log folder:
 #   bash benchmarks/vs_torchtitan.sh table1a     # bf16 rows: eager, compile, selective AC + compile
-#   bash benchmarks/vs_torchtitan.sh table1b     # Float8 rows and the 1B / 3B shapes
+#   bash benchmarks/vs_torchtitan.sh table1b     # Float8 rows (and our bf16 batch 2, for the ratio)
+#   bash benchmarks/vs_torchtitan.sh table1c     # the 1B shape
 # and on two GPUs (nvidia-h200-x2), issue 11's tables 2 and 3:
 #   fsdp2_eager | fsdp2_compile | fsdp2_fp8      Llama 3.1 8B, dp_shard 2, seq 8192, local batch 2, selective AC
 #   cp2                                          8B width x 16 layers, cp 2, seq 65,536, full AC + compile
@@ -22,7 +23,8 @@ TF2="@torchtitan:2 --model.flavor 8B --training.seq_len 8192 --training.local_ba
 M16="-c configs/llama3_8b.toml --model.n_layers=16 --model.rope_scaling=false"
 P2="$M16 --nproc 2 --parallelism.pp=2 --training.global_batch_size=8 --training.local_batch_size=8 --parallelism.pp_microbatches=8 --activation_checkpoint.mode=selective"
 TP2="@torchtitan:2 --model.flavor 8B_16L --training.seq_len 8192 --training.local_batch_size 8 --parallelism.pipeline_parallel_degree 2 --parallelism.pipeline_parallel_microbatch_size 1 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op --compile.enable"
-case "${1:-table1a}" in
+rows_of() {
+case "$1" in
   table1a) rows=(
     "mt_eager_b1|$M8 $(b 1) --activation_checkpoint.mode=none --compile.enable=false"
     "tt_eager_b1|$T8 --training.local_batch_size 1 --activation_checkpoint.mode none"
@@ -36,6 +38,9 @@ case "${1:-table1a}" in
     "tt_fp8tw_compile_b1|$T8 --training.local_batch_size 1 --activation_checkpoint.mode none --compile.enable --model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name tensorwise"
     "mt_fp8rw_compile_b1|$M8 $(b 1) --activation_checkpoint.mode=none --float8.enable=true --float8.recipe=rowwise"
     "mt_fp8tw_compile_b2|$M8 $(b 2) --activation_checkpoint.mode=none --float8.enable=true --float8.recipe=tensorwise"
+    "mt_fp8rw_compile_b2|$M8 $(b 2) --activation_checkpoint.mode=none --float8.enable=true --float8.recipe=rowwise"
+    "mt_compile_b2|$M8 $(b 2) --activation_checkpoint.mode=none") ;;  # bf16 in the same call, for the Float8 ratio
+  table1c) rows=(
     "mt_1B_selop_compile_b4|-c configs/llama3_8b.toml --model.dim=2048 --model.n_layers=16 --model.ffn_dim_multiplier=1.5 --model.multiple_of=256 --model.rope_scaling=false $(b 4)"
     "tt_1B_selop_compile_b4|@torchtitan --model.flavor 1B --training.seq_len 8192 --training.local_batch_size 4 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op --compile.enable") ;;
   fsdp2_eager) rows=("mt_fsdp2_eager|$F2 --compile.enable=false" "tt_fsdp2_eager|$TF2") ;;
@@ -52,5 +57,15 @@ case "${1:-table1a}" in
     "tt_pp2_interleaved|$TP2 --parallelism.pipeline_parallel_schedule Interleaved1F1B --parallelism.pipeline_parallel_layers_per_stage 4") ;;
   *) echo "unknown part $1"; exit 2 ;;
 esac
+}
+# several parts run in one call: `vs_torchtitan.sh table1a table1b`; ONLY="name name ..." keeps those rows
+# (in the order given), e.g. the rows one lease has time for
+all=()
+for part in "${@:-table1a}"; do rows_of "$part" || exit 2; all+=("${rows[@]}"); done
+if [ -n "${ONLY:-}" ]; then
+  rows=(); for name in $ONLY; do for r in "${all[@]}"; do [ "${r%%|*}" = "$name" ] && rows+=("$r") && break; done; done
+else
+  rows=("${all[@]}")
+fi
 if [ "${DRY:-0}" = 1 ]; then printf '%s\n' "${rows[@]}"; exit 0; fi  # DRY=1: print the rows only
 python3 benchmarks/bench.py "$OUT" "${rows[@]}"

@@ -77,14 +77,13 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from minititan.collectives import expert_parallel as ep_lib
 from minititan.collectives.data_parallel import GradAllReducer
 from minititan.collectives.fsdp import FSDP
 from minititan.collectives.mesh import Mesh
-from minititan.core import model, moe
+from minititan.core import mixed_precision, model, moe
 from minititan.core.checkpoint import Slice
 from minititan.core.config import Config, UserError
 
@@ -279,12 +278,12 @@ def moe_op(cfg: Config, run_experts, aux_log: list[Tensor], sequence_group: dist
     """ops.moe: the MoE layer scaled like the trainer's loss, its balance statistics summed over the
     sequence group, logging its balance loss in training forwards (not in validation's).
     local_linear (async TP): the layout's linear defers a plain tensor's matmul to the out_of_tp
-    that follows it; the MoE layer has no out_of_tp, so its shared experts use F.linear."""
+    that follows it; the MoE layer has no out_of_tp, so its shared experts use the plain one."""
     scale = 1.0 / (cfg.training.global_batch_size * cfg.training.seq_len)
 
     def moe_layer(p, x, model_cfg, ops):
         if local_linear:
-            ops = dataclasses.replace(ops, linear=F.linear)
+            ops = dataclasses.replace(ops, linear=mixed_precision.linear)
         return moe.moe_feed_forward(p, x, model_cfg, ops, run_experts=run_experts, aux_loss_scale=scale,
                                     aux_log=aux_log if torch.is_grad_enabled() else None,
                                     sequence_group=sequence_group)

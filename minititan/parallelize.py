@@ -51,7 +51,7 @@ from minititan.collectives.data_parallel import GradAllReducer
 from minititan.collectives.fsdp import FSDP
 from minititan.collectives.fsdp_float8 import enable_float8_all_gather
 from minititan.collectives.mesh import Mesh
-from minititan.core import model
+from minititan.core import mixed_precision, model
 from minititan.core.activation_checkpoint import block_runner
 from minititan.core.checkpoint import Slice
 from minititan.core.config import Config, UserError, hidden_dim
@@ -332,10 +332,22 @@ def base_ops(cfg: Config, layers_per_forward: int | None = None) -> model.Ops:
     ops = model.default_ops(cfg.model)
     dtype = DTYPES[cfg.training.param_dtype]
     if dtype != torch.float32:
-        select = ops.gather
-        ops.gather = lambda params, unit: {n: t.to(dtype) for n, t in select(params, unit).items()}
+        ops.gather = cast_gather(ops.gather, dtype, keep_linear_weights=not pipeline.splits_backward(cfg))
+        ops.linear = mixed_precision.linear
     if cfg.compile.enable:  # the loss too: the fp32 upcast and log-softmax fuse into one pass over the logits
         ops.cross_entropy = torch.compile(ops.cross_entropy)
     ac = cfg.activation_checkpoint
     ops.run_block = block_runner(ac.mode, ac.selective, cfg.compile.enable, layers_per_forward or cfg.model.n_layers)
     return ops
+
+
+def cast_gather(select: Callable, dtype: torch.dtype, keep_linear_weights: bool) -> Callable:
+    """ops.gather casting the unit's fp32 masters to the compute dtype, except (keep_linear_weights)
+    the linears' weights: mixed_precision.linear casts those itself so that their gradients come out
+    of the GEMM in fp32. Zero bubble keeps the casts here: it splits the backward at autograd's
+    own matmul nodes (schedules/split_backward.py), and a custom Function's backward cannot be split."""
+    def gather(params, unit):
+        return {n: t if keep_linear_weights and model.is_linear_weight(n, t.shape) else t.to(dtype)
+                for n, t in select(params, unit).items()}
+
+    return gather

@@ -50,6 +50,11 @@ def virtual_stages(cfg: Config) -> int:
     return p.pp_virtual_stages if p.pp_schedule == "interleaved_1f1b" else 1
 
 
+def splits_backward(cfg: Config) -> bool:
+    """Whether the schedule runs each backward in two passes (zero bubble: I now, W later)."""
+    return cfg.parallelism.pp > 1 and cfg.parallelism.pp_schedule == "zero_bubble"
+
+
 def n_microbatches(cfg: Config) -> int:
     """Pipeline microbatches per optimizer micro-batch; 0 = local_batch_size (one sequence each)."""
     return cfg.parallelism.pp_microbatches or cfg.training.local_batch_size

@@ -3,7 +3,7 @@
 A step: read the global batch for this step (a pure function of seed and step), take this
 rank's rows, run forward + backward over its micro-batches (the loss of each is the summed token
 cross-entropy divided by the global token count, so gradients just add up), let the layout finish
-the cross-rank gradient reduction, clip by the global norm, take an AdamW step. Nothing reads a
+the cross-rank gradient reduction, take an AdamW step on the gradients clipped by their global norm. Nothing reads a
 device value on the host except on logging steps.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from minititan.core.config import Config, UserError, config_to_toml
 from minititan.core.data import TokenSource, rank_rows
 from minititan.core.determinism import make_deterministic
 from minititan.core.metrics import MetricsLogger, Timer, peak_flops, say
-from minititan.core.optim import AdamW, clip_grads_, local_sq_norm, lr_at
+from minititan.core.optim import AdamW, clip_coefficient, local_sq_norm, lr_at
 from minititan.core.profiling import StepProfiler
 from minititan.core.validation import Validator
 
@@ -129,9 +129,9 @@ def train_step(cfg: Config, layout, optimizer: AdamW, data: TokenSource, step: i
     labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
     loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / (t.global_batch_size * t.seq_len))
     layout.after_grads()  # MoE: the expert-bias update reads the reduced loads and clears them
-    grad_norm = clip_and_norm(layout, t.max_norm)
+    grad_norm = global_grad_norm(layout)
     lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
-    optimizer.step(lr)
+    optimizer.step(lr, grad_scale=clip_coefficient(grad_norm, t.max_norm))  # clipped as AdamW reads them
     layout.after_optimizer_step()  # fp8 all-gather with precompute_scale: next step's weight scales
     for p in layout.params.values():
         p.grad = None
@@ -169,18 +169,16 @@ def forward_backward(cfg: Config, layout, inputs, labels, n_micro: int, scale: f
     return total
 
 
-def clip_and_norm(layout, max_norm: float) -> torch.Tensor:
-    """Global gradient norm, then clip to max_norm. Each element is counted once over all ranks: by
-    the rank that owns it in a checkpoint (layout.chunks of the grads, per parameter even inside an
+def global_grad_norm(layout) -> torch.Tensor:
+    """The gradient norm over all ranks, as a device scalar. Each element is counted once: by the
+    rank that owns it in a checkpoint (layout.chunks of the grads, per parameter even inside an
     FSDP shard; padding is in no chunk)."""
     grads = {n: p.grad for n, p in layout.params.items() if p.grad is not None}
     owned = [g for g, s in layout.chunks(grads).values() if s.owner]
     sq = local_sq_norm(owned).to(next(iter(layout.params.values())).device)
     if dist.get_world_size() > 1:
         dist.all_reduce(sq)
-    norm = sq.sqrt()
-    clip_grads_(list(grads.values()), norm, max_norm)
-    return norm
+    return sq.sqrt()
 
 
 def global_loss(loss_share: torch.Tensor, layout) -> float:

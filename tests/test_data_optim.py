@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from minititan.core.config import LrScheduler, Optimizer
 from minititan.core.data import ByteTokenizer, TokenSource, rank_rows, tokenize_file
-from minititan.core.optim import AdamW, lr_at
+from minititan.core.optim import AdamW, clip_coefficient, lr_at
 
 
 def test_adamw_matches_torch():
@@ -21,6 +22,28 @@ def test_adamw_matches_torch():
         ref.step()
     for p, r in zip(mine.params.values(), ref_params):
         assert (p - r).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("fused", [False, True])  # the fused kernel (CUDA's, here its CPU twin) clips as it reads
+def test_adamw_clips_like_torch_clip_grad_norm(fused):
+    torch.manual_seed(0)
+    init = {"a": torch.randn(10, 5), "b": torch.randn(7)}
+    mine = AdamW({k: v.clone() for k, v in init.items()}, Optimizer(lr=1e-2), fused=fused)
+    ref_params = [v.clone().requires_grad_() for v in init.values()]
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step in range(10):
+        grads = [torch.randn_like(v) * (0.05 if step % 2 else 3.0) for v in init.values()]  # clipped every other step
+        for p, g in zip(mine.params.values(), grads):
+            p.grad = g.clone()
+        for p, g in zip(ref_params, grads):
+            p.grad = g.clone()
+        norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+        mine.step(1e-2, grad_scale=clip_coefficient(norm, max_norm=1.0))
+        torch.nn.utils.clip_grad_norm_(ref_params, max_norm=1.0)
+        ref.step()
+    for p, r in zip(mine.params.values(), ref_params):
+        assert (p - r).abs().max() < 1e-6
+    assert clip_coefficient(norm, max_norm=0.0) is None  # max_norm <= 0: no clipping
 
 
 def test_lr_schedule():

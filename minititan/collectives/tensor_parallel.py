@@ -444,6 +444,7 @@ def tp_ops(group, sequence_parallel: bool = False, async_tp: bool = False, async
             return SeqShardedInput(x, tp)
 
         def linear(x, w):
+            w = w.to((x.shard if isinstance(x, SeqShardedInput) else x).dtype)  # w may be an fp32 master
             if not isinstance(x, SeqShardedInput):
                 return PendingRowLinear(x, w)
             if x.gathered is None:

@@ -32,8 +32,8 @@ emulation: dequantize both operands to fp32, matmul, cast (see `use_scaled_mm`).
 
 The glue: `float8_ops(ops, recipe)` swaps Ops.linear for `float8_linear` and wraps Ops.gather so
 the weights that stay in high precision (the output projection by default, any name in
-`filter`) reach the linear as a `HighPrecisionWeight`; float8_linear runs F.linear for those, and
-for shapes fp8 cannot take.
+`filter`) reach the linear as a `HighPrecisionWeight`; float8_linear runs them, and shapes fp8
+cannot take, in bf16 (mixed_precision.linear).
 
 FSDP's fp8 all-gather (minititan/collectives/fsdp_float8.py, float8.fsdp_all_gather) casts each
 weight's shards with the scale of the whole weight before gathering; the linear then receives a
@@ -47,9 +47,11 @@ import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map_only
+
+from minititan.core import mixed_precision
+from minititan.core.model import is_linear_weight
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -188,7 +190,9 @@ def fits_fp8_gemm(*dims: int) -> bool:
 def float8_linear(x: Tensor, w: Tensor, recipe: str = "tensorwise", *, emulate: bool | None = None,
                   force_recompute_weight_in_bwd: bool = False) -> Tensor:
     """Ops.linear in fp8: x [..., K] @ w[N, K].T -> [..., N] in x's dtype.
-    Plain F.linear for a HighPrecisionWeight (see `float8_gather`) or a shape fp8 GEMMs cannot take.
+    bf16 (mixed_precision.linear) for a HighPrecisionWeight (see `float8_gather`) or a shape fp8
+    GEMMs cannot take. w may be the fp32 master (no FSDP): it is quantized from fp32 and dw comes
+    back in fp32 from the GEMM, so the weights are never cast to bf16 at all.
     A weight that carries `fp8_data` and `fp8_scale` (FSDP's fp8 all-gather: a Float8Weight of
     collectives/fsdp_float8.py) is multiplied as it is, without another cast.
     emulate=None asks `use_scaled_mm` (a cached probe; pass a bool under torch.compile)."""
@@ -201,7 +205,7 @@ def float8_linear(x: Tensor, w: Tensor, recipe: str = "tensorwise", *, emulate: 
     n, k = w.shape
     m = x.numel() // k
     if isinstance(w, HighPrecisionWeight) or not fits_fp8_gemm(m, k, n):
-        return F.linear(x, w)  # a Float8Weight acts as its dequantized weight here
+        return mixed_precision.linear(x, w)  # a Float8Weight acts as its dequantized weight here
     if emulate is None:
         emulate = not use_scaled_mm(x.device, recipe)
     fp8_weight = (w.fp8_data, w.fp8_scale) if precast else ()
@@ -225,14 +229,11 @@ def filtered(name: str, filter: tuple[str, ...] = ("output",)) -> bool:
     return any(f".{entry}." in f".{name}." for entry in filter)
 
 
-LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # what the model passes to ops.linear
-
-
 def float8_all_gather_applies(name: str, shape: tuple[int, ...], filter: tuple[str, ...] = ("output",)) -> bool:
     """Whether FSDP may all-gather the weight `name` in fp8 (float8.fsdp_all_gather): one that runs
     in fp8 and reaches the matmul through ops.linear (the embedding is a lookup; a MoE router and
     the experts are multiplied by other ops)."""
-    return name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS and float8_applies(name, shape, filter)
+    return is_linear_weight(name, shape) and float8_applies(name, shape, filter)
 
 
 class HighPrecisionWeight(torch.Tensor):

@@ -76,6 +76,15 @@ def unit_of(name: str) -> str:
     return f"layers.{i}.{part}"
 
 
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # the leaf names forward passes to ops.linear
+
+
+def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether forward multiplies `name` through ops.linear (the MoE experts, 3-D, go through a
+    grouped GEMM; the router and the embedding through other ops)."""
+    return len(shape) == 2 and name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS
+
+
 def units(cfg: Model) -> dict[str, list[str]]:
     """Unit name -> its parameter names, in the order the forward runs them."""
     out: dict[str, list[str]] = {}

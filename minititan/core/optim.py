@@ -2,7 +2,8 @@
 
 The optimizer state is keyed by parameter name, so checkpoints save it under stable names and
 a sharded layout simply hands it its local shards. On CUDA the update is one fused kernel
-(`torch._fused_adamw_`); elsewhere `torch._foreach_*` ops, which give the same math.
+(`torch._fused_adamw_`), which also applies the gradient-clipping coefficient as it reads each
+gradient; elsewhere `torch._foreach_*` ops, which give the same math.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from minititan.core.config import LrScheduler, Optimizer
 class AdamW:
     """Decoupled weight decay Adam (Loshchilov & Hutter), matching torch.optim.AdamW."""
 
-    def __init__(self, params: dict[str, Tensor], cfg: Optimizer):
+    def __init__(self, params: dict[str, Tensor], cfg: Optimizer, fused: bool | None = None):
+        """fused: torch's one-kernel update (None: where the params are on CUDA; the CPU has one too)."""
         self.params = params
+        self.fused = fused
         self.betas = tuple(cfg.betas)
         self.eps = cfg.eps
         self.weight_decay = cfg.weight_decay
@@ -28,7 +31,10 @@ class AdamW:
         self._step_on_device = None  # the fused kernel reads the step count from device memory
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, grad_scale: Tensor | None = None) -> None:
+        """One update with every gradient first multiplied by grad_scale (a device scalar: the
+        clipping coefficient of `clip_coefficient`), if given. The fused kernel does that on the
+        fly, which saves the separate pass over the gradients that clipping would be."""
         names = [n for n, p in self.params.items() if p.grad is not None]
         if not names:
             return
@@ -38,13 +44,18 @@ class AdamW:
         m = [self.exp_avg[n] for n in names]
         v = [self.exp_avg_sq[n] for n in names]
         beta1, beta2 = self.betas
-        if p[0].is_cuda:
+        if self.fused if self.fused is not None else p[0].is_cuda:
             if self._step_on_device is None:
                 self._step_on_device = torch.full((), float(self.steps - 1), device=p[0].device)
             self._step_on_device.add_(1)
+            # the kernel divides each gradient by grad_scale (it is meant for unscaling AMP gradients)
+            unscale = None if grad_scale is None else grad_scale.float().reciprocal()
             torch._fused_adamw_(p, g, m, v, [], [self._step_on_device] * len(p), lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
+                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                                grad_scale=unscale)
             return
+        if grad_scale is not None:
+            torch._foreach_mul_(g, grad_scale)
         torch._foreach_mul_(p, 1 - lr * self.weight_decay)
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
@@ -74,12 +85,12 @@ def lr_at(step: int, base_lr: float, total_steps: int, cfg: LrScheduler) -> floa
     return base_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
 
-def clip_grads_(grads: list[Tensor], total_norm: Tensor, max_norm: float) -> None:
-    """Scale grads so their global norm is at most max_norm, without reading the norm on the host."""
-    if max_norm <= 0 or not grads:
-        return
-    scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, scale.to(grads[0].device))
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor | None:
+    """What to multiply the gradients by so that their global norm is at most max_norm (None: no
+    clipping). A device scalar: the host never reads the norm. AdamW.step applies it."""
+    if max_norm <= 0:
+        return None
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 def local_sq_norm(grads: list[Tensor]) -> Tensor:
