@@ -9,7 +9,8 @@ A spec is `name|arguments`: minititan's `train` arguments, or, after `@torchtita
 wheels of the torchtitan harness installed). Each run trains 30 steps logging every 5; a row is the
 median over the logged windows after step 10 of tokens/s per device and MFU, and the peak memory
 (BENCH_STEPS, BENCH_LOG_FREQ and BENCH_AFTER change the 30, 5 and 10; BENCH_TIMEOUT the 600 s a run
-may take). minititan rows also show step 1's gradient norm: the same weights and data in every row,
+may take; BENCH_START_BY = S starts no run later than S seconds after the first, so that a lease's
+command ends in time with the rows it finished). minititan rows also show step 1's gradient norm: the same weights and data in every row,
 so a row far from the others computed something else (it caught the Float8 backward of
 benchmarks/float8.md).
 Logs: OUT_DIR/<name>.log.
@@ -28,8 +29,9 @@ import time
 from pathlib import Path
 
 # BENCH_STEPS / BENCH_LOG_FREQ / BENCH_AFTER shorten runs whose steps take many seconds (long context)
-STEPS, LOG_FREQ, AFTER, TIMEOUT = (int(os.environ.get(f"BENCH_{k}", d)) for k, d in
-                                    (("STEPS", 30), ("LOG_FREQ", 5), ("AFTER", 10), ("TIMEOUT", 600)))
+STEPS, LOG_FREQ, AFTER, TIMEOUT, START_BY = (int(os.environ.get(f"BENCH_{k}", d)) for k, d in
+                                              (("STEPS", 30), ("LOG_FREQ", 5), ("AFTER", 10), ("TIMEOUT", 600),
+                                               ("START_BY", 10**9)))
 COMMON = [f"--training.steps={STEPS}", f"--metrics.log_freq={LOG_FREQ}", "--checkpoint.enable=false",
           "--data.dataset=synthetic", "--lr_scheduler.warmup_steps=2"]
 TT_COMMON = ["--metrics.log_freq", str(LOG_FREQ), "--training.steps", str(STEPS), "--lr_scheduler.warmup_steps", "2"]
@@ -92,10 +94,13 @@ def run(out: Path, name: str, args: list[str], timeout: int = TIMEOUT) -> dict:
 def main():
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, first = [], time.time()
     for spec in sys.argv[2:]:
         name, args = spec.split("|", 1)
-        results.append(run(out, name, shlex.split(args)))
+        if time.time() - first > START_BY:
+            results.append({"name": name, "rc": "not started (BENCH_START_BY)", "wall_s": 0})
+        else:
+            results.append(run(out, name, shlex.split(args)))
         print(json.dumps(results[-1]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\n| run | tokens/s/GPU | MFU | peak mem GiB | step-1 grad norm | wall s | rc |\n"
