@@ -67,8 +67,14 @@ def train(config_path, nproc, overrides):
         launch(nproc, config_path, overrides)
         return
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from minititan.collectives.mesh import close_distributed
     from minititan.train import train as run_training
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except BaseException:
+        close_distributed(clean=False)
+        raise
+    close_distributed()
     if _is_rank0() and cfg.data.tokenizer == "byte" and cfg.data.dataset == "shakespeare" and cfg.checkpoint.enable:
         print_sample(cfg)
 

@@ -43,6 +43,13 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, i
     return dist.get_rank(), dist.get_world_size()
 
 
+def close_distributed(clean: bool = True) -> None:
+    """Destroy the default process group (NCCL warns at exit about one left open). After an error
+    (clean=False) only a lone rank's: the others may be inside a collective a destroy would wait on."""
+    if dist.is_initialized() and (clean or dist.get_world_size() == 1):
+        dist.destroy_process_group()
+
+
 def resolve_degrees(world_size: int, **degrees: int) -> dict[str, int]:
     """Fill the one -1 degree with what is left of the world; check the product."""
     sizes = {d: int(degrees.get(d, 1)) for d in DIMS}
