@@ -224,7 +224,7 @@ def call(fn: Callable, *args):
 class Ops:
     """The operations a forward calls. A parallel layout replaces the ones it changes."""
     gather: Callable = None  # (params, unit) -> the unit's params, relative names      [FSDP]
-    linear: Callable = F.linear  # (x, w) -> x @ w.T                                     [Float8]
+    linear: Callable = F.linear  # (x, w) -> x @ w.T (w: its own dtype or an fp32 master) [bf16, Float8]
     attention: Callable = causal_attention  # (q, k, v) in [b, h, s, d]                  [CP]
     embedding: Callable = F.embedding  # (tokens, weight)                                [TP]
     cross_entropy: Callable = cross_entropy_sum  # (h, w_out, labels, linear) -> sum    [TP]
