@@ -3,8 +3,8 @@
 A step: read the global batch for this step (a pure function of seed and step), take this
 rank's rows, run forward + backward over its micro-batches (the loss of each is the summed token
 cross-entropy divided by the global token count, so gradients just add up), let the layout finish
-the cross-rank gradient reduction, take an AdamW step on the gradients clipped by their global norm. Nothing reads a
-device value on the host except on logging steps.
+the cross-rank gradient reduction, take an AdamW step on the gradients clipped by their global
+norm. Nothing reads a device value on the host except on logging steps.
 """
 from __future__ import annotations
 
