@@ -10,9 +10,9 @@ wheels of the torchtitan harness installed). Each run trains 30 steps logging ev
 median over the logged windows after step 10 of tokens/s per device and MFU, and the peak memory
 (BENCH_STEPS, BENCH_LOG_FREQ and BENCH_AFTER change the 30, 5 and 10; BENCH_TIMEOUT the 600 s a run
 may take; BENCH_START_BY = S starts no run later than S seconds after the first, so that a lease's
-command ends in time with the rows it finished). minititan rows also show step 1's gradient norm: the same weights and data in every row,
-so a row far from the others computed something else (it caught the Float8 backward of
-benchmarks/float8.md).
+command ends in time with the rows it finished). minititan rows also show step 1's gradient norm:
+the same weights and data in every row, so a row far from the others computed something else (it
+caught the Float8 backward of benchmarks/float8.md).
 Logs: OUT_DIR/<name>.log.
 """
 from __future__ import annotations

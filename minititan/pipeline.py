@@ -52,7 +52,7 @@ def virtual_stages(cfg: Config) -> int:
 
 def splits_backward(cfg: Config) -> bool:
     """Whether the schedule runs each backward in two passes (zero bubble: I now, W later)."""
-    return cfg.parallelism.pp > 1 and cfg.parallelism.pp_schedule == "zero_bubble"
+    return cfg.parallelism.pp != 1 and cfg.parallelism.pp_schedule == "zero_bubble"  # pp = -1 may fill the world
 
 
 def n_microbatches(cfg: Config) -> int:

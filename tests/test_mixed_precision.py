@@ -1,15 +1,19 @@
 """mixed_precision.linear: an fp32 master weight in a bf16 matmul, its gradient written in fp32.
-It must compute what casting the weight first (F.linear(x, w.to(bf16))) computes, and a bf16
-training step must give the gradients of the layout that casts every weight in its gather."""
+It must compute what casting the weight first (F.linear(x, w.to(bf16))) computes, a bf16 training
+step must give the gradients of the layout that casts every weight in its gather, and the layouts
+whose ops meet the fp32 masters (async TP's linear, the MoE shared experts under it, DDP) or keep
+the casts (zero bubble) must train in bf16 like one process (within bf16 rounding)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from minititan import parallelize
-from minititan.core import mixed_precision
+from minititan.core import mixed_precision, model
 from minititan.core.config import load_config
 from minititan.core.data import TokenSource
 from minititan.train import forward_backward, setup
-from tests.harness import TINY
+from tests.harness import TINY, assert_same_losses, assert_same_params, train_runs
+from tests.test_moe_training import MOE
 
 
 def test_linear_on_an_fp32_master_equals_the_cast_weights_linear():
@@ -53,3 +57,42 @@ def test_bf16_step_gives_the_cast_in_gather_gradients(monkeypatch):
         assert masters[name].dtype == torch.float32
         err = ((masters[name] - g).norm() / g.norm()).item()
         assert err < 2e-2, f"{name}: {err:.2%} off"  # bf16 rounding of dw, nothing more
+
+
+BF16 = ["training.param_dtype=bfloat16", "training.steps=3"]
+BF16_LAYOUTS = {
+    "dense_dp_replicate2": [],
+    "dense_tp2_async": ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
+    "dense_pp2_zero_bubble": ["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble",
+                              "parallelism.pp_microbatches=2"],
+    "moe_tp2_async": MOE + ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bf16")
+    one = train_runs(folder / "one", 1, {"dense": [], "moe": MOE}, common=BF16)
+    two = train_runs(folder / "two", 2, {name: o + (["parallelism.dp_replicate=2"] if name == "dense_dp_replicate2" else [])
+                                          for name, o in BF16_LAYOUTS.items()}, common=BF16)
+    return one, two
+
+
+@pytest.mark.parametrize("name", BF16_LAYOUTS)
+def test_bf16_layout_matches_one_process_bf16(bf16_runs, name):
+    one, two = bf16_runs
+    ref_rows, ref_params = one[name.split("_", 1)[0]]
+    rows, params = two[name]
+    assert_same_losses(rows, ref_rows, rtol=1e-2)
+    # tp in bf16 ends 1.2e-2 off one process on its smallest weights with every cast in the gather as
+    # well (the code before mixed_precision.linear, measured on torch 2.11 and 2.13): bf16 rounding of
+    # the sums in another order, not the fp32 masters; a wrong or missing gradient is far more
+    assert_same_params(params, ref_params, rtol=2e-2)
+
+
+@pytest.mark.parametrize("schedule, dtype", [("1f1b", torch.float32), ("zero_bubble", torch.bfloat16)])
+def test_zero_bubble_keeps_the_casts_in_the_gather(schedule, dtype):
+    """Zero bubble splits the backward at autograd's own matmul nodes, which a custom Function hides."""
+    cfg = load_config(None, TINY + BF16 + ["parallelism.pp=2", f"parallelism.pp_schedule={schedule}"])
+    got = parallelize.base_ops(cfg).gather(model.init(cfg.model, seed=0), "layers.0.attention")
+    assert got["attention.wq"].dtype == dtype and got["attention_norm"].dtype == torch.bfloat16
