@@ -97,8 +97,9 @@ def test_grouped_mm_matches_loop_with_empty_experts():
 def test_aux_loss_gradient_is_injected():
     """The layer's backward adds aux_loss_scale * d(aux_sum): the same router gradient as adding
     coef * seq_len * (balance loss of each sequence) to the objective by hand."""
-    p, x = layer_params(CFG), torch.randn(2, 8, CFG.dim)
-    grad_out, scale = torch.randn(2, 8, CFG.dim), 0.25
+    gen = torch.Generator().manual_seed(3)
+    p, x = layer_params(CFG), torch.randn(2, 8, CFG.dim, generator=gen)
+    grad_out, scale = torch.randn(2, 8, CFG.dim, generator=gen), 0.25
     y = moe.moe_feed_forward(p, x, CFG, model.default_ops(CFG), aux_loss_scale=scale)
     y.backward(grad_out)
     router_grad = p["moe.router"].grad
@@ -114,7 +115,9 @@ def test_aux_loss_gradient_is_injected():
 
     log = []
     moe.moe_feed_forward(p, x, CFG, model.default_ops(CFG), aux_log=log)
-    assert len(log) == 1 and 1.0 <= log[0] <= CFG.n_experts
+    balance = moe.sequence_balance_loss(scores, chosen, CFG)
+    assert len(log) == 1 and torch.equal(log[0], balance.detach().mean())
+    assert 0 < log[0] <= CFG.n_experts / CFG.top_k
 
 
 def _sequence_part_rank(rank, world, cfg, p, x, grad_out):

@@ -96,7 +96,9 @@ def sequence_balance_loss(scores: Tensor, chosen: Tensor, cfg: Model,
 
         sum_e f_e * P_e,   f_e = E / (k S) * (tokens of the sequence sent to e)   (1 when balanced)
                            P_e = mean over the sequence of the normalized score of e
-    It is 1 for a perfectly balanced router and grows toward E as routing collapses. Per sequence
+    It is 1 when both the routing and the scores are uniform, and grows toward E / k as routing
+    collapses onto k experts. It can dip below 1, e.g. when the expert bias sends tokens to experts
+    the scores rate low. Per sequence
     (not per batch) so its value does not depend on how sequences are split over ranks.
 
     sequence_group: the ranks that each hold an equal part of these sequences (cp, and tp under
