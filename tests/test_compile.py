@@ -45,3 +45,14 @@ def test_compiled_step_gives_the_eager_gradients(case):
     for name, g in eager.items():
         err = ((compiled[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
         assert err < rtol, f"{name}: compiled gradient off by {err:.1%}"
+
+
+def test_compiled_optimizer_trains_like_the_fused_one(tmp_path):
+    """optimizer.implementation = compiled, on FSDP shards with clipping on: the losses and final
+    params of the one-process run with torch's fused kernel."""
+    from tests.harness import assert_same_losses, assert_same_params, train_run
+    reference = train_run(tmp_path, 1, ["training.max_norm=0.5"], name="fused")
+    compiled = train_run(tmp_path, 2, ["training.max_norm=0.5", "parallelism.dp_shard=2",
+                                       "optimizer.implementation=compiled"], name="compiled")
+    assert_same_losses(compiled[0], reference[0])
+    assert_same_params(compiled[1], reference[1])

@@ -6,44 +6,54 @@ from minititan.core.data import ByteTokenizer, TokenSource, rank_rows, tokenize_
 from minititan.core.optim import AdamW, clip_coefficient, lr_at
 
 
-def test_adamw_matches_torch():
-    torch.manual_seed(0)
-    init = {"a": torch.randn(10, 5), "b": torch.randn(7)}
-    mine = AdamW({k: v.clone() for k, v in init.items()}, Optimizer(lr=1e-2))
-    ref_params = [v.clone().requires_grad_() for v in init.values()]
-    ref = torch.optim.AdamW(ref_params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for _ in range(10):
-        grads = [torch.randn_like(v) for v in init.values()]
-        for p, g in zip(mine.params.values(), grads):
-            p.grad = g.clone()
-        for p, g in zip(ref_params, grads):
-            p.grad = g.clone()
-        mine.step(1e-2)
-        ref.step()
-    for p, r in zip(mine.params.values(), ref_params):
-        assert (p - r).abs().max() < 1e-6
+IMPLEMENTATIONS = ["fused", "foreach", "compiled"]  # fused: CUDA's kernel, here its CPU twin
 
 
-@pytest.mark.parametrize("fused", [False, True])  # the fused kernel (CUDA's, here its CPU twin) clips as it reads
-def test_adamw_clips_like_torch_clip_grad_norm(fused):
-    torch.manual_seed(0)
+def _random_grads(params, gen, step):
+    return [torch.randn(p.shape, generator=gen) * (0.05 if step % 2 else 3.0) for p in params]  # clipped every other step
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_adamw_clips_like_torch_clip_grad_norm(implementation):
+    """Each implementation, with the clip coefficient folded in and the lr changing every step,
+    takes torch's clip_grad_norm_ + torch.optim.AdamW steps; without clipping too (grad_scale None)."""
     init = {"a": torch.randn(10, 5), "b": torch.randn(7)}
-    mine = AdamW({k: v.clone() for k, v in init.items()}, Optimizer(lr=1e-2), fused=fused)
-    ref_params = [v.clone().requires_grad_() for v in init.values()]
-    ref = torch.optim.AdamW(ref_params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for step in range(10):
-        grads = [torch.randn_like(v) * (0.05 if step % 2 else 3.0) for v in init.values()]  # clipped every other step
-        for p, g in zip(mine.params.values(), grads):
-            p.grad = g.clone()
-        for p, g in zip(ref_params, grads):
-            p.grad = g.clone()
-        norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
-        mine.step(1e-2, grad_scale=clip_coefficient(norm, max_norm=1.0))
-        torch.nn.utils.clip_grad_norm_(ref_params, max_norm=1.0)
-        ref.step()
-    for p, r in zip(mine.params.values(), ref_params):
-        assert (p - r).abs().max() < 1e-6
+    for max_norm in (1.0, 0.0):
+        mine = AdamW({k: v.clone() for k, v in init.items()}, Optimizer(lr=1e-2, implementation=implementation))
+        ref_params = [v.clone().requires_grad_() for v in init.values()]
+        ref = torch.optim.AdamW(ref_params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(10):
+            grads = _random_grads(ref_params, gen, step)
+            for p, g in zip(mine.params.values(), grads):
+                p.grad = g.clone()
+            for p, g in zip(ref_params, grads):
+                p.grad = g.clone()
+            norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+            lr = 1e-2 * (step + 1) / 10
+            mine.step(lr, grad_scale=clip_coefficient(norm, max_norm))
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(ref_params, max_norm)
+            for group in ref.param_groups:
+                group["lr"] = lr
+            ref.step()
+        for p, r in zip(mine.params.values(), ref_params):
+            assert (p - r).abs().max() < 1e-6, implementation
     assert clip_coefficient(norm, max_norm=0.0) is None  # max_norm <= 0: no clipping
+
+
+def test_compiled_adamw_compiles_once():
+    """lr, the step count and the clip coefficient reach the compiled update as device scalars:
+    new values every step are no recompile."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    mine = AdamW({"a": torch.randn(10, 5), "b": torch.randn(7)}, Optimizer(implementation="compiled"))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        for p, g in zip(mine.params.values(), _random_grads(mine.params.values(), gen, step)):
+            p.grad = g
+        mine.step(1e-3 * (step + 1), grad_scale=None if step == 2 else torch.tensor(0.5 + step))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_lr_schedule():

@@ -6,7 +6,8 @@ composed with HSDP, pipeline parallel, tp with sequence parallel and cp, and ep 
 one-process run (same losses per step, grad norms, expert-load metrics and final parameters, fp32,
 relative difference < 1e-5), with the aux loss and the expert-bias update on. Checkpoints written
 at ep = 4 and at dp_shard 4 x ep 2 resume in one process, and the one-process checkpoint resumes at
-dp_shard 4 x ep 2, whose ranks hold half of their expert slice each; `minititan train -c
+dp_shard 4 x ep 2, whose ranks hold half of their expert slice each; expert FSDP also composes
+with cp, full AC, FSDP kept gathered, HSDP, tp, sequence parallel and pp (up to 8 ranks); `minititan train -c
 configs/moe_debug.toml` logs the expert loads; a layout ep cannot make is refused with the fix.
 
 Starting ranks costs more than training the tiny model, so the runs of one world size share one
@@ -46,6 +47,22 @@ FOUR_RANKS = {
                    "parallelism.ep=2"],
     "cp2_tp2_sp_ep2": ["parallelism.cp=2", "parallelism.tp=2", "parallelism.sequence_parallel=true",
                        "parallelism.ep=2"],  # each sequence split over 4 ranks (cp x tp)
+}
+EXPERT_FSDP_FOUR_RANKS = {  # ep 2 of an ep-able width of 4: each expert slice sharded over 2 ranks
+    "cp4_ep2": ["parallelism.cp=4", "parallelism.ep=2"],
+    "dp_shard2_cp2_ep2": ["parallelism.dp_shard=2", "parallelism.cp=2", "parallelism.ep=2"],
+    "dp_shard4_ep2_ac_full": ["parallelism.dp_shard=4", "parallelism.ep=2", "activation_checkpoint.mode=full"],
+    "dp_shard4_ep2_keep_gathered": ["parallelism.dp_shard=4", "parallelism.ep=2",
+                                    "parallelism.fsdp_reshard_after_forward=false",
+                                    "parallelism.fsdp_reduce_every_microbatch=false", "training.local_batch_size=1"],
+}
+EXPERT_FSDP_EIGHT_RANKS = {
+    "hsdp2x4_ep2": ["parallelism.dp_replicate=2", "parallelism.dp_shard=4", "parallelism.ep=2",
+                    "training.local_batch_size=1"],
+    "dp_shard4_tp2_ep2": ["parallelism.dp_shard=4", "parallelism.tp=2", "parallelism.ep=2"],
+    "dp_shard2_cp2_tp2_sp_ep2": ["parallelism.dp_shard=2", "parallelism.cp=2", "parallelism.tp=2",
+                                 "parallelism.sequence_parallel=true", "parallelism.ep=2"],
+    "pp2_dp_shard4_ep2": ["parallelism.pp=2", "parallelism.dp_shard=4", "parallelism.ep=2"],
 }
 LOAD = "moe/max_load_over_mean"
 
@@ -90,6 +107,14 @@ def test_four_rank_layouts_and_resume_from_ep_4_in_one_process(tmp_path, referen
     for name, (rows, params) in runs.items():
         assert [r["step"] for r in rows] == [4, 5, 6]
         assert_matches((rows, params), (reference[0][3:], reference[1]), f"{name} at ep 1")
+
+
+def test_expert_fsdp_compositions(tmp_path, reference):
+    """Expert FSDP (ep smaller than the ranks it folds into) under cp, full AC, unsharded-between-
+    micro-batches FSDP, HSDP, plain tp, sequence parallel with cp, and pp."""
+    for world, layouts in ((4, EXPERT_FSDP_FOUR_RANKS), (8, EXPERT_FSDP_EIGHT_RANKS)):
+        for name, run in train_runs(tmp_path, world, layouts, common=MOE).items():
+            assert_matches(run, reference, name)
 
 
 def test_moe_debug_config_logs_expert_loads(tmp_path):

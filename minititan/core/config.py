@@ -77,6 +77,9 @@ class Optimizer(msgspec.Struct, forbid_unknown_fields=True):
     betas: list[float] = msgspec.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
+    # fused: torch's one-kernel update (CUDA; foreach ops elsewhere); compiled: the same math
+    # compiled by inductor, the clip coefficient folded in (no extra pass over the gradients)
+    implementation: Literal["fused", "foreach", "compiled"] = "fused"
 
 
 class LrScheduler(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,7 +138,7 @@ class Compile(msgspec.Struct, forbid_unknown_fields=True):
 class Validation(msgspec.Struct, forbid_unknown_fields=True):
     enable: bool = False
     freq: int = 100  # evaluate every N steps (and at the last step)
-    steps: int = 4  # batches of training.global_batch_size sequences per evaluation (the same batches each time)
+    steps: int = 3  # batches of training.global_batch_size sequences per evaluation (the same batches each time)
     dataset: str = ""  # "" = the held-out split of data.dataset (shakespeare: its last 10%); or a token file
 
 

@@ -1,9 +1,10 @@
 """AdamW over a dict of fp32 master tensors, the learning-rate schedule, and gradient clipping.
 
 The optimizer state is keyed by parameter name, so checkpoints save it under stable names and
-a sharded layout simply hands it its local shards. On CUDA the update is one fused kernel
-(`torch._fused_adamw_`), which also applies the gradient-clipping coefficient as it reads each
-gradient; elsewhere `torch._foreach_*` ops, which give the same math.
+a sharded layout simply hands it its local shards. `optimizer.implementation` picks the update:
+torch's one fused kernel (`torch._fused_adamw_`, CUDA and CPU), which applies the gradient-
+clipping coefficient as it reads each gradient; the same math compiled by inductor, which also
+skips the fused kernel's write-back of the scaled gradient; or `torch._foreach_*` ops.
 """
 from __future__ import annotations
 
@@ -18,23 +19,22 @@ from minititan.core.config import LrScheduler, Optimizer
 class AdamW:
     """Decoupled weight decay Adam (Loshchilov & Hutter), matching torch.optim.AdamW."""
 
-    def __init__(self, params: dict[str, Tensor], cfg: Optimizer, fused: bool | None = None):
-        """fused: torch's one-kernel update (None: where the params are on CUDA; the CPU has one too)."""
+    def __init__(self, params: dict[str, Tensor], cfg: Optimizer):
         self.params = params
-        self.fused = fused
+        self.implementation = cfg.implementation
         self.betas = tuple(cfg.betas)
         self.eps = cfg.eps
         self.weight_decay = cfg.weight_decay
         self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
         self.steps = 0
-        self._step_on_device = None  # the fused kernel reads the step count from device memory
+        self._step_on_device = None  # the fused and compiled updates read the step count from device memory
 
     @torch.no_grad()
     def step(self, lr: float, grad_scale: Tensor | None = None) -> None:
         """One update with every gradient first multiplied by grad_scale (a device scalar: the
-        clipping coefficient of `clip_coefficient`), if given. The fused kernel does that on the
-        fly, which saves the separate pass over the gradients that clipping would be."""
+        clipping coefficient of `clip_coefficient`), if given. The fused and compiled updates do
+        that as they read each gradient, which saves the separate pass that clipping would be."""
         names = [n for n, p in self.params.items() if p.grad is not None]
         if not names:
             return
@@ -43,17 +43,25 @@ class AdamW:
         g = [self.params[n].grad for n in names]
         m = [self.exp_avg[n] for n in names]
         v = [self.exp_avg_sq[n] for n in names]
+        if self.implementation == "foreach":
+            return self._foreach_step(p, g, m, v, lr, grad_scale)
+        if self._step_on_device is None:
+            self._step_on_device = torch.full((), float(self.steps - 1), device=p[0].device)
+        self._step_on_device.add_(1)
         beta1, beta2 = self.betas
-        if self.fused if self.fused is not None else p[0].is_cuda:
-            if self._step_on_device is None:
-                self._step_on_device = torch.full((), float(self.steps - 1), device=p[0].device)
-            self._step_on_device.add_(1)
-            # the kernel divides each gradient by grad_scale (it is meant for unscaling AMP gradients)
-            unscale = None if grad_scale is None else grad_scale.float().reciprocal()
-            torch._fused_adamw_(p, g, m, v, [], [self._step_on_device] * len(p), lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-                                grad_scale=unscale)
-            return
+        if self.implementation == "compiled":
+            scale = torch.ones((), device=p[0].device) if grad_scale is None else grad_scale.float()
+            lr_on_device = torch.full((), lr, device=p[0].device)  # a tensor: a new lr is no recompile
+            return _compiled_adamw(p, g, m, v, lr_on_device, self._step_on_device, scale,
+                                   beta1, beta2, self.weight_decay, self.eps)
+        # the kernel divides each gradient by grad_scale (it is meant for unscaling AMP gradients)
+        unscale = None if grad_scale is None else grad_scale.float().reciprocal()
+        torch._fused_adamw_(p, g, m, v, [], [self._step_on_device] * len(p), lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                            grad_scale=unscale)
+
+    def _foreach_step(self, p, g, m, v, lr: float, grad_scale: Tensor | None) -> None:
+        beta1, beta2 = self.betas
         if grad_scale is not None:
             torch._foreach_mul_(g, grad_scale)
         torch._foreach_mul_(p, 1 - lr * self.weight_decay)
@@ -99,3 +107,20 @@ def local_sq_norm(grads: list[Tensor]) -> Tensor:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2.0)
     return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+
+@torch.compile(fullgraph=True, dynamic=False)
+def _compiled_adamw(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Tensor, step: Tensor,
+                    grad_scale: Tensor, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+    """The AdamW update as inductor sees it: each tensor's ops fuse into one kernel that reads
+    p, g, m, v once and writes p, m, v. The fused CUDA kernel, given a clip coefficient, also writes
+    the scaled gradient back: 4 of its 32 bytes a parameter. lr, step and grad_scale are device
+    scalars, so they change without a recompile and the host never reads them."""
+    bias1 = 1 - beta1 ** step
+    bias2_sqrt = (1 - beta2 ** step).sqrt()
+    for p_, g_, m_, v_ in zip(p, g, m, v):
+        g_ = g_ * grad_scale
+        m_.lerp_(g_, 1 - beta1)
+        v_.mul_(beta2).addcmul_(g_, g_, value=1 - beta2)
+        p_.mul_(1 - lr * weight_decay)
+        p_.sub_(lr / bias1 * m_ / (v_.sqrt() / bias2_sqrt + eps))

@@ -1,0 +1,75 @@
+"""Time one AdamW step with the clip coefficient folded in, per `optimizer.implementation`, on the
+parameter shapes of a model (default: the 8B width x 8 layers benchmark shape, 2.8 B fp32 params).
+
+    python benchmarks/optim_micro.py [n_layers]      # a GPU: 8B width; the CPU: the debug model
+
+Each parameter costs the update at least 28 bytes of memory traffic (read p, g, m, v; write p, m,
+v); torch's fused kernel, given a clip coefficient, also writes the scaled gradient back (32).
+Prints ms per step and the bandwidth that makes, against the device's copy bandwidth measured on
+a tensor of the same total size.
+"""
+import sys
+import time
+
+import torch
+
+from minititan.core import model
+from minititan.core.config import Model, Optimizer
+from minititan.core.optim import AdamW, clip_coefficient, local_sq_norm
+
+cuda = torch.cuda.is_available()
+device = "cuda" if cuda else "cpu"
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def shapes() -> dict[str, tuple[int, ...]]:
+    if not cuda:
+        return model.param_shapes(Model(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256))
+    n_layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+    return model.param_shapes(Model(dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                                    ffn_dim_multiplier=1.3, multiple_of=1024))
+
+
+def timed(fn, repeats: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main():
+    torch.manual_seed(0)
+    params = {n: torch.randn(s, device=device) * 0.02 for n, s in shapes().items()}
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    numel = sum(p.numel() for p in params.values())
+    print(f"{len(params)} tensors, {numel / 1e9:.2f} B fp32 params, {device}, torch {torch.__version__}")
+    src, dst = torch.empty(numel, device=device), torch.empty(numel, device=device)
+    copy_ms = timed(lambda: dst.copy_(src))
+    print(f"  copy bandwidth: {2 * 4 * numel / copy_ms / 1e6:.0f} GB/s ({copy_ms:.2f} ms for 8 B/param)")
+    del src, dst
+    for implementation in ("fused", "compiled", "foreach"):
+        opt = AdamW(params, Optimizer(implementation=implementation))
+        grads = [p.grad for p in params.values()]
+        step = lambda: opt.step(1e-4, grad_scale=clip_coefficient(local_sq_norm(grads).sqrt(), 1.0))
+        compile_s = time.perf_counter()
+        step()
+        sync()
+        compile_s = time.perf_counter() - compile_s
+        ms = timed(step)
+        norm_ms = timed(lambda: local_sq_norm(grads))
+        print(f"  {implementation:9s} {ms:8.2f} ms per step (grad norm included: {norm_ms:.2f} ms of it), "
+              f"update {28 * numel / (ms - norm_ms) / 1e6:.0f} GB/s at 28 B/param; first step {compile_s:.1f} s")
+        del opt
+
+
+if __name__ == "__main__":
+    main()
