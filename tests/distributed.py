@@ -1,5 +1,9 @@
 """Run a function on N gloo ranks in fresh processes and collect what each returns.
 
+Each rank is forked from a server process that imported torch and minititan once (a fresh
+interpreter would import them again for every rank of every test), with the caller's
+environment variables as they are at the call.
+
     results = run_ranks(4, my_fn, arg)   # my_fn(rank, world_size, arg) on every rank
 
 `my_fn` must be importable (defined at module level in a test file). Tensors in the results come
@@ -19,8 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world_size, init_file, fn, args, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+def _worker(rank, world_size, init_file, environ, fn, args, queue):
+    os.environ.clear()  # the caller's environment now, not the one the fork server started with
+    os.environ.update(environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=init_file[1])
     torch.set_num_threads(1)
     try:
@@ -53,7 +58,8 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> list:
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = (os.path.join(tmp, "init"), _free_port())
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue)) for r in range(world_size)]
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, dict(os.environ), fn, args, queue))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         results, errors = [None] * world_size, []
