@@ -58,3 +58,13 @@ def test_shipped_configs_load():
     from minititan.core.config import hidden_dim
     assert hidden_dim(m) == 14336
     assert cfg.training.seq_len == 8192 and cfg.training.local_batch_size == 2
+
+
+@pytest.mark.parametrize("key", ["data.dataset", "validation.dataset"])
+def test_missing_token_file_names_its_key(tmp_path, key):
+    from minititan.core.config import UserError
+    from minititan.core.data import TokenSource
+    from minititan.core.validation import held_out
+    cfg = load_config(None, [f"{key}={tmp_path / 'missing.bin'}"])
+    with pytest.raises(UserError, match=f"^{key} .*minititan tokenize"):
+        held_out(cfg, TokenSource(cfg.data.dataset, cfg.model.vocab_size))

@@ -65,11 +65,12 @@ def shakespeare_text() -> str:
     return gzip.decompress(gz).decode("utf-8")
 
 
-def load_token_file(path: str) -> np.ndarray:
-    """A pre-tokenized file: .npy, or raw .bin of uint16 (uint32 if the name says so)."""
+def load_token_file(path: str, key: str = "data.dataset") -> np.ndarray:
+    """A pre-tokenized file: .npy, or raw .bin of uint16 (uint32 if the name says so). key: the
+    config key that named it, for the error."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"data.dataset {path!r} is neither 'shakespeare', 'synthetic' nor an existing token "
+        raise UserError(f"{key} {path!r} is neither 'shakespeare', 'synthetic' nor an existing token "
                          f"file: make one with `minititan tokenize TEXT_FILE OUT.bin`")
     if p.suffix == ".npy":
         return np.load(p, mmap_mode="r")
@@ -92,15 +93,15 @@ def tokenize_file(text_path: str, out_path: str, tokenizer: str = "byte") -> int
 class TokenSource:
     """Where batches come from: a token array (train and held-out splits) or synthetic tokens."""
 
-    def __init__(self, dataset: str, vocab_size: int):
+    def __init__(self, dataset: str, vocab_size: int, key: str = "data.dataset"):
         self.synthetic = dataset == "synthetic"
         self.vocab_size = vocab_size
         if self.synthetic:
             return
         tokens = (np.frombuffer(shakespeare_text().encode("utf-8"), dtype=np.uint8)
-                  if dataset == "shakespeare" else load_token_file(dataset))
+                  if dataset == "shakespeare" else load_token_file(dataset, key))
         if tokens.size and int(tokens.max()) >= vocab_size:
-            raise UserError(f"data.dataset holds token id {int(tokens.max())} but model.vocab_size is {vocab_size}: "
+            raise UserError(f"{key} holds token id {int(tokens.max())} but model.vocab_size is {vocab_size}: "
                              f"raise model.vocab_size or use the matching tokenizer")
         split = int(len(tokens) * (1 - VALIDATION_FRACTION)) if dataset == "shakespeare" else len(tokens)
         self.train, self.val = tokens[:split], tokens[split:]

@@ -78,7 +78,7 @@ def held_out(cfg: Config, data: TokenSource) -> tuple[TokenSource, str]:
     """The validation token source and which of its splits to read."""
     name = cfg.validation.dataset
     if name and name != cfg.data.dataset:
-        source = TokenSource(name, cfg.model.vocab_size)
+        source = TokenSource(name, cfg.model.vocab_size, key="validation.dataset")
         return source, "val" if name in ("shakespeare", "synthetic") else "train"  # a token file: all of it
     if data.synthetic or len(data.val):
         return data, "val"
