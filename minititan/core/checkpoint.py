@@ -45,6 +45,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, corrupt or of another model."""
 
 
+USE_ANOTHER = ("; move its step folder out of checkpoint.folder to resume from the one before, or set "
+               "checkpoint.load_path to another checkpoint")
+
+
 class Slice(msgspec.Struct):
     """Which part of a full tensor a rank holds."""
     shape: list[int]  # the full (global) shape
@@ -329,14 +333,14 @@ class Checkpoint:
         try:
             self.manifest = msgspec.json.decode(mpath.read_bytes(), type=Manifest)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise CheckpointError(f"{mpath} is corrupt ({e}); use another checkpoint") from None
+            raise CheckpointError(f"{mpath} is corrupt ({e}){USE_ANOTHER}") from None
         for file, size in self.manifest.files.items():
             f = self.path / file
             if not f.is_file():
-                raise CheckpointError(f"checkpoint {self.path} is missing {file}; use another checkpoint")
+                raise CheckpointError(f"checkpoint {self.path} is missing {file}{USE_ANOTHER}")
             if f.stat().st_size != size:
                 raise CheckpointError(f"{f} has {f.stat().st_size} bytes, the manifest says {size}: the file is "
-                                      f"truncated or corrupt; use another checkpoint")
+                                      f"truncated or corrupt{USE_ANOTHER}")
         self._handles = {}
 
     @property
@@ -371,7 +375,7 @@ class Checkpoint:
             out, filled = out.flatten()[want.flat[0]:want.flat[1]], filled.flatten()[want.flat[0]:want.flat[1]]
         if not bool(filled.all()):
             raise CheckpointError(f"checkpoint {self.path} does not cover all of tensor {name!r}: a file is missing "
-                                  f"from it; use another checkpoint")
+                                  f"from it{USE_ANOTHER}")
         return out.to(dtype) if dtype is not None else out
 
     def _chunk_box(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,7 +395,7 @@ class Checkpoint:
             try:
                 self._handles[file] = safe_open(str(self.path / file), framework="pt")
             except Exception as e:  # safetensors reports corruption with its own exception types
-                raise CheckpointError(f"{self.path / file} is corrupt ({e}); use another checkpoint") from None
+                raise CheckpointError(f"{self.path / file} is corrupt ({e}){USE_ANOTHER}") from None
         return self._handles[file]
 
 
