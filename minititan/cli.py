@@ -64,6 +64,8 @@ def train(config_path, nproc, overrides):
     """Train a model. Overrides: --section.key=value."""
     cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
     if nproc and "WORLD_SIZE" not in os.environ:
+        from minititan.train import check_layout
+        check_layout(cfg, nproc)
         launch(nproc, config_path, overrides)
         return
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

@@ -44,16 +44,27 @@ def setup(cfg: Config):
     rank, world = init_distributed(device.type, cfg.comm.timeout_s)
     if cfg.training.deterministic:
         make_deterministic(device, rank)  # before any CUDA work
-    par = cfg.parallelism
-    try:
-        degrees = resolve_degrees(world, pp=par.pp, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
-                                  cp=par.cp, tp=par.tp)
-    except ValueError as e:
-        raise UserError(f"parallelism: {e}") from None
-    mesh = Mesh(degrees, rank, cfg.comm.timeout_s)
+    mesh = Mesh(mesh_sizes(cfg, world), rank, cfg.comm.timeout_s)
     torch.manual_seed(cfg.training.seed)
     layout = parallelize.build(cfg, mesh, device)
     return device, mesh, layout
+
+
+def mesh_sizes(cfg: Config, world: int) -> dict[str, int]:
+    par = cfg.parallelism
+    try:
+        return resolve_degrees(world, pp=par.pp, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
+                               cp=par.cp, tp=par.tp)
+    except ValueError as e:
+        raise UserError(f"parallelism: {e}") from None
+
+
+def check_layout(cfg: Config, world: int) -> None:
+    """Every refusal that needs only the config and the world size, made before any rank starts:
+    the `--nproc` launcher calls it, so that bad input is one line rather than one per rank."""
+    mesh = Mesh(mesh_sizes(cfg, world), rank=0)  # no process groups: they are made on first use
+    parallelize.validate(cfg, mesh)
+    microbatches(cfg, mesh.size("dp_replicate", "dp_shard"))
 
 
 def microbatches(cfg: Config, data_size: int) -> int:

@@ -68,3 +68,11 @@ def test_missing_token_file_names_its_key(tmp_path, key):
     cfg = load_config(None, [f"{key}={tmp_path / 'missing.bin'}"])
     with pytest.raises(UserError, match=f"^{key} .*minititan tokenize"):
         held_out(cfg, TokenSource(cfg.data.dataset, cfg.model.vocab_size))
+
+
+def test_launcher_refuses_a_bad_layout_before_any_rank_starts():
+    """`--nproc` checks the layout against the world it would launch: one line, not one per rank."""
+    r = subprocess.run([sys.executable, "-m", "minititan.cli", "train", "--nproc", "2", "--parallelism.tp=2",
+                        "--model.n_kv_heads=1", "--training.device=cpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "n_kv_heads=1 is not divisible by parallelism.tp=2" in r.stderr
