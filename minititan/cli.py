@@ -85,6 +85,8 @@ def launch(nproc: int, config_path, overrides) -> None:
     """Re-run this command in N processes through torch's elastic launcher (what torchrun is)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+    # the cores shared out among the ranks (torchrun's default is 1 thread each, with a warning)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     args = ["--standalone", "--nproc_per_node", str(nproc), "-m", "minititan.cli", "train"]
     args += ["-c", config_path] if config_path else []
     try:
