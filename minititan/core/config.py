@@ -77,8 +77,8 @@ class Optimizer(msgspec.Struct, forbid_unknown_fields=True):
     betas: list[float] = msgspec.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # fused: torch's one-kernel update (CUDA; foreach ops elsewhere); compiled: the same math
-    # compiled by inductor, the clip coefficient folded in (no extra pass over the gradients)
+    # fused: torch's one-kernel update (CUDA and CPU); compiled: the same math through inductor,
+    # without the fused kernel's write-back of the clipped gradient; foreach: torch._foreach_* ops
     implementation: Literal["fused", "foreach", "compiled"] = "fused"
 
 

@@ -98,8 +98,8 @@ def sequence_balance_loss(scores: Tensor, chosen: Tensor, cfg: Model,
                            P_e = mean over the sequence of the normalized score of e
     It is 1 when both the routing and the scores are uniform, and grows toward E / k as routing
     collapses onto k experts. It can dip below 1, e.g. when the expert bias sends tokens to experts
-    the scores rate low. Per sequence
-    (not per batch) so its value does not depend on how sequences are split over ranks.
+    the scores rate low. Per sequence (not per batch) so its value does not depend on how sequences
+    are split over ranks.
 
     sequence_group: the ranks that each hold an equal part of these sequences (cp, and tp under
     sequence parallel), or None. The token counts and score sums are summed over it before they

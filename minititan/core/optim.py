@@ -8,6 +8,7 @@ skips the fused kernel's write-back of the scaled gradient; or `torch._foreach_*
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,8 +53,8 @@ class AdamW:
         if self.implementation == "compiled":
             scale = torch.ones((), device=p[0].device) if grad_scale is None else grad_scale.float()
             lr_on_device = torch.full((), lr, device=p[0].device)  # a tensor: a new lr is no recompile
-            return _compiled_adamw(p, g, m, v, lr_on_device, self._step_on_device, scale,
-                                   beta1, beta2, self.weight_decay, self.eps)
+            return compiled_adamw()(p, g, m, v, lr_on_device, self._step_on_device, scale,
+                                    beta1, beta2, self.weight_decay, self.eps)
         # the kernel divides each gradient by grad_scale (it is meant for unscaling AMP gradients)
         unscale = None if grad_scale is None else grad_scale.float().reciprocal()
         torch._fused_adamw_(p, g, m, v, [], [self._step_on_device] * len(p), lr=lr, beta1=beta1, beta2=beta2,
@@ -109,8 +110,13 @@ def local_sq_norm(grads: list[Tensor]) -> Tensor:
     return torch.stack([n.float() for n in norms]).pow(2).sum()
 
 
-@torch.compile(fullgraph=True, dynamic=False)
-def _compiled_adamw(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Tensor, step: Tensor,
+@functools.cache
+def compiled_adamw():
+    """Compiled on first use: importing the compiler costs seconds that a run without it need not pay."""
+    return torch.compile(adamw_update, fullgraph=True, dynamic=False)
+
+
+def adamw_update(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Tensor, step: Tensor,
                     grad_scale: Tensor, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
     """The AdamW update as inductor sees it: each tensor's ops fuse into one kernel that reads
     p, g, m, v once and writes p, m, v. The fused CUDA kernel, given a clip coefficient, also writes
