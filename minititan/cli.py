@@ -63,9 +63,9 @@ def main():
 def train(config_path, nproc, overrides):
     """Train a model. Overrides: --section.key=value."""
     cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
-    if nproc and "WORLD_SIZE" not in os.environ:
-        from minititan.train import check_layout
-        check_layout(cfg, nproc)
+    launching = bool(nproc) and "WORLD_SIZE" not in os.environ
+    check_layout_once(cfg, nproc if launching else int(os.environ.get("WORLD_SIZE", "1")))
+    if launching:
         launch(nproc, config_path, overrides)
         return
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -79,6 +79,18 @@ def train(config_path, nproc, overrides):
     close_distributed()
     if _is_rank0() and cfg.data.tokenizer == "byte" and cfg.data.dataset == "shakespeare" and cfg.checkpoint.enable:
         print_sample(cfg)
+
+
+def check_layout_once(cfg, world: int) -> None:
+    """The layout's refusals for this world size, printed once: every rank of a torchrun job
+    would refuse the same config the same way, so the others exit without repeating it."""
+    from minititan.train import check_layout
+    try:
+        check_layout(cfg, world)
+    except UserError:
+        if _is_rank0():
+            raise
+        sys.exit(2)
 
 
 def launch(nproc: int, config_path, overrides) -> None:

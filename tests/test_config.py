@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -70,9 +71,21 @@ def test_missing_token_file_names_its_key(tmp_path, key):
         held_out(cfg, TokenSource(cfg.data.dataset, cfg.model.vocab_size))
 
 
+BAD_TP = ["--parallelism.tp=2", "--model.n_kv_heads=1", "--training.device=cpu"]
+NOT_DIVISIBLE = "model.n_kv_heads=1 is not divisible by parallelism.tp=2"
+
+
 def test_launcher_refuses_a_bad_layout_before_any_rank_starts():
     """`--nproc` checks the layout against the world it would launch: one line, not one per rank."""
-    r = subprocess.run([sys.executable, "-m", "minititan.cli", "train", "--nproc", "2", "--parallelism.tp=2",
-                        "--model.n_kv_heads=1", "--training.device=cpu"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "minititan.cli", "train", "--nproc", "2"] + BAD_TP,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "n_kv_heads=1 is not divisible by parallelism.tp=2" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and NOT_DIVISIBLE in r.stderr
+
+
+def test_torchrun_ranks_print_a_bad_layout_once():
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "minititan.cli", "train"] + BAD_TP, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and NOT_DIVISIBLE in errors[0], r.stderr
