@@ -64,6 +64,9 @@ def train(config_path, nproc, overrides):
     """Train a model. Overrides: --section.key=value."""
     cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
     launching = bool(nproc) and "WORLD_SIZE" not in os.environ
+    if not launching:
+        from minititan.collectives.mesh import adopt_slurm_env
+        adopt_slurm_env()  # srun without torchrun: this process is one of SLURM_NTASKS ranks
     check_layout_once(cfg, nproc if launching else int(os.environ.get("WORLD_SIZE", "1")))
     if launching:
         launch(nproc, config_path, overrides)

@@ -89,3 +89,12 @@ def test_torchrun_ranks_print_a_bad_layout_once():
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 1 and NOT_DIVISIBLE in errors[0], r.stderr
+
+
+@pytest.mark.parametrize("procid, printed", [("0", True), ("1", False)])
+def test_srun_ranks_check_the_layout_against_slurm_ntasks(procid, printed):
+    """srun without torchrun: the world is SLURM_NTASKS (not 1), and only rank 0 prints."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    r = subprocess.run([sys.executable, "-m", "minititan.cli", "train"] + BAD_TP, capture_output=True, text=True,
+                       timeout=120, env=env | {"SLURM_PROCID": procid, "SLURM_NTASKS": "2"})
+    assert r.returncode == 2 and (NOT_DIVISIBLE in r.stderr) == printed and ("error" in r.stderr) == printed, r.stderr

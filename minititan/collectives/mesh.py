@@ -30,9 +30,7 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, i
     backend = "nccl" if device_type == "cuda" else "gloo"
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:  # srun without torchrun
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    adopt_slurm_env()
     timeout = timedelta(seconds=timeout_s)
     if "WORLD_SIZE" in os.environ:
         if device_type == "cuda":
@@ -41,6 +39,13 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, i
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def adopt_slurm_env() -> None:
+    """Under srun without torchrun, name this rank the way env:// expects (RANK, WORLD_SIZE)."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
 
 
 def close_distributed(clean: bool = True) -> None:
