@@ -1,7 +1,7 @@
 """Time one AdamW step with the clip coefficient folded in, per `optimizer.implementation`, on the
 parameter shapes of a model (default: the 8B width x 8 layers benchmark shape, 2.8 B fp32 params).
 
-    python benchmarks/optim_micro.py [n_layers]      # a GPU: 8B width; the CPU: the debug model
+    python benchmarks/optim_micro.py [n_layers]      # a GPU: configs/llama3_8b.toml's shapes; the CPU: the debug model
 
 Each parameter costs the update at least 28 bytes of memory traffic (read p, g, m, v; write p, m,
 v); torch's fused kernel, given a clip coefficient, also writes the scaled gradient back (32).
@@ -15,7 +15,7 @@ import time
 import torch
 
 from minititan.core import model
-from minititan.core.config import Model, Optimizer
+from minititan.core.config import Optimizer, load_config
 from minititan.core.optim import AdamW, clip_coefficient, local_sq_norm
 
 cuda = torch.cuda.is_available()
@@ -29,10 +29,9 @@ def sync():
 
 def shapes() -> dict[str, tuple[int, ...]]:
     if not cuda:
-        return model.param_shapes(Model(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256))
-    n_layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
-    return model.param_shapes(Model(dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=8, vocab_size=128256,
-                                    ffn_dim_multiplier=1.3, multiple_of=1024))
+        return model.param_shapes(load_config().model)
+    n_layers = sys.argv[1] if len(sys.argv) > 1 else "8"
+    return model.param_shapes(load_config("configs/llama3_8b.toml", [f"model.n_layers={n_layers}"]).model)
 
 
 def timed(fn, repeats: int = 10) -> float:

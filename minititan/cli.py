@@ -63,16 +63,14 @@ def main():
 def train(config_path, nproc, overrides):
     """Train a model. Overrides: --section.key=value."""
     cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
-    launching = bool(nproc) and "WORLD_SIZE" not in os.environ
-    if not launching:
-        from minititan.collectives.mesh import adopt_slurm_env
-        adopt_slurm_env()  # srun without torchrun: this process is one of SLURM_NTASKS ranks
-    check_layout_once(cfg, nproc if launching else int(os.environ.get("WORLD_SIZE", "1")))
-    if launching:
+    if nproc and "WORLD_SIZE" not in os.environ:
+        check_layout_once(cfg, nproc)
         launch(nproc, config_path, overrides)
         return
+    from minititan.collectives.mesh import adopt_slurm_env, close_distributed
+    adopt_slurm_env()  # srun without torchrun: this process is one of SLURM_NTASKS ranks
+    check_layout_once(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from minititan.collectives.mesh import close_distributed
     from minititan.train import train as run_training
     try:
         run_training(cfg)

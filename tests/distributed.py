@@ -47,18 +47,15 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-# Ranks fork from a server that has imported torch and minititan once, instead of each fresh
-# process importing them again (seconds per rank on a 2-core CI machine, for every test).
-_CONTEXT = mp.get_context("forkserver")
+_CONTEXT = mp.get_context("forkserver")  # a fresh interpreter per rank: seconds of imports on 2 cores
 _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "minititan.train", "tests.harness"])
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> list:
-    ctx = _CONTEXT
-    queue = ctx.Queue()
+    queue = _CONTEXT.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = (os.path.join(tmp, "init"), _free_port())
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, dict(os.environ), fn, args, queue))
+        procs = [_CONTEXT.Process(target=_worker, args=(r, world_size, init_file, dict(os.environ), fn, args, queue))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -30,6 +30,7 @@ class AdamW:
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
         self.steps = 0
         self._step_on_device = None  # the fused and compiled updates read the step count from device memory
+        self._lr_on_device = self._one_on_device = None  # the compiled one reads lr (and 1, unclipped) there too
 
     @torch.no_grad()
     def step(self, lr: float, grad_scale: Tensor | None = None) -> None:
@@ -51,9 +52,12 @@ class AdamW:
         self._step_on_device.add_(1)
         beta1, beta2 = self.betas
         if self.implementation == "compiled":
-            scale = torch.ones((), device=p[0].device) if grad_scale is None else grad_scale.float()
-            lr_on_device = torch.full((), lr, device=p[0].device)  # a tensor: a new lr is no recompile
-            return compiled_adamw()(p, g, m, v, lr_on_device, self._step_on_device, scale,
+            if self._lr_on_device is None:
+                self._lr_on_device = torch.empty((), device=p[0].device)
+                self._one_on_device = torch.ones((), device=p[0].device)
+            self._lr_on_device.fill_(lr)
+            scale = self._one_on_device if grad_scale is None else grad_scale
+            return compiled_adamw()(p, g, m, v, self._lr_on_device, self._step_on_device, scale,
                                     beta1, beta2, self.weight_decay, self.eps)
         # the kernel divides each gradient by grad_scale (it is meant for unscaling AMP gradients)
         unscale = None if grad_scale is None else grad_scale.float().reciprocal()
@@ -117,7 +121,7 @@ def compiled_adamw():
 
 
 def adamw_update(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Tensor, step: Tensor,
-                    grad_scale: Tensor, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+                 grad_scale: Tensor, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
     """The AdamW update as inductor sees it: each tensor's ops fuse into one kernel that reads
     p, g, m, v once and writes p, m, v. The fused CUDA kernel, given a clip coefficient, also writes
     the scaled gradient back: 4 of its 32 bytes a parameter. lr, step and grad_scale are device
