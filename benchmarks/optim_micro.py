@@ -7,7 +7,8 @@ Each parameter costs the update at least 28 bytes of memory traffic (read p, g, 
 v); torch's fused kernel, given a clip coefficient, also writes the scaled gradient back (32).
 Prints how far the compiled update is from the fused one after 3 steps (on the first layer's
 tensors), then ms per step and the bandwidth that makes, against the device's copy bandwidth
-measured on a tensor of the same total size.
+measured on a tensor of the same total size, and the memory the first step (the compile's, for
+`compiled`) allocates above the parameters, gradients and state.
 """
 import sys
 import time
@@ -78,14 +79,19 @@ def main():
         opt = AdamW(params, Optimizer(implementation=implementation))
         grads = [p.grad for p in params.values()]
         step = lambda: opt.step(1e-4, grad_scale=clip_coefficient(local_sq_norm(grads).sqrt(), 1.0))
+        before = torch.cuda.memory_allocated() if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         compile_s = time.perf_counter()
         step()
         sync()
         compile_s = time.perf_counter() - compile_s
+        extra_gib = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else float("nan")
         ms = timed(step)
         norm_ms = timed(lambda: local_sq_norm(grads))
         print(f"  {implementation:9s} {ms:8.2f} ms per step (grad norm included: {norm_ms:.2f} ms of it), "
-              f"update {28 * numel / (ms - norm_ms) / 1e6:.0f} GB/s at 28 B/param; first step {compile_s:.1f} s")
+              f"update {28 * numel / (ms - norm_ms) / 1e6:.0f} GB/s at 28 B/param; first step {compile_s:.1f} s, "
+              f"{extra_gib:.2f} GiB above the state")
         del opt
 
 

@@ -6,11 +6,9 @@
 #   bash benchmarks/vs_torchtitan.sh table1a     # bf16 rows: eager, compile, selective AC + compile
 #   bash benchmarks/vs_torchtitan.sh table1b     # Float8 rows (and our bf16 batch 2, for the ratio)
 #   bash benchmarks/vs_torchtitan.sh table1c     # the 1B shape
-#   ONLY="$OPTIM_ROWS" bash benchmarks/vs_torchtitan.sh table1a optim
-#       the rows under 1.10x with optimizer.implementation = compiled beside the fused and torchtitan
-#       rows, and validation's cost at its default 3 batches (issue 15); OPTIM_ROWS is
-#       "mt_compile_b1 mt_compile_b1_optc tt_compile_b1 mt_selop_compile_b2 mt_selop_compile_b2_optc
-#        tt_selop_compile_b2 mt_val10_b1"
+#   bash benchmarks/vs_torchtitan.sh table1a optim
+#       with the rows of table1a (whose compiled runs take the compiled optimizer step, the default
+#       there) the same runs on the fused kernel, and validation's cost at 3 batches (issue 15)
 # and on two GPUs (nvidia-h200-x2), issue 11's tables 2 and 3:
 #   fsdp2_eager | fsdp2_compile | fsdp2_fp8      Llama 3.1 8B, dp_shard 2, seq 8192, local batch 2, selective AC
 #   cp2                                          8B width x 16 layers, cp 2, seq 65,536, full AC + compile
@@ -45,9 +43,9 @@ case "$1" in
     "mt_fp8tw_compile_b2|$M8 $(b 2) --activation_checkpoint.mode=none --float8.enable=true --float8.recipe=tensorwise"
     "mt_fp8rw_compile_b2|$M8 $(b 2) --activation_checkpoint.mode=none --float8.enable=true --float8.recipe=rowwise"
     "mt_compile_b2|$M8 $(b 2) --activation_checkpoint.mode=none") ;;  # bf16 in the same call, for the Float8 ratio
-  optim) rows=(  # with table1a's rows under 1.10x beside them: see OPTIM_ROWS below
-    "mt_compile_b1_optc|$M8 $(b 1) --activation_checkpoint.mode=none --optimizer.implementation=compiled"
-    "mt_selop_compile_b2_optc|$M8 $(b 2) --activation_checkpoint.mode=selective --optimizer.implementation=compiled"
+  optim) rows=(  # with table1a's rows beside them
+    "mt_compile_b1_fused|$M8 $(b 1) --activation_checkpoint.mode=none --optimizer.implementation=fused"
+    "mt_selop_compile_b2_fused|$M8 $(b 2) --activation_checkpoint.mode=selective --optimizer.implementation=fused"
     "mt_val10_b1|$M8 $(b 1) --activation_checkpoint.mode=none --validation.enable=true --validation.freq=10") ;;
   table1c) rows=(
     "mt_1B_selop_compile_b4|-c configs/llama3_8b.toml --model.dim=2048 --model.n_layers=16 --model.ffn_dim_multiplier=1.5 --model.multiple_of=256 --model.rope_scaling=false $(b 4)"

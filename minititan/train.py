@@ -81,14 +81,14 @@ def train(cfg: Config) -> list[dict]:
     device, mesh, layout = setup(cfg)
     t = cfg.training
     n_micro = microbatches(cfg, layout.data_size)
-    optimizer = AdamW(layout.params, cfg.optimizer)
+    optimizer = AdamW(layout.params, cfg.optimizer, model_compiled=cfg.compile.enable)
     data = TokenSource(cfg.data.dataset, cfg.model.vocab_size)
     folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
     start = restore(cfg, layout, optimizer, folder)
     logger = MetricsLogger(cfg.job.dump_folder, cfg.metrics.jsonl, model.flops_per_token(cfg.model, t.seq_len),
                            peak_flops(device, cfg.float8.enable), mesh.world_size, t.steps, enabled=mesh.rank == 0)
     say(f"minititan: {model.num_params(cfg.model):,} params, {mesh}, device {device}, {n_micro} micro-batch(es) "
-        f"per step, steps {start + 1}..{t.steps}", mesh.rank)
+        f"per step, AdamW {optimizer.implementation}, steps {start + 1}..{t.steps}", mesh.rank)
     stop = StopSignal()
     validator = Validator(cfg, layout, data, n_micro, device)
     profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, mesh.rank, device, t.steps)

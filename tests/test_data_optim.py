@@ -3,7 +3,7 @@ import torch
 
 from minititan.core.config import LrScheduler, Optimizer
 from minititan.core.data import ByteTokenizer, TokenSource, rank_rows, tokenize_file
-from minititan.core.optim import AdamW, clip_coefficient, lr_at
+from minititan.core.optim import AdamW, clip_coefficient, lr_at, pick_implementation
 
 
 IMPLEMENTATIONS = ["fused", "foreach", "compiled"]  # fused: CUDA's kernel, here its CPU twin
@@ -54,6 +54,15 @@ def test_compiled_adamw_compiles_once():
             p.grad = g
         mine.step(1e-3 * (step + 1), grad_scale=None if step == 2 else torch.tensor(0.5 + step))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_auto_compiles_the_update_only_where_the_model_is_compiled_on_a_gpu():
+    """auto = compiled where it was measured faster (a GPU) and the compiler is paid for anyway."""
+    assert pick_implementation("auto", model_compiled=True, on_gpu=True) == "compiled"
+    assert pick_implementation("auto", model_compiled=False, on_gpu=True) == "fused"
+    assert pick_implementation("auto", model_compiled=True, on_gpu=False) == "fused"
+    assert pick_implementation("foreach", model_compiled=True, on_gpu=True) == "foreach"
+    assert AdamW({"a": torch.zeros(3)}, Optimizer(), model_compiled=True).implementation == "fused"  # the CPU
 
 
 def test_lr_schedule():

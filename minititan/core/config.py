@@ -78,8 +78,9 @@ class Optimizer(msgspec.Struct, forbid_unknown_fields=True):
     eps: float = 1e-8
     weight_decay: float = 0.1
     # fused: torch's one-kernel update (CUDA and CPU); compiled: the same math through inductor,
-    # without the fused kernel's write-back of the clipped gradient; foreach: torch._foreach_* ops
-    implementation: Literal["fused", "foreach", "compiled"] = "fused"
+    # without the fused kernel's write-back of the clipped gradient; foreach: torch._foreach_* ops;
+    # auto: compiled when compile.enable on a GPU (faster there, benchmarks/single_gpu.md), else fused
+    implementation: Literal["auto", "fused", "foreach", "compiled"] = "auto"
 
 
 class LrScheduler(msgspec.Struct, forbid_unknown_fields=True):

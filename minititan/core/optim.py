@@ -20,9 +20,10 @@ from minititan.core.config import LrScheduler, Optimizer
 class AdamW:
     """Decoupled weight decay Adam (Loshchilov & Hutter), matching torch.optim.AdamW."""
 
-    def __init__(self, params: dict[str, Tensor], cfg: Optimizer):
+    def __init__(self, params: dict[str, Tensor], cfg: Optimizer, model_compiled: bool = False):
         self.params = params
-        self.implementation = cfg.implementation
+        on_gpu = any(p.is_cuda for p in params.values())
+        self.implementation = pick_implementation(cfg.implementation, model_compiled, on_gpu)
         self.betas = tuple(cfg.betas)
         self.eps = cfg.eps
         self.weight_decay = cfg.weight_decay
@@ -114,10 +115,21 @@ def local_sq_norm(grads: list[Tensor]) -> Tensor:
     return torch.stack([n.float() for n in norms]).pow(2).sum()
 
 
+def pick_implementation(implementation: str, model_compiled: bool, on_gpu: bool) -> str:
+    """`auto` compiles the update only where the user already pays for the compiler and it wins:
+    on a GPU it runs 22 ms vs the fused kernel's 30 ms on 2.8B parameters; on the CPU its compile takes a minute."""
+    if implementation != "auto":
+        return implementation
+    return "compiled" if model_compiled and on_gpu else "fused"
+
+
 @functools.cache
 def compiled_adamw():
-    """Compiled on first use: importing the compiler costs seconds that a run without it need not pay."""
-    return torch.compile(adamw_update, fullgraph=True, dynamic=False)
+    """Compiled on first use: importing the compiler costs seconds that a run without it need not pay.
+    No pointwise autotuning: to time its candidate configs, inductor clones each kernel's mutated
+    inputs (p, m and v of the embedding: GiBs on top of the peak), and this memory-bound update
+    gains nothing from the search."""
+    return torch.compile(adamw_update, fullgraph=True, dynamic=False, options={"triton.autotune_pointwise": False})
 
 
 def adamw_update(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Tensor, step: Tensor,
