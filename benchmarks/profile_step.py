@@ -27,7 +27,7 @@ def main():
     cfg = load_config(path, split_overrides(tuple(rest)) + ["data.dataset=synthetic", "checkpoint.enable=false"])
     device, mesh, layout = setup(cfg)
     t = cfg.training
-    opt = AdamW(layout.params, cfg.optimizer)
+    opt = AdamW(layout.params, cfg.optimizer, model_compiled=cfg.compile.enable)  # as train.py picks it
     data = TokenSource("synthetic", cfg.model.vocab_size)
 
     def step(i):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 import zlib
 from typing import Callable, Mapping
 
@@ -279,22 +278,26 @@ def _rope_frequencies(hd: int, theta: float, scaling: tuple[float, float, float,
 
 
 def rope_table(cfg: Model, positions: Tensor) -> Tensor:
-    """e^(i * angle) for each position and pair: a [seq, head_dim/2] complex64 tensor."""
+    """(cos, sin) of each position's angle for each pair, [seq, head_dim/2, 2] fp32: the real and
+    imaginary parts of e^(i * angle), real so that a compiled block takes it without complex ops."""
     freqs = _rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, _llama3_scaling(cfg))
     angles = positions.to(torch.float64)[:, None] * freqs.to(positions.device, non_blocking=True)[None, :]
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
-
-
-# Inductor leaves apply_rope's complex multiply to an eager kernel and says so on every compile; the
-# compiled step measured as fast as with real arithmetic (benchmarks/single_gpu.md), so say nothing.
-warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    return torch.stack((angles.cos(), angles.sin()), dim=-1).float()
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate consecutive pairs (x0, x1) of each head by the position's angle (Meta's layout):
-    read each pair as the complex number x0 + i x1 and multiply, one kernel in eager mode."""
+    read each pair as the complex number x0 + i x1 and multiply, one kernel in eager mode.
+    Compiled, the same product is spelled out in real arithmetic: inductor generates no code for
+    complex tensors and would leave the multiply to an eager kernel with an fp32 copy before and
+    after it (about 3 ms of a 235 ms step at 8B width, batch 1; benchmarks/single_gpu.md); spelled
+    out, it fuses into the kernels around it."""
+    if torch.compiler.is_compiling():
+        cos, sin = rope[:, None, :].unbind(-1)  # [s, 1, d/2] each
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rope[:, None, :]).flatten(-2).type_as(x)  # rope [s, 1, d/2]
+    return torch.view_as_real(pairs * torch.view_as_complex(rope)[:, None, :]).flatten(-2).type_as(x)
 
 
 def attention_block(p: Params, x: Tensor, rope, eps: float, head_dim: int, ops: Ops) -> Tensor:
