@@ -52,8 +52,8 @@ def main():
     families = {}
     for e in events:
         n = e.key.lower()
-        fam = ("matmul" if any(k in n for k in ("gemm", "sm90", "cutlass", "nvjet", "xmma")) else
-               "attention" if any(k in n for k in ("cudnn", "flash", "fmha", "attention")) else
+        fam = ("attention" if any(k in n for k in ("cudnn", "flash", "fmha", "attention")) else  # cuDNN's names hold "sm90" too
+               "matmul" if any(k in n for k in ("gemm", "sm90", "cutlass", "nvjet", "xmma")) else
                "optimizer" if "adam" in n or "foreach" in n else
                "triton" if "triton" in n else "other")
         families[fam] = families.get(fam, 0) + e.device_time_total

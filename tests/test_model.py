@@ -69,3 +69,11 @@ def test_chunked_loss_matches_one_pass(monkeypatch):
     torch.testing.assert_close(grads, (h.grad, w.grad))
     with torch.no_grad():
         torch.testing.assert_close(model.cross_entropy_sum(h, w, labels), whole)
+
+
+def test_compiled_rope_matches_eager():
+    """Compiled, apply_rope spells the complex multiply out in real arithmetic: the same numbers."""
+    rope = model.rope_table(Model(dim=64, n_heads=4), torch.arange(16))
+    for x in (torch.randn(2, 16, 4, 16), torch.randn(2, 16, 4, 16).bfloat16()):
+        torch.testing.assert_close(torch.compile(model.apply_rope, fullgraph=True)(x, rope), model.apply_rope(x, rope),
+                                   rtol=0, atol=0)

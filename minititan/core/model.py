@@ -289,9 +289,9 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate consecutive pairs (x0, x1) of each head by the position's angle (Meta's layout):
     read each pair as the complex number x0 + i x1 and multiply, one kernel in eager mode.
     Compiled, the same product is spelled out in real arithmetic: inductor generates no code for
-    complex tensors and would leave the multiply to an eager kernel with an fp32 copy before and
-    after it (about 3 ms of a 235 ms step at 8B width, batch 1; benchmarks/single_gpu.md); spelled
-    out, it fuses into the kernels around it."""
+    complex tensors and leaves the multiply to eager kernels (1.6 ms of a 235 ms step at 8B width,
+    batch 1, in the H200 profile of benchmarks/single_gpu.md); spelled out, it fuses into the
+    kernels around it."""
     if torch.compiler.is_compiling():
         cos, sin = rope[:, None, :].unbind(-1)  # [s, 1, d/2] each
         x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
