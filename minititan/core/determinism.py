@@ -2,10 +2,9 @@
 
 Sampling, init and data order are already pure functions of the seed, and CPU runs repeat
 exactly (for a fixed thread count), so on the CPU this only says so: torch's deterministic mode
-there swaps the threaded matmul for one about 30x slower (measured on the tiny debug model) and
-buys nothing. GPU runs differ from run to run because some kernels add floating-point numbers in an
-order that depends on thread scheduling (atomic adds) or pick algorithms by timing. This turns
-those off:
+there swaps the threaded matmul for a much slower one and buys nothing. GPU runs differ from run
+to run because some kernels add floating-point numbers in an order that depends on thread
+scheduling (atomic adds) or pick algorithms by timing. This turns those off:
 
   torch.use_deterministic_algorithms(True)   every op uses a deterministic kernel, or raises a
                                              RuntimeError naming itself if it has none; flash and

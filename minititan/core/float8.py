@@ -119,7 +119,7 @@ def scaled_mm_supported(device: torch.device, recipe: str) -> bool:
 def use_scaled_mm(device: torch.device, recipe: str) -> bool:
     """The automatic choice: torch._scaled_mm on a GPU that runs the recipe (sm89 and later),
     the emulation everywhere else. A CPU has no fp8 units: torch 2.13's CPU _scaled_mm gives
-    the emulation's numbers but runs e4m3 x e4m3 through oneDNN's reference loop, 10 to 1000x slower."""
+    the emulation's numbers but runs e4m3 x e4m3 through oneDNN's reference loop, far slower."""
     return device.type == "cuda" and scaled_mm_supported(device, recipe)
 
 
@@ -319,8 +319,8 @@ def keep_inductor_from_fusing_transposes_into_row_reductions() -> None:
     """Turn off inductor's mix-order reduction (torch 2.11 on). The backward recomputes each
     linear's fp8 input and transposes it for the weight-gradient GEMM; mix-order reduction fused
     that into RMSNorm's backward, a kernel that walks rows, so each transposed byte went to its own
-    cache line: 26 ms of a 252 ms step at Llama 3 8B width on an H100. Off, the step took 220 ms
-    (1.08x the tokens/s); bf16 steps measured the same either way (benchmarks/float8.md)."""
+    cache line. Off, Float8 steps at Llama 3 8B width run faster and bf16 steps the same
+    (benchmarks/float8.md)."""
     import torch._inductor.config as inductor
     if hasattr(inductor.triton, "mix_order_reduction"):
         inductor.triton.mix_order_reduction = False

@@ -153,8 +153,8 @@ _CUDA_ATTENTION_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d]; kv heads are shared by hq/hkv queries.
-    On CUDA cuDNN's kernel goes first: on an H100 it ran the 8B shapes 1.75x faster than flash
-    (benchmarks/single_gpu.md); flash and memory-efficient stay as fallbacks. Those three take 16-bit
+    On CUDA cuDNN's kernel goes first, the fastest on the 8B shapes (benchmarks/single_gpu.md);
+    flash and memory-efficient stay as fallbacks. Those three take 16-bit
     inputs only (memory-efficient takes fp32 but not shared kv heads): fp32 goes the CPU's way."""
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         with sdpa_kernel(_CUDA_ATTENTION_ORDER, set_priority=True):
@@ -289,9 +289,8 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate consecutive pairs (x0, x1) of each head by the position's angle (Meta's layout):
     read each pair as the complex number x0 + i x1 and multiply, one kernel in eager mode.
     Compiled, the same product is spelled out in real arithmetic: inductor generates no code for
-    complex tensors and leaves the multiply to eager kernels (1.6 ms of a 235 ms step at 8B width,
-    batch 1, in the H200 profile of benchmarks/single_gpu.md); spelled out, it fuses into the
-    kernels around it."""
+    complex tensors and leaves the multiply to eager kernels (see the profile in
+    benchmarks/single_gpu.md); spelled out, it fuses into the kernels around it."""
     if torch.compiler.is_compiling():
         cos, sin = rope[:, None, :].unbind(-1)  # [s, 1, d/2] each
         x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
