@@ -14,7 +14,8 @@ import torch
 
 from minititan.core.config import load_config
 from minititan.core.data import TokenSource
-from minititan.train import forward_backward, setup
+from minititan.layout.microbatches import forward_backward
+from minititan.train import setup
 
 SHAPE = ["model.dim=4096", "model.n_layers=2", "model.n_heads=32", "model.n_kv_heads=8", "model.ffn_dim_multiplier=1.3",
          "model.multiple_of=1024", "model.vocab_size=128256", "model.max_seq_len=2048", "training.seq_len=2048",
@@ -31,7 +32,7 @@ def grad_norms(overrides: list[str]) -> dict[str, float]:
     device, _, layout = setup(cfg)
     t = cfg.training
     inputs, labels = TokenSource(cfg.data.dataset, cfg.model.vocab_size).batch(t.seed, 1, 1, t.seq_len)
-    forward_backward(cfg, layout, inputs.to(device), labels.to(device), 1, 1.0 / t.seq_len)
+    forward_backward(layout, inputs.to(device), labels.to(device), 1, 1.0 / t.seq_len)
     return {n: (p.grad.norm().item() if p.grad is not None else 0.0) for n, p in layout.params.items()}
 
 

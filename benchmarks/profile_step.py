@@ -15,8 +15,8 @@ from minititan.cli import split_overrides
 from minititan.core import model
 from minititan.core.config import load_config
 from minititan.core.data import TokenSource
-from minititan.core.optim import AdamW, clip_coefficient, lr_at
-from minititan.train import forward_backward, global_grad_norm, setup
+from minititan.core.optim import AdamW
+from minititan.train import setup, train_step
 
 
 def main():
@@ -31,13 +31,7 @@ def main():
     data = TokenSource("synthetic", cfg.model.vocab_size)
 
     def step(i):
-        x, y = data.batch(0, i, t.global_batch_size, t.seq_len)
-        forward_backward(cfg, layout, x.to(device), y.to(device), t.global_batch_size // t.local_batch_size,
-                         1.0 / (t.global_batch_size * t.seq_len))
-        norm = global_grad_norm(layout)
-        opt.step(lr_at(i, cfg.optimizer.lr, 100, cfg.lr_scheduler), grad_scale=clip_coefficient(norm, t.max_norm))
-        for p in layout.params.values():
-            p.grad = None
+        train_step(cfg, layout, opt, data, i, layout.facts.n_micro, device)
 
     for i in range(8):
         step(i + 1)

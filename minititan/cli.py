@@ -85,9 +85,9 @@ def train(config_path, nproc, overrides):
 def check_layout_once(cfg, world: int) -> None:
     """The layout's refusals for this world size, printed once: every rank of a torchrun job
     would refuse the same config the same way, so the others exit without repeating it."""
-    from minititan.train import check_layout
+    from minititan.layout.parallelize import check
     try:
-        check_layout(cfg, world)
+        check(cfg, world)
     except UserError:
         if _is_rank0():
             raise

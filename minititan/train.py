@@ -2,9 +2,10 @@
 
 A step: read the global batch for this step (a pure function of seed and step), take this
 rank's rows, run forward + backward over its micro-batches (the loss of each is the summed token
-cross-entropy divided by the global token count, so gradients just add up), let the layout finish
-the cross-rank gradient reduction, take an AdamW step on the gradients clipped by their global
-norm. Nothing reads a device value on the host except on logging steps.
+cross-entropy divided by the global token count, so gradients just add up), finish the cross-rank
+gradient sums, take an AdamW step on the gradients clipped by their global norm. Everything about
+parallelism comes from the Layout (minititan/layout/); train_step shows where each of its
+synchronisation points runs. Nothing reads a device value on the host except on logging steps.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minititan import parallelize
 from minititan.collectives.comm_trace import CommTracer, group_names
-from minititan.collectives.mesh import Mesh, init_distributed, resolve_degrees
+from minititan.collectives.mesh import Mesh, init_distributed
 from minititan.core import checkpoint as ckpt
 from minititan.core import model
 from minititan.core.config import Config, UserError, config_to_toml
@@ -28,6 +28,9 @@ from minititan.core.metrics import MetricsLogger, Timer, peak_flops, say
 from minititan.core.optim import AdamW, clip_coefficient, local_sq_norm, lr_at
 from minititan.core.profiling import StepProfiler
 from minititan.core.validation import Validator
+from minititan.layout import parallelize
+from minititan.layout.contract import Layout
+from minititan.layout.microbatches import forward_backward
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,43 +47,17 @@ def setup(cfg: Config):
     rank, world = init_distributed(device.type, cfg.comm.timeout_s)
     if cfg.training.deterministic:
         make_deterministic(device, rank)  # before any CUDA work
-    mesh = Mesh(mesh_sizes(cfg, world), rank, cfg.comm.timeout_s)
+    mesh = Mesh(parallelize.mesh_sizes(cfg, world), rank, cfg.comm.timeout_s)
     torch.manual_seed(cfg.training.seed)
     layout = parallelize.build(cfg, mesh, device)
     return device, mesh, layout
-
-
-def mesh_sizes(cfg: Config, world: int) -> dict[str, int]:
-    par = cfg.parallelism
-    try:
-        return resolve_degrees(world, pp=par.pp, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
-                               cp=par.cp, tp=par.tp)
-    except ValueError as e:
-        raise UserError(f"parallelism: {e}") from None
-
-
-def check_layout(cfg: Config, world: int) -> None:
-    """Every refusal that needs only the config and the world size, made before any rank starts:
-    the `--nproc` launcher calls it, so that bad input is one line rather than one per rank."""
-    mesh = Mesh(mesh_sizes(cfg, world), rank=0)  # no process groups: they are made on first use
-    parallelize.validate(cfg, mesh)
-    microbatches(cfg, mesh.size("dp_replicate", "dp_shard"))
-
-
-def microbatches(cfg: Config, data_size: int) -> int:
-    t = cfg.training
-    per_rank = t.global_batch_size // data_size
-    if t.global_batch_size % data_size or per_rank % t.local_batch_size:
-        raise UserError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
-                        f"training.local_batch_size={t.local_batch_size} x data-parallel ranks={data_size}")
-    return per_rank // t.local_batch_size
 
 
 def train(cfg: Config) -> list[dict]:
     """Train; returns the logged metric rows (rank 0 prints them)."""
     device, mesh, layout = setup(cfg)
     t = cfg.training
-    n_micro = microbatches(cfg, layout.data_size)
+    n_micro = layout.facts.n_micro
     optimizer = AdamW(layout.params, cfg.optimizer, model_compiled=cfg.compile.enable)
     data = TokenSource(cfg.data.dataset, cfg.model.vocab_size)
     folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
@@ -92,7 +69,7 @@ def train(cfg: Config) -> list[dict]:
     stop = StopSignal()
     validator = Validator(cfg, layout, data, n_micro, device)
     profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, mesh.rank, device, t.steps)
-    tracer = CommTracer(group_names(mesh._groups, mesh.sizes), device) if cfg.comm.trace else None
+    tracer = CommTracer(group_names(mesh.groups, mesh.sizes), device) if cfg.comm.trace else None
     global_tokens = t.global_batch_size * t.seq_len
     rows, timer, since, step = [], Timer(device), 0, start
     try:
@@ -107,8 +84,9 @@ def train(cfg: Config) -> list[dict]:
                 if not math.isfinite(loss):
                     raise UserError(f"loss is {loss} at step {step}: training diverged; the last good checkpoint in "
                                     f"{folder} is kept. Lower optimizer.lr or raise lr_scheduler.warmup_steps")
+                extra = {name: value for metrics in layout.log_metrics for name, value in metrics().items()}
                 rows.append(logger.log(step, loss, grad_norm.item(), lr, global_tokens * since, timer.lap(), since,
-                                       device, extra=layout.log_metrics() | val))
+                                       device, extra=extra | val))
                 since = 0
             stopping = stop.agreed(step % cfg.metrics.log_freq == 0, device)
             if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == t.steps or stopping):
@@ -130,23 +108,29 @@ def train(cfg: Config) -> list[dict]:
     return rows
 
 
-def train_step(cfg: Config, layout, optimizer: AdamW, data: TokenSource, step: int, n_micro: int,
+def train_step(cfg: Config, layout: Layout, optimizer: AdamW, data: TokenSource, step: int, n_micro: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step on this rank's rows of the step's global batch. Returns the rank's loss
-    share and the grad norm as device tensors (read on logging steps only: no host sync here)."""
-    t = cfg.training
+    share and the grad norm as device tensors (read on logging steps only: no host sync here).
+    The layout's synchronisation points run in this order: start_last_microbatch inside
+    forward_backward, then the lists below."""
+    t, facts = cfg.training, layout.facts
     inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
-    inputs = rank_rows(inputs, layout.data_rank, layout.data_size).to(device, non_blocking=True)
-    labels = rank_rows(labels, layout.data_rank, layout.data_size).to(device, non_blocking=True)
-    loss_sum = forward_backward(cfg, layout, inputs, labels, n_micro, 1.0 / (t.global_batch_size * t.seq_len))
-    layout.after_grads()  # MoE: the expert-bias update reads the reduced loads and clears them
+    inputs = rank_rows(inputs, facts.data_rank, facts.data_size).to(device, non_blocking=True)
+    labels = rank_rows(labels, facts.data_rank, facts.data_size).to(device, non_blocking=True)
+    loss_share = forward_backward(layout, inputs, labels, n_micro, facts.loss_scale)
+    for finish in layout.finish_grads:  # the cross-rank gradient sums: DDP, FSDP, sequence parallel's norms, MoE's
+        finish()
+    for update in layout.after_grads:  # MoE: the expert-bias update reads the summed loads and clears them
+        update()
     grad_norm = global_grad_norm(layout)
     lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.lr_scheduler)
     optimizer.step(lr, grad_scale=clip_coefficient(grad_norm, t.max_norm))  # clipped as AdamW reads them
-    layout.after_optimizer_step()  # fp8 all-gather with precompute_scale: next step's weight scales
+    for update in layout.after_optimizer_step:  # fp8 all-gather with precompute_scale: next step's weight scales
+        update()
     for p in layout.params.values():
         p.grad = None
-    return loss_sum, grad_norm, lr
+    return loss_share, grad_norm, lr
 
 
 def out_of_memory_advice(cfg: Config, step: int, device: torch.device, profiler, rank: int) -> str:
@@ -162,25 +146,7 @@ def out_of_memory_advice(cfg: Config, step: int, device: torch.device, profiler,
             f"in use): " + "; or ".join(fixes) + f". {where}")
 
 
-def forward_backward(cfg: Config, layout, inputs, labels, n_micro: int, scale: float) -> torch.Tensor:
-    """Forward and backward of this rank's micro-batches; returns its (detached) share of the loss.
-    A layout may bring its own (pipeline parallel: one pipeline per micro-batch)."""
-    if layout.forward_backward is not None:
-        return layout.forward_backward(inputs, labels, n_micro, scale)
-    total = torch.zeros((), device=inputs.device)
-    inputs, labels, positions = layout.prepare(inputs, labels)
-    for x, y, i in zip(inputs.chunk(n_micro), labels.chunk(n_micro), range(n_micro)):
-        if i == n_micro - 1:
-            layout.start_last_microbatch()
-        with layout.forward_context():
-            loss = model.loss_sum(layout.params, x, y, cfg.model, layout.ops, positions=positions) * scale
-        loss.backward()
-        total += loss.detach()
-    layout.finish_grads()
-    return total
-
-
-def global_grad_norm(layout) -> torch.Tensor:
+def global_grad_norm(layout: Layout) -> torch.Tensor:
     """The gradient norm over all ranks, as a device scalar. Each element is counted once: by the
     rank that owns it in a checkpoint (layout.chunks of the grads, per parameter even inside an
     FSDP shard; padding is in no chunk)."""
@@ -192,7 +158,7 @@ def global_grad_norm(layout) -> torch.Tensor:
     return sq.sqrt()
 
 
-def global_loss(loss_share: torch.Tensor, layout) -> float:
+def global_loss(loss_share: torch.Tensor, layout: Layout) -> float:
     loss = loss_share.clone()
     if dist.get_world_size(layout.loss_group) > 1:
         dist.all_reduce(loss, group=layout.loss_group)
@@ -202,7 +168,7 @@ def global_loss(loss_share: torch.Tensor, layout) -> float:
 # ---------------------------------------------------------------- checkpoints
 
 
-def save(cfg: Config, layout, optimizer: AdamW, folder: Path, step: int) -> None:
+def save(cfg: Config, layout: Layout, optimizer: AdamW, folder: Path, step: int) -> None:
     tensors = dict(layout.chunks(layout.params))
     for kind, state in (("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq)):
         tensors |= {f"optim.{kind}.{n}": v for n, v in layout.chunks(state).items()}
@@ -211,7 +177,7 @@ def save(cfg: Config, layout, optimizer: AdamW, folder: Path, step: int) -> None
               keep_latest_k=cfg.checkpoint.keep_latest_k)
 
 
-def restore(cfg: Config, layout, optimizer: AdamW, folder: Path) -> int:
+def restore(cfg: Config, layout: Layout, optimizer: AdamW, folder: Path) -> int:
     """Resume from the newest complete checkpoint (or load_path); returns the step to continue from."""
     path = ckpt.latest(folder) if cfg.checkpoint.enable and cfg.checkpoint.resume else None
     resuming = path is not None

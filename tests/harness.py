@@ -70,15 +70,12 @@ def assert_same_params(pa, pb, rtol=1e-5):
 
 
 def assert_layout_refused(world: int, overrides: list[str], words: list[str]) -> None:
-    """parallelize.validate refuses this layout with a UserError whose message has every word."""
+    """parallelize.check refuses this layout on `world` ranks with a UserError whose message has every word."""
     import pytest
-    from minititan import parallelize
-    from minititan.collectives.mesh import Mesh, resolve_degrees
     from minititan.core.config import UserError, load_config
+    from minititan.layout import parallelize
     cfg = load_config(None, TINY + overrides)
-    p = cfg.parallelism
-    mesh = Mesh(resolve_degrees(world, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp), rank=0)
     with pytest.raises(UserError) as e:
-        parallelize.validate(cfg, mesh)
+        parallelize.check(cfg, world)
     for w in words:
         assert w in str(e.value)

@@ -11,7 +11,8 @@ import torch
 
 from minititan.core.config import load_config
 from minititan.core.data import TokenSource
-from minititan.train import forward_backward, setup
+from minititan.layout.microbatches import forward_backward
+from minititan.train import setup
 from tests.harness import TINY
 from tests.test_moe_training import MOE
 
@@ -32,7 +33,7 @@ def step_grads(overrides: list[str]) -> dict[str, torch.Tensor]:
     _, _, layout = setup(cfg)
     t = cfg.training
     inputs, labels = TokenSource(cfg.data.dataset, cfg.model.vocab_size).batch(t.seed, 0, t.local_batch_size, t.seq_len)
-    forward_backward(cfg, layout, inputs, labels, 1, 1.0 / (t.local_batch_size * t.seq_len))
+    forward_backward(layout, inputs, labels, 1, 1.0 / (t.local_batch_size * t.seq_len))
     return {n: p.grad.clone() for n, p in layout.params.items() if p.grad is not None}
 
 

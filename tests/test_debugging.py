@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minititan.collectives import comm_trace, ring_attention
-from minititan.collectives import tensor_parallel as tpm
+from minititan.collectives import comm_trace, ring_attention, sequence_parallel
 from minititan.core import model
 from minititan.core.config import ConfigError, UserError, load_config
 from minititan.core.data import TokenSource
@@ -140,18 +139,18 @@ def test_comm_trace_dp_shard_with_validation(tmp_path):
 
 def _trace_ops(rank, world):
     """Module aliases, async works and batched P2P are traced; close() puts everything back."""
-    originals = dist.all_reduce, tpm._all_gather_single, dist.P2POp
+    originals = dist.all_reduce, sequence_parallel.all_gather_single, dist.P2POp
     group = dist.new_group([0, 1])
     tracer = comm_trace.CommTracer({group: "ring"}, "cpu")
     x = torch.ones(8)
     dist.all_reduce(x, group=group)
-    out, work = tpm._all_gather_stacked(torch.ones(3, 2), group, async_op=True)
+    out, work = sequence_parallel.all_gather_stacked(torch.ones(3, 2), group, async_op=True)
     work.wait()
     received, works = ring_attention.ring_shift(torch.ones(5, dtype=torch.float64), group)
     ring_attention.wait(works)
     tracer.end_step()
     tracer.close()
-    restored = (dist.all_reduce, tpm._all_gather_single, dist.P2POp) == originals
+    restored = (dist.all_reduce, sequence_parallel.all_gather_single, dist.P2POp) == originals
     return [r.as_dict() for r in tracer.last_step], restored, tracer.table()
 
 

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from minititan import parallelize
 from minititan.collectives.comm_trace import CommTracer, group_names
 from minititan.collectives.fsdp import FSDP
 from minititan.collectives.fsdp_float8 import Float8Weight, enable_float8_all_gather
@@ -16,6 +15,7 @@ from minititan.collectives.mesh import Mesh, resolve_degrees
 from minititan.core import model
 from minititan.core.config import ConfigError, load_config
 from minititan.core.float8 import E4M3, Float8Matmul, float8_linear, quantize
+from minititan.layout import parallelize
 from tests.distributed import run_ranks
 from tests.harness import TINY, assert_same_losses, train_run, train_runs
 
@@ -127,12 +127,14 @@ def _traced_step(rank, world):
                                               f"float8.fsdp_all_gather={fp8}", f"float8.precompute_scale={fp8}"])
         mesh = Mesh(resolve_degrees(world, dp_shard=world), rank)
         layout = parallelize.build(cfg, mesh, torch.device("cpu"))
-        tracer = CommTracer(group_names(mesh._groups, mesh.sizes))
-        layout.after_optimizer_step()
+        tracer = CommTracer(group_names(mesh.groups, mesh.sizes))
+        for update in layout.after_optimizer_step:
+            update()
         with layout.forward_context():
             loss = model.loss_sum(layout.params, tokens[:, :-1], tokens[:, 1:], cfg.model, layout.ops)
         loss.backward()
-        layout.finish_grads()
+        for finish in layout.finish_grads:
+            finish()
         tracer.close()
         calls.append([(r.op, r.dtype, r.bytes) for r in tracer.last_step])
     return calls
@@ -196,7 +198,8 @@ def _linears_of_a_step(rank, world, ac_mode, fp8_all_gather):
         loss = model.loss_sum(layout.params, tokens[:, :-1], tokens[:, 1:], cfg.model, layout.ops)
     forward = len(calls)
     loss.backward()
-    layout.finish_grads()
+    for finish in layout.finish_grads:
+        finish()
     Float8Matmul.apply = fp8_matmul
     return calls[:forward], calls[forward:]
 

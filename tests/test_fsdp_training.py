@@ -8,12 +8,12 @@ import shutil
 import pytest
 import torch
 
-from minititan import parallelize
 from minititan.collectives.fsdp import ALIGN
 from minititan.collectives.mesh import Mesh, resolve_degrees
 from minititan.core import model
 from minititan.core.config import load_config
 from minititan.core.optim import AdamW
+from minititan.layout import parallelize
 from tests.distributed import run_ranks
 from tests.harness import TINY, assert_same_losses, assert_same_params, train_run
 

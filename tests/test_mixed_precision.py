@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minititan import parallelize
+from minititan.collectives.mesh import Mesh
 from minititan.core import mixed_precision, model
 from minititan.core.config import load_config
 from minititan.core.data import TokenSource
-from minititan.train import forward_backward, setup
+from minititan.layout import parallelize
+from minititan.layout.microbatches import forward_backward
+from minititan.train import setup
 from tests.harness import TINY, assert_same_losses, assert_same_params, train_runs
 from tests.test_moe_training import MOE
 
@@ -45,7 +47,7 @@ def step_grads(monkeypatch, keep: bool) -> dict[str, torch.Tensor]:
     _, _, layout = setup(cfg)
     t = cfg.training
     inputs, labels = TokenSource(cfg.data.dataset, cfg.model.vocab_size).batch(t.seed, 1, t.local_batch_size, t.seq_len)
-    forward_backward(cfg, layout, inputs, labels, 1, 1.0 / (t.local_batch_size * t.seq_len))
+    forward_backward(layout, inputs, labels, 1, 1.0 / (t.local_batch_size * t.seq_len))
     return {n: p.grad for n, p in layout.params.items()}
 
 
@@ -94,5 +96,7 @@ def test_bf16_layout_matches_one_process_bf16(bf16_runs, name):
 def test_zero_bubble_keeps_the_casts_in_the_gather(schedule, dtype):
     """Zero bubble splits the backward at autograd's own matmul nodes, which a custom Function hides."""
     cfg = load_config(None, TINY + BF16 + ["parallelism.pp=2", f"parallelism.pp_schedule={schedule}"])
-    got = parallelize.base_ops(cfg).gather(model.init(cfg.model, seed=0), "layers.0.attention")
+    facts = parallelize.layout_facts(cfg, Mesh({"pp": 2}, rank=0))
+    got = parallelize.base_ops(facts, cfg.compile, cfg.activation_checkpoint).gather(model.init(cfg.model, seed=0),
+                                                                                   "layers.0.attention")
     assert got["attention.wq"].dtype == dtype and got["attention_norm"].dtype == torch.bfloat16

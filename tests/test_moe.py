@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from minititan.collectives.mesh import Mesh
 from minititan.core import model, moe
 from minititan.core.data import shakespeare_text
 from minititan.core.config import Model, load_config
+from minititan.layout import moe as layout_moe
 from tests.distributed import run_ranks
 
 CFG = Model(name="moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64,
@@ -128,8 +130,9 @@ def _sequence_part_rank(rank, world, cfg, p, x, grad_out):
     p = {n: t.detach().clone().requires_grad_() for n, t in p.items()}
     x = x[:, part].clone().requires_grad_()
     log = []
-    y = moe.moe_feed_forward(p, x, cfg, model.default_ops(cfg), aux_loss_scale=0.25, aux_log=log,
-                             sequence_group=dist.group.WORLD)
+    ops = dataclasses.replace(model.default_ops(cfg), sum_over_sequence=functools.partial(
+        layout_moe.sum_over_sequence, group=dist.group.WORLD))
+    y = moe.moe_feed_forward(p, x, cfg, ops, aux_loss_scale=0.25, aux_log=log)
     y.backward(grad_out[:, part])
     grads = {n: t.grad for n, t in p.items()}
     for g in grads.values():

@@ -133,9 +133,9 @@ def test_moe_debug_config_logs_expert_loads(tmp_path):
 def _expert_shards_then_resume(rank, world, overrides):
     """The layout's expert storage at these overrides, then the training run they describe."""
     import torch
-    from minititan import parallelize
     from minititan.collectives.mesh import Mesh, resolve_degrees
     from minititan.core.config import load_config
+    from minititan.layout import parallelize
     from minititan.train import train
     cfg = load_config(None, overrides)
     layout = parallelize.build(cfg, Mesh(resolve_degrees(world, dp_shard=cfg.parallelism.dp_shard), rank),

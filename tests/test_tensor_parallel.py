@@ -59,10 +59,10 @@ def _parity(rank, world, n_kv_heads, layouts):
     out = []
     for sequence_parallel, async_tp, chunks in layouts:
         ops = dataclasses.replace(model.default_ops(cfg), **tpm.tp_ops(group, sequence_parallel, async_tp, chunks))
-        loss, params = loss_and_grads(tpm.shard_params(full, rank, world), tokens, labels, cfg, ops)
+        loss, params = loss_and_grads(tpm.shard_params(full, model.tp_shard_dim, rank, world), tokens, labels, cfg, ops)
         if sequence_parallel:
-            tpm.allreduce_replicated_grads(params, group)
-        worst = max((rel_diff(gather_shards(p.grad, tpm.tp_shard_dim(n), group), ref_params[n].grad), n)
+            tpm.sum_in_place([p.grad for n, p in params.items() if model.tp_shard_dim(n) is None], group)
+        worst = max((rel_diff(gather_shards(p.grad, model.tp_shard_dim(n), group), ref_params[n].grad), n)
                     for n, p in params.items())
         out.append(((sequence_parallel, async_tp, chunks), rel_diff(loss, ref_loss), worst))
     return out
@@ -81,12 +81,12 @@ def test_matches_single_process(tp, n_kv_heads):
 
 def test_shard_dims_by_name():
     cfg = tiny_model(2)
-    dims = {n: tpm.tp_shard_dim(n) for n in model.param_shapes(cfg)}
+    dims = {n: model.tp_shard_dim(n) for n in model.param_shapes(cfg)}
     assert dims["tok_embeddings"] == dims["output"] == 0
     assert dims["layers.1.attention.wk"] == dims["layers.0.feed_forward.w3"] == 0
     assert dims["layers.1.attention.wo"] == dims["layers.0.feed_forward.w2"] == 1
     assert dims["norm"] is dims["layers.0.attention_norm"] is dims["layers.1.ffn_norm"] is None
-    assert tpm.tp_shard_dim("attention.wq") == 0 and tpm.tp_shard_dim("feed_forward.w2") == 1  # unit-local names
+    assert model.tp_shard_dim("attention.wq") == 0 and model.tp_shard_dim("feed_forward.w2") == 1  # unit-local names
     assert tpm.shard_tensor(torch.arange(8.0).view(2, 4), 1, 1, 2).tolist() == [[2.0, 3.0], [6.0, 7.0]]
 
 

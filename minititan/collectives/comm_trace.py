@@ -1,6 +1,6 @@
 """Communication trace: every collective and point-to-point call, with its group, bytes and time.
 
-    tracer = CommTracer(group_names(mesh._groups, mesh.sizes), device)  # from here on calls are recorded
+    tracer = CommTracer(group_names(mesh.groups, mesh.sizes), device)  # from here on calls are recorded
     for step in ...:
         ...                                                      # the step, unchanged
         tracer.end_step()                                        # no host sync

@@ -22,13 +22,17 @@ class GradAllReducer:
                  bucket_mb: float = 25.0):
         self.group = group
         self.reduce_dtype = reduce_dtype
-        self.enabled = False  # set for the last micro-batch of a step
+        self.enabled = False  # True for the backward of the last micro-batch of a step
         self.buckets = _make_buckets(list(params.values())[::-1], int(bucket_mb * 2**20))
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._ready = [0] * len(self.buckets)
         self._pending: list[tuple[dist.Work, Tensor, list[Tensor]]] = []
         for p in params.values():
             p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def reduce_next_backward(self) -> None:
+        """All-reduce during the coming backward (the step's last micro-batch); earlier ones only accumulate."""
+        self.enabled = True
 
     def _on_grad(self, p: Tensor) -> None:
         if not self.enabled:
@@ -61,6 +65,7 @@ class GradAllReducer:
                 offset += n
         self._pending.clear()
         self._ready = [0] * len(self.buckets)
+        self.enabled = False
 
 
 def _make_buckets(params: list[Tensor], bucket_bytes: int) -> list[list[Tensor]]:

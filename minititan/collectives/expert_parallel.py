@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .mesh import Mesh
+from .mesh import Mesh, new_groups
 
 
 # ---------------------------------------------------------------- the param layout
@@ -67,7 +67,7 @@ def ep_groups(mesh: Mesh, ep: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup
     """This rank's ep group and expert data-parallel group (see ep_layout).
     Collective: every rank of the world must call it, in the same order."""
     ep_lists, expert_dp_lists = ep_layout(mesh, ep)
-    return _new_groups(ep_lists, mesh.rank), _new_groups(expert_dp_lists, mesh.rank)
+    return new_groups(ep_lists, mesh.rank, mesh.timeout), new_groups(expert_dp_lists, mesh.rank, mesh.timeout)
 
 
 def ep_layout(mesh: Mesh, ep: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -91,14 +91,6 @@ def ep_layout(mesh: Mesh, ep: int) -> tuple[list[list[int]], list[list[int]]]:
         ep_lists += [ranks[start:start + ep] for start in range(0, size, ep)]
         expert_dp_lists += [ranks[offset::ep] for offset in range(ep)]
     return ep_lists, expert_dp_lists
-
-
-def _new_groups(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup:
-    mine = None
-    for ranks in rank_lists:  # every rank creates every group, in the same order
-        group = dist.new_group(ranks)
-        mine = group if rank in ranks else mine
-    return mine
 
 
 # ---------------------------------------------------------------- the token exchange
@@ -168,3 +160,4 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _all_to_all(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+

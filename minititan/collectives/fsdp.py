@@ -14,8 +14,8 @@ state all cost total / dp_shard (+ a little padding) per rank.
     optimizer.step()                    # over fsdp.shards.values()
 
 The moving parts, all in this file:
-  * gather(unit)   all-gathers the unit's shard (cast to param_dtype first) into a full flat
-                   buffer and returns views of it, one per parameter. It also starts the
+  * gather(unit)   all-gathers the unit's shard into a full flat buffer (through the gather
+                   codec, below) and returns views of it, one per parameter. It also starts the
                    all-gather of the next unit, so that communication overlaps this unit's compute.
   * GatherUnit     the autograd Function behind those views. Its backward gets the gradient of
                    every parameter of the unit, packs them into one flat buffer and reduce-scatters
@@ -27,9 +27,12 @@ The moving parts, all in this file:
                    so the buffer is freed once the model moves on to the next unit. Backward
                    unpacks it by gathering the unit again, and prefetches the unit before it.
 
-With `fsdp_float8.enable_float8_all_gather(fsdp, names)` the units holding those weights are
-all-gathered in float8 instead (`self.float8_all_gather`; see fsdp_float8.py): the gathered buffer
-is then a uint8 buffer, and the saved-tensor hooks below handle its fp8 and param_dtype views alike.
+What travels is the codec's choice (`fsdp.codec`): `CastToParamDtype`, the default, casts each
+rank's piece to param_dtype and hands out views of the gathered buffer. A codec has three methods:
+start(unit, shard, layout, group) -> (work, buffer, inputs to keep alive until work.wait()),
+unit_params(unit, buffer, layout) -> the unit's tensors, and shards_changed() (the optimizer is
+about to update the shards). fsdp_float8.py's codec gathers the weights that run in fp8 as fp8
+bytes with their scales; the saved-tensor hooks below handle any view of any codec's buffer.
 
 Communication is asynchronous (`async_op=True`). On NCCL each collective runs on the process
 group's own CUDA stream, which waits (by an event) for the work queued before it, and
@@ -38,7 +41,7 @@ collective reads or writes stays referenced here until after its `wait()`, so th
 allocator never hands its memory to someone else early. On gloo the same calls run on a
 background thread and `wait()` blocks: the same code path, exact results.
 
-Only torch and the stdlib are needed, so this file can be copied on its own.
+Only torch and the sibling mesh.py are needed, so this file can be copied.
 """
 from __future__ import annotations
 
@@ -52,12 +55,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-ALIGN = 16  # every parameter starts at a multiple of 16 elements: >= 16-byte aligned views for any dtype
+from .mesh import all_gather_single, reduce_scatter_single
 
-# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names warn);
-# torch 2.11 has only the old names
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+ALIGN = 16  # every parameter starts at a multiple of 16 elements: >= 16-byte aligned views for any dtype
 
 
 # ---------------------------------------------------------------- the layout of a unit
@@ -83,7 +83,7 @@ def plan_unit(names: list[str], shapes: Mapping[str, tuple[int, ...]], world: in
     offsets, end = [], 0
     for name in names:
         offsets.append(end)
-        end = _round_up(end + math.prod(shapes[name]), ALIGN)
+        end = round_up(end + math.prod(shapes[name]), ALIGN)
     shard_numel = max(1, math.ceil(end / world))
     return UnitLayout(tuple(names), tuple(tuple(shapes[n]) for n in names), tuple(offsets),
                       shard_numel * world, shard_numel, shard_numel * rank)
@@ -102,8 +102,31 @@ def shard_ranges(layout: UnitLayout) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+# ---------------------------------------------------------------- what the all-gather moves
+
+
+class CastToParamDtype:
+    """The default gather codec: each rank's piece cast to param_dtype, all-gathered into one flat
+    buffer; the unit's parameters are views of it."""
+
+    def __init__(self, param_dtype: torch.dtype):
+        self.param_dtype = param_dtype
+
+    def start(self, unit: str, shard: Tensor, layout: UnitLayout, group: dist.ProcessGroup):
+        full = torch.empty(layout.padded_numel, dtype=self.param_dtype, device=shard.device)
+        with torch.no_grad():
+            piece = shard.detach().to(self.param_dtype)
+        return all_gather_single(full, piece, group=group, async_op=True), full, piece
+
+    def unit_params(self, unit: str, full: Tensor, layout: UnitLayout) -> tuple[Tensor, ...]:
+        return tuple(full[o:o + math.prod(s)].view(s) for o, s in zip(layout.offsets, layout.shapes))
+
+    def shards_changed(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- the autograd seam
@@ -115,10 +138,7 @@ class GatherUnit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard: Tensor, full: Tensor, fsdp: "FSDP", unit: str):
         ctx.fsdp, ctx.unit = fsdp, unit
-        if fsdp._gathers_in_float8(unit):
-            return fsdp.float8_all_gather.unit_params(unit, full)
-        layout = fsdp.layouts[unit]
-        return tuple(full[o:o + math.prod(s)].view(s) for o, s in zip(layout.offsets, layout.shapes))
+        return fsdp.codec.unit_params(unit, full, fsdp.layouts[unit])
 
     @staticmethod
     def backward(ctx, *grads):
@@ -133,7 +153,7 @@ class _SavedRef:
     size: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
-    dtype: torch.dtype  # the buffer may hold several dtypes (fp8 all-gather: uint8 holding fp8 and param_dtype)
+    dtype: torch.dtype  # a codec's buffer may hold several dtypes (fp8 all-gather: uint8 holding fp8 and param_dtype)
 
 
 @dataclasses.dataclass
@@ -177,7 +197,8 @@ class FSDP:
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], units: Mapping[str, list[str]],
                  shard_group: dist.ProcessGroup, replicate_group: dist.ProcessGroup | None = None, *,
                  device: str | torch.device = "cpu", param_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32, reshard_after_forward: bool = True):
+                 reduce_dtype: torch.dtype = torch.float32, reshard_after_forward: bool = True,
+                 reduce_every_microbatch: bool = True):
         _check_units(shapes, units)
         for what, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
             if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -185,7 +206,9 @@ class FSDP:
         self.shard_group, self.replicate_group = shard_group, replicate_group
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.reshard_after_forward = reshard_after_forward
-        self.reduce_grads = True  # False: backward keeps full grads locally; the next reducing backward sends the sum
+        # reduce_grads False: backward keeps full grads locally; the next reducing backward sends the sum.
+        # reduce_every_microbatch False: so until reduce_next_backward(), and again after finish_grad_sync()
+        self.reduce_every_microbatch = self.reduce_grads = reduce_every_microbatch
         world, rank = dist.get_world_size(shard_group), dist.get_rank(shard_group)
         self.order = list(units)  # forward order: prefetch goes down it in forward, up it in backward
         self._position = {u: i for i, u in enumerate(self.order)}
@@ -199,7 +222,7 @@ class FSDP:
         self._unreduced: dict[str, Tensor] = {}  # unit -> full grad kept locally while reduce_grads is False
         self._reductions: list[Iterator] = []  # reductions in flight, oldest first
         self._resharding = False
-        self.float8_all_gather = None  # set by fsdp_float8.enable_float8_all_gather
+        self.codec = CastToParamDtype(param_dtype)  # what the all-gathers move (fsdp_float8.py replaces it)
 
     # ------------------------------------------------------------ loading and checkpoints
 
@@ -237,7 +260,7 @@ class FSDP:
         for unit, shard in shard_tensors.items():
             layout = self.layouts[self._check_unit(unit)]
             full = torch.empty(layout.padded_numel, dtype=shard.dtype, device=shard.device)
-            _all_gather(full, shard.detach().contiguous(), group=self.shard_group)
+            all_gather_single(full, shard.detach().contiguous(), group=self.shard_group)
             for name, o, s in zip(layout.names, layout.offsets, layout.shapes):
                 out[name] = full[o:o + math.prod(s)].view(s).clone()
         return out
@@ -331,23 +354,13 @@ class FSDP:
 
     def _start_all_gather(self, unit: str) -> None:
         shard = self.shards[unit]
-        if self._gathers_in_float8(unit):
-            work, full, pieces = self.float8_all_gather.start(unit, shard)
-            self._in_flight[unit] = (work, full, pieces, shard._version)
-            return
-        full = torch.empty(self.layouts[unit].padded_numel, dtype=self.param_dtype, device=shard.device)
-        with torch.no_grad():
-            piece = shard.detach().to(self.param_dtype)
-        work = _all_gather(full, piece, group=self.shard_group, async_op=True)
-        self._in_flight[unit] = (work, full, piece, shard._version)
+        work, full, inputs = self.codec.start(unit, shard, self.layouts[unit], self.shard_group)
+        self._in_flight[unit] = (work, full, inputs, shard._version)
 
     def _finish_all_gather(self, unit: str) -> Tensor:
         work, full, _piece, _version = self._in_flight.pop(unit)
         work.wait()  # on NCCL: the compute stream waits for the gather, the host does not
         return full
-
-    def _gathers_in_float8(self, unit: str) -> bool:
-        return self.float8_all_gather is not None and self.float8_all_gather.applies(unit)
 
     def _take_prefetched(self, unit: str) -> Tensor | None:
         """The unit's buffer if its all-gather is in flight and the shard did not change since it started."""
@@ -385,7 +398,7 @@ class FSDP:
         """Reduce one unit's full gradient into its shard's .grad. Each `yield` leaves a collective
         in flight; the caller resumes it later (at the next unit's backward, or in finish_grad_sync)."""
         out = torch.empty(self.layouts[unit].shard_numel, dtype=self.reduce_dtype, device=flat.device)
-        work = _reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.shard_group, async_op=True)
+        work = reduce_scatter_single(out, flat, op=dist.ReduceOp.SUM, group=self.shard_group, async_op=True)
         yield
         work.wait()
         del flat
@@ -402,6 +415,10 @@ class FSDP:
     def _advance_reductions(self) -> None:
         self._reductions = [r for r in self._reductions if next(r, _DONE) is not _DONE]
 
+    def reduce_next_backward(self) -> None:
+        """Reduce in the coming backward (the step's last micro-batch) whatever reduce_every_microbatch says."""
+        self.reduce_grads = True
+
     def finish_grad_sync(self) -> None:
         """Complete every gradient reduction: call after the step's last backward, before reading
         .grad (norm, clipping, optimizer). Full grads kept by reduce_grads=False are reduced here."""
@@ -414,8 +431,8 @@ class FSDP:
         self._drop_in_flight()
         self._gathered.clear()
         self._awaiting_backward.clear()
-        if self.float8_all_gather is not None:
-            self.float8_all_gather.forget_scales()  # the optimizer step changes the shards next
+        self.reduce_grads = self.reduce_every_microbatch
+        self.codec.shards_changed()  # the optimizer step changes the shards next
 
     def grad_norm_sq(self) -> Tensor:
         """Squared L2 norm of the full gradient (fp32 scalar tensor, no host sync): the local shards'

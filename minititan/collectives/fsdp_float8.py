@@ -22,9 +22,9 @@ Per unit (an attention or feed-forward block), in the unit's flat FSDP layout:
     elements (each rank's part, padded to the largest part), copied into one compact buffer.
   * scales: one fp32 per fp8 weight. Without precompute, the first gather of a unit after
     finish_grad_sync() all-reduces (MAX) the unit's amaxes; the scales are kept until the next
-    finish_grad_sync() (the shards only change in the optimizer step after it), so backward
-    re-gathers and later micro-batches reuse them. `precompute_scales()` right after the optimizer
-    step does all units in one all-reduce.
+    finish_grad_sync() (the shards only change in the optimizer step after it; FSDP tells the
+    codec by shards_changed()), so backward re-gathers and later micro-batches reuse them.
+    `precompute_scales()` right after the optimizer step does all units in one all-reduce.
 
 Both all-gathers land in one uint8 buffer per unit ([fp8 weights | pad | other params]), which is
 what FSDP keeps, frees and re-gathers as the unit's gathered buffer. The unit's parameters handed
@@ -36,11 +36,12 @@ it returns is the gradient with respect to the dequantized weight (straight-thro
 torchao). Any other op on a Float8Weight sees the dequantized weight.
 
     fsdp = FSDP(shapes, units, shard_group, param_dtype=torch.bfloat16)
-    enable_float8_all_gather(fsdp, fp8_names)   # then every gather of a unit with fp8 weights is fp8
+    fp8 = enable_float8_all_gather(fsdp, fp8_names)   # fsdp.codec: units with fp8 weights gather in fp8
     ...
-    optimizer.step(); fsdp.float8_all_gather.precompute_scales(fsdp.shards)   # optional
+    optimizer.step(); fp8.precompute_scales(fsdp.shards)   # optional
 
-Only torch, the stdlib and fsdp.py (the sibling file) are needed.
+`Float8AllGather` is FSDP's gather codec (see fsdp.py); units without fp8 weights go through the
+default one. Only torch, the stdlib and the siblings fsdp.py and mesh.py are needed.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._pytree import tree_map_only
 
-from .fsdp import FSDP, UnitLayout, _all_gather, _round_up, shard_ranges
+from .fsdp import FSDP, CastToParamDtype, UnitLayout, round_up, shard_ranges
+from .mesh import all_gather_single
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -151,30 +153,28 @@ def plan_float8_unit(layout: UnitLayout, fp8_names: Collection[str], world: int,
     counts = [sum(n for _, n in parts) for parts in hp_parts]
     hp_piece = max(counts)
     hp_offsets = dict(zip(hp, itertools.accumulate((math.prod(layout.shapes[i]) for i in hp), initial=0)))
-    hp_start = _round_up(layout.padded_numel, 16)
+    hp_start = round_up(layout.padded_numel, 16)
     return Float8UnitPlan(fp8_index=fp8_index, fp8_parts=fp8_parts,
                           hp_parts=hp_parts[layout.shard_start // layout.shard_numel], hp_piece=hp_piece,
                           hp_take=tuple((r * hp_piece, c) for r, c in enumerate(counts) if c),
                           hp_offsets=hp_offsets, hp_start=hp_start,
-                          nbytes=hp_start + _round_up(sum(counts) * param_dtype.itemsize, 16))
+                          nbytes=hp_start + round_up(sum(counts) * param_dtype.itemsize, 16))
 
 
 # ---------------------------------------------------------------- the gathers
 
 
 class Float8AllGather:
-    """The fp8 all-gathers of the FSDP units that hold fp8 weights, and their scales.
-    FSDP calls it as `fsdp.float8_all_gather` (see enable_float8_all_gather)."""
+    """FSDP's gather codec for the units that hold fp8 weights (their fp8 all-gathers and scales);
+    the other units go through the default codec (see enable_float8_all_gather)."""
 
     def __init__(self, fsdp: FSDP, fp8_names: Collection[str]):
         self.group, self.param_dtype, self.layouts = fsdp.shard_group, fsdp.param_dtype, fsdp.layouts
         world = dist.get_world_size(self.group)
         self.plans = {unit: plan_float8_unit(layout, fp8_names, world, self.param_dtype)
                       for unit, layout in fsdp.layouts.items() if any(n in fp8_names for n in layout.names)}
-        self.scales: dict[str, Tensor] = {}  # unit -> fp32 scale per fp8 weight, valid until forget_scales()
-
-    def applies(self, unit: str) -> bool:
-        return unit in self.plans
+        self.scales: dict[str, Tensor] = {}  # unit -> fp32 scale per fp8 weight, valid until shards_changed()
+        self.other_units = CastToParamDtype(self.param_dtype)
 
     # ------------------------------------------------------------ scales
 
@@ -186,7 +186,7 @@ class Float8AllGather:
         sizes = [len(self.plans[unit].fp8_index) for unit in units]
         self.scales = dict(zip(units, scale_from_amax(amax).split(sizes)))
 
-    def forget_scales(self) -> None:
+    def shards_changed(self) -> None:
         """The shards are about to change (FSDP.finish_grad_sync calls this before the optimizer step)."""
         self.scales = {}
 
@@ -208,18 +208,20 @@ class Float8AllGather:
 
     # ------------------------------------------------------------ all-gather
 
-    def start(self, unit: str, shard: Tensor) -> tuple["_Gathering", Tensor, tuple[Tensor, ...]]:
+    def start(self, unit: str, shard: Tensor, layout: UnitLayout, group: dist.ProcessGroup):
         """Start the unit's all-gathers into a new uint8 buffer: (work, buffer, the inputs, which
         must stay alive until work.wait())."""
-        plan, layout = self.plans[unit], self.layouts[unit]
+        if unit not in self.plans:
+            return self.other_units.start(unit, shard, layout, group)
+        plan = self.plans[unit]
         shard = shard.detach()
         full = torch.empty(plan.nbytes, dtype=torch.uint8, device=shard.device)
         piece = self._fp8_piece(unit, shard)
-        works = [_all_gather(full[:layout.padded_numel], piece, group=self.group, async_op=True)]
+        works = [all_gather_single(full[:layout.padded_numel], piece, group=self.group, async_op=True)]
         hp_piece, hp_gathered = self._hp_piece(plan, shard), None
         if plan.hp_piece:
             hp_gathered = hp_piece.new_empty(plan.hp_piece * dist.get_world_size(self.group))
-            works.append(_all_gather(hp_gathered, hp_piece, group=self.group, async_op=True))
+            works.append(all_gather_single(hp_gathered, hp_piece, group=self.group, async_op=True))
         hp_out = full[plan.hp_start:].view(self.param_dtype)
         return _Gathering(works, hp_gathered, plan.hp_take, hp_out), full, (piece, hp_piece)
 
@@ -242,10 +244,12 @@ class Float8AllGather:
             at += n
         return piece
 
-    def unit_params(self, unit: str, full: Tensor) -> tuple[Tensor, ...]:
+    def unit_params(self, unit: str, full: Tensor, layout: UnitLayout) -> tuple[Tensor, ...]:
         """The unit's params from its gathered buffer, in layout order: a Float8Weight for each
         fp8 weight, a param_dtype view for the others."""
-        plan, layout = self.plans[unit], self.layouts[unit]
+        if unit not in self.plans:
+            return self.other_units.unit_params(unit, full, layout)
+        plan = self.plans[unit]
         fp8 = full[:layout.padded_numel].view(E4M3)
         hp = full[plan.hp_start:].view(self.param_dtype)
         scales = self.scales[unit]
@@ -278,10 +282,10 @@ class _Gathering:
 
 def enable_float8_all_gather(fsdp: FSDP, fp8_names: Collection[str]) -> Float8AllGather:
     """From now on FSDP gathers each unit holding one of `fp8_names` in fp8 (and its other params in
-    param_dtype); the forward gets those weights as Float8Weight."""
+    param_dtype): the returned codec becomes fsdp.codec. The forward gets those weights as Float8Weight."""
     known = {n for layout in fsdp.layouts.values() for n in layout.names}
     unknown = sorted(set(fp8_names) - known)
     if unknown:
         raise ValueError(f"FSDP fp8 all-gather: {unknown[:5]} are in no FSDP unit; pass names of sharded weights")
-    fsdp.float8_all_gather = Float8AllGather(fsdp, fp8_names)
-    return fsdp.float8_all_gather
+    fsdp.codec = Float8AllGather(fsdp, fp8_names)
+    return fsdp.codec

@@ -10,7 +10,9 @@ every *other* coordinate with this rank: the group FSDP shards over when it fold
 
 Groups are made on first use with `torch.distributed.new_group`, which every rank must call
 in the same order: ask for the same groups in the same order on all ranks (SPMD code does).
-Only torch is needed, so this file can be copied on its own.
+The other files of collectives/ take two things from here: `new_groups` (every rank makes every
+group of a partition, keeps its own) and the names of the single-tensor collectives, which differ
+between torch releases. Only torch is needed, so this file can be copied on its own.
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ import torch
 import torch.distributed as dist
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names warn);
+# torch 2.11 has only the old names
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, int]:
@@ -83,7 +90,7 @@ class Mesh:
         self.rank = rank
         self.world_size = math.prod(self.sizes.values())
         self.coords = dict(zip(DIMS, _unravel(rank, [self.sizes[d] for d in DIMS])))
-        self._groups: dict[tuple[str, ...], dist.ProcessGroup] = {}
+        self.groups: dict[tuple[str, ...], dist.ProcessGroup] = {}  # the groups made so far, by their dims
 
     def size(self, *dims: str) -> int:
         return math.prod(self.sizes[d] for d in dims)
@@ -98,14 +105,9 @@ class Mesh:
     def group(self, *dims: str) -> dist.ProcessGroup:
         """The group of ranks that differ from this one only along `dims` (collective on first use)."""
         dims = tuple(d for d in DIMS if d in dims)
-        if dims not in self._groups:
-            mine = None
-            for members in self._enumerate(dims):
-                g = dist.new_group(members, timeout=self.timeout)  # every rank makes every group, in the same order
-                if self.rank in members:
-                    mine = g
-            self._groups[dims] = mine
-        return self._groups[dims]
+        if dims not in self.groups:
+            self.groups[dims] = new_groups(self._enumerate(dims), self.rank, self.timeout)
+        return self.groups[dims]
 
     def ranks(self, *dims: str) -> list[int]:
         """Global ranks of this rank's group over `dims`, in group-rank order."""
@@ -124,6 +126,16 @@ class Mesh:
     def __repr__(self):
         shown = ", ".join(f"{d}={s}" for d, s in self.sizes.items() if s > 1)
         return f"Mesh({shown}; {self.world_size} ranks)" if shown else "Mesh(one process)"
+
+
+def new_groups(rank_lists: list[list[int]], rank: int, timeout: timedelta | None = None) -> dist.ProcessGroup:
+    """Make one process group per list (a partition of the ranks) and return the one holding `rank`.
+    Collective: every rank makes every group, in the same order, as torch.distributed.new_group asks."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks, timeout=timeout)
+        mine = group if rank in ranks else mine
+    return mine
 
 
 def _unravel(index: int, shape: list[int]) -> list[int]:

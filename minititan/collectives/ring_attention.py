@@ -23,7 +23,8 @@ query heads only right before the kernel, and sums the gradient over each group 
 Blocks run on the attention kernels that also return the log-sum-exp: flash attention on CUDA
 (bf16/fp16), PyTorch's flash kernel on CPU (any float dtype), and a plain-math version for the
 rest (fp32 on CUDA, which flash does not support: exact, but it materializes the block's scores).
-Only torch is needed, so this file can be copied on its own. docs/context_parallel.md has the math.
+Only torch and the sibling mesh.py are needed, so this file can be copied. docs/context_parallel.md
+has the math.
 """
 from __future__ import annotations
 
@@ -31,9 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Newer torch names the single-tensor collectives *_single and deprecates the old names older torch needs.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from .mesh import all_gather_single, reduce_scatter_single
 
 ROTATE_MODES = ("ring", "allgather")
 

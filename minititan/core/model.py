@@ -9,7 +9,8 @@ There are no nn.Modules. Parallelism works on two seams, both explicit:
     *unit* of parameters through `ops.gather(params, unit)` right before the unit runs;
   * the `Ops` record: the few operations the forward calls (linear, attention, embedding,
     cross-entropy, the entry/exit of a tensor-parallel region, the wrapper around each block).
-A layout swaps entries of `Ops`; the model code never changes.
+A layout swaps entries of `Ops`; the model code never changes. The model also declares how tensor
+parallelism may split it (`tp_shard_dim`): the files of collectives/ know no parameter names.
 
 Units are what FSDP shards and gathers as one: `tok_embeddings`, `layers.{i}.attention`
 (attention_norm + wq wk wv wo), `layers.{i}.feed_forward` (ffn_norm + w1 w2 w3), and
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from minititan.core import moe
 from minititan.core.config import Model, hidden_dim
 
 Params = dict[str, Tensor]
@@ -52,16 +54,11 @@ def param_shapes(cfg: Model) -> dict[str, tuple[int, ...]]:
 
 
 def feed_forward_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
-    if cfg.name == "moe" and is_moe_layer(cfg, i):
-        from minititan.core.moe import moe_shapes
-        return moe_shapes(cfg, i)
+    if moe.is_moe_layer(cfg, i):
+        return moe.moe_shapes(cfg, i)
     L, h = f"layers.{i}.", hidden_dim(cfg)
     return {L + "ffn_norm": (cfg.dim,), L + "feed_forward.w1": (h, cfg.dim),
             L + "feed_forward.w2": (cfg.dim, h), L + "feed_forward.w3": (h, cfg.dim)}
-
-
-def is_moe_layer(cfg: Model, i: int) -> bool:
-    return cfg.name == "moe" and i % cfg.moe_frequency == cfg.moe_frequency - 1
 
 
 def unit_of(name: str) -> str:
@@ -82,6 +79,23 @@ def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     """Whether forward multiplies `name` through ops.linear (the MoE experts, 3-D, go through a
     grouped GEMM; the router and the embedding through other ops)."""
     return len(shape) == 2 and name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS
+
+
+# The tensor-parallel plan, by the end of a name (full or unit-local): column-parallel weights keep
+# a slice of their output features (dim 0), row-parallel ones of their input features (dim 1), the
+# embedding and the head of the vocabulary (dim 0); the rest (norms, MoE layers) stays whole.
+TP_COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+TP_ROW = ("attention.wo", "feed_forward.w2")
+TP_VOCAB = ("tok_embeddings", "output")
+
+
+def tp_shard_dim(name: str) -> int | None:
+    """The dim tensor parallelism splits parameter `name` along (0 or 1), or None if it is replicated."""
+    def matches(keys: tuple[str, ...]) -> bool:
+        return any(name == key or name.endswith("." + key) for key in keys)
+    if matches(TP_COLUMN + TP_VOCAB):
+        return 0
+    return 1 if matches(TP_ROW) else None
 
 
 def units(cfg: Model) -> dict[str, list[str]]:
@@ -230,15 +244,15 @@ class Ops:
     into_tp: Callable = identity  # before the column-parallel matmuls                   [TP/SP]
     out_of_tp: Callable = identity  # after the row-parallel matmuls                     [TP/SP]
     run_block: Callable = call  # (block_fn, *args): where compile / checkpointing wrap  [AC]
-    moe: Callable = None  # (p, x, cfg, ops) -> y, set by minititan.core.moe             [EP]
+    sum_over_sequence: Callable = moe.whole_sequences  # (stats, seq_len): MoE's, over a sequence's ranks [CP/SP]
+    moe: Callable = None  # (p, x, cfg, ops) -> y: the MoE layer (core/moe.py)            [EP]
 
 
 def default_ops(cfg: Model) -> Ops:
     unit_names = units(cfg)
     ops = Ops(gather=lambda params, unit: select_unit(params, unit, unit_names[unit]))
     if cfg.name == "moe":
-        from minititan.core.moe import moe_feed_forward
-        ops.moe = moe_feed_forward
+        ops.moe = moe.moe_feed_forward
     return ops
 
 
@@ -330,7 +344,7 @@ def layer(params: Params, i: int, x: Tensor, rope, cfg: Model, ops: Ops) -> Tens
     hd = cfg.dim // cfg.n_heads
     x = ops.run_block(attention_block, ops.gather(params, f"layers.{i}.attention"), x, rope, cfg.norm_eps, hd, ops)
     p = ops.gather(params, f"layers.{i}.feed_forward")
-    if is_moe_layer(cfg, i):
+    if moe.is_moe_layer(cfg, i):
         return ops.run_block(ops.moe, p, x, cfg, ops)
     return ops.run_block(feed_forward_block, p, x, cfg.norm_eps, ops)
 
@@ -387,6 +401,5 @@ def flops_per_token(cfg: Model, seq_len: int) -> float:
                         MFU figures of the two compare directly."""
     n = num_params(cfg, exclude_embedding=True)
     if cfg.name == "moe":
-        from minititan.core.moe import inactive_expert_params
-        n -= inactive_expert_params(cfg)
+        n -= moe.inactive_expert_params(cfg)
     return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len

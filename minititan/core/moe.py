@@ -16,7 +16,8 @@
       injected in the backward of the layer output (`_SideGradients`), so it works unchanged
       under activation checkpointing, pipeline stages and torch.compile. When a sequence is
       split over ranks (context parallel, sequence parallel) its statistics are summed over
-      those ranks first (`sequence_group`), so the loss is that of the whole sequence.
+      those ranks first (`ops.sum_over_sequence`, the layer's one collective, which the layout
+      supplies), so the loss is that of the whole sequence.
     - expert bias (bias_update_rate > 0): the bias is not learned by gradient descent. Its
       .grad slot instead receives the number of tokens routed to each expert, so the loads are
       summed over micro-batches and data-parallel ranks by the same reduction as every other
@@ -31,7 +32,6 @@ import functools
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -41,6 +41,10 @@ Experts = dict[str, Tensor]  # "w1", "w2", "w3": this rank's stacked expert weig
 
 
 # ---------------------------------------------------------------- shapes and accounting
+
+
+def is_moe_layer(cfg: Model, i: int) -> bool:
+    return cfg.name == "moe" and i % cfg.moe_frequency == cfg.moe_frequency - 1
 
 
 def expert_hidden_dim(cfg: Model) -> int:
@@ -64,7 +68,6 @@ def moe_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
 
 def inactive_expert_params(cfg: Model) -> int:
     """Expert weights a token does not use: (n_experts - top_k) experts in every MoE layer."""
-    from minititan.core.model import is_moe_layer
     n_moe_layers = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers))
     return n_moe_layers * (cfg.n_experts - cfg.top_k) * 3 * expert_hidden_dim(cfg) * cfg.dim
 
@@ -90,8 +93,13 @@ def tokens_per_expert(chosen: Tensor, n_experts: int) -> Tensor:
     return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def whole_sequences(stats: Tensor, seq_len: int) -> tuple[Tensor, int]:
+    """ops.sum_over_sequence when every rank holds whole sequences: nothing to add."""
+    return stats, seq_len
+
+
 def sequence_balance_loss(scores: Tensor, chosen: Tensor, cfg: Model,
-                          sequence_group: dist.ProcessGroup | None = None) -> Tensor:
+                          sum_over_sequence: Callable[[Tensor, int], tuple[Tensor, int]] = whole_sequences) -> Tensor:
     """DeepSeek-V3's sequence-wise balance loss, one value per sequence: [batch].
 
         sum_e f_e * P_e,   f_e = E / (k S) * (tokens of the sequence sent to e)   (1 when balanced)
@@ -101,44 +109,19 @@ def sequence_balance_loss(scores: Tensor, chosen: Tensor, cfg: Model,
     the scores rate low. Per sequence (not per batch) so its value does not depend on how sequences
     are split over ranks.
 
-    sequence_group: the ranks that each hold an equal part of these sequences (cp, and tp under
-    sequence parallel), or None. The token counts and score sums are summed over it before they
-    are divided by the whole S, so every rank of the group gets the whole sequence's loss."""
+    sum_over_sequence(stats, S) -> (stats, S) summed over the ranks that each hold an equal part of
+    these sequences (cp, and tp under sequence parallel; ops.sum_over_sequence). The token counts
+    and score sums are summed before they are divided by the whole S, so every rank of the group
+    gets the whole sequence's loss."""
     b, s, E = scores.shape
     probs = scores / scores.sum(-1, keepdim=True)  # a no-op for softmax; sigmoid scores don't sum to 1
     counts = torch.zeros(b, E, device=scores.device).scatter_add_(
         1, chosen.reshape(b, -1), torch.ones(b, s * cfg.top_k, device=scores.device))
     stats = torch.stack([counts, probs.sum(1)])  # [2, b, E]: one collective for both
-    if sequence_group is not None:
-        stats = _SumOverRanks.apply(stats, sequence_group)
-        s *= dist.get_world_size(sequence_group)  # the parts are equal: cp and sp split evenly
+    stats, s = sum_over_sequence(stats, s)
     counts, score_sums = stats.unbind(0)
     f = counts * (E / (cfg.top_k * s))
     return (f * score_sums / s).sum(-1)
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """y = sum over ranks of x_r (all-reduce), whose backward is the all-reduce of the gradient.
-
-    Every rank r adds its own term J_r(y) of the same y to the objective, so for every rank q
-    d(sum_r J_r)/d(x_q) = sum_r dJ_r/dy: the sum over ranks of each rank's gradient wrt y. Here
-    J_r is rank r's aux term, weighted by its own tokens (coef * local seq len): the weights add
-    up to the one-process coef * S over the group."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    x = x.clone(memory_format=torch.contiguous_format)  # never reduce in place into a tensor autograd holds
-    dist.all_reduce(x, group=group)
-    return x
 
 
 # ---------------------------------------------------------------- the experts
@@ -227,8 +210,7 @@ def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
 
 def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
                      run_experts: Callable[[Tensor, Tensor, Experts], Tensor] = run_experts,
-                     aux_loss_scale: float = 1.0, aux_log: list | None = None,
-                     sequence_group: dist.ProcessGroup | None = None) -> Tensor:
+                     aux_loss_scale: float = 1.0, aux_log: list | None = None) -> Tensor:
     """x + MoE(RMSNorm(x)), x [batch, seq, dim]; p has the layer-relative names (moe.router, ...).
 
     run_experts(x_sorted, counts, experts) computes the experts; expert parallelism replaces it.
@@ -239,13 +221,12 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
     aux_log: if given, each call appends its mean balance loss (detached, on the device) for
       the metrics. Activation checkpointing recomputes and appends it again; the mean over the
       list is unchanged by that.
-    sequence_group: the ranks holding the other parts of x's sequences (cp, and tp under sequence
-      parallel), or None if x holds whole sequences. Every token is routed where it is; only the
-      balance statistics are summed over the group (see sequence_balance_loss). Each rank counts
-      the aux loss with its own seq len, so the group's terms add up to coef * S per sequence."""
-    from minititan.core.model import rms_norm
+    ops.sum_over_sequence sums the balance statistics over the ranks holding the other parts of
+      x's sequences (cp, and tp under sequence parallel); every token is routed where it is (see
+      sequence_balance_loss). Each rank counts the aux loss with its own seq len, so the group's
+      terms add up to coef * S per sequence."""
     b, s, d = x.shape
-    h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
+    h = F.rms_norm(x, (d,), p["ffn_norm"].to(x.dtype), cfg.norm_eps)  # as the dense blocks' (model.rms_norm)
     scores, chosen, weights = route(h, p["moe.router"], p["moe.expert_bias"], cfg)
 
     # sort the (token, slot) pairs by expert so every expert's rows are one contiguous block
@@ -266,7 +247,7 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
     aux_sum = None
     if cfg.aux_loss_coef > 0 or aux_log is not None:
         needs_grad = cfg.aux_loss_coef > 0  # logging only: no backward through the group's sum
-        balance = sequence_balance_loss(scores if needs_grad else scores.detach(), chosen, cfg, sequence_group)
+        balance = sequence_balance_loss(scores if needs_grad else scores.detach(), chosen, cfg, ops.sum_over_sequence)
         if aux_log is not None:
             aux_log.append(balance.detach().mean())
         if needs_grad:

@@ -6,15 +6,13 @@ its last 10% apart (core/data.py), a token file given as validation.dataset is h
 batches are the same at every evaluation (batch i is a pure function of seed and i), so the curve
 moves only because the model does.
 
-The forward is the training forward without gradients: each rank takes its rows, the layout
-prepares them (context parallel keeps its part of each sequence), `model.loss_sum` runs with the
-layout's params and ops (tensor-parallel loss, FSDP gathers, ring attention) inside the layout's
-forward context, and the per-rank sums add up over `layout.loss_group`, exactly like the training
-loss. val_loss is the mean token cross-entropy, val_ppl its exp.
-
-A pipeline-parallel layout runs only part of the model on each rank, so it brings its own
-forward-only pipeline: `layout.eval_loss_sum(inputs, labels, n_micro) -> Tensor`, this rank's
-summed loss (zero but on the last stage; loss_group then includes pp), used when present.
+The forward is the training forward without gradients: each rank takes its rows and runs the
+trainer's micro-batch loop (layout/microbatches.py) with backward=False: the layout prepares
+them (context parallel keeps its part of each sequence), the model runs with the layout's params
+and ops (tensor-parallel loss, FSDP gathers, ring attention, a pipeline's stages), and the
+per-rank sums add up over `layout.loss_group`, exactly like the training loss (under pp the sum
+is on the last stage, and loss_group includes pp). val_loss is the mean token cross-entropy,
+val_ppl its exp.
 """
 from __future__ import annotations
 
@@ -24,9 +22,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from minititan.core import model
 from minititan.core.config import Config, UserError
 from minititan.core.data import TokenSource, rank_rows
+from minititan.layout.microbatches import forward_backward
 
 
 class Validator:
@@ -48,30 +46,17 @@ class Validator:
         start = time.perf_counter()
         t = self.cfg.training
         total = torch.zeros((), device=self.device)
-        with torch.profiler.record_function("validation"):  # a named range in a profiler trace
+        rows = self.layout.facts.data_rank, self.layout.facts.data_size
+        with torch.profiler.record_function("validation"), torch.no_grad():  # a named range in a profiler trace
             for i in range(1, self.cfg.validation.steps + 1):
                 inputs, labels = self.source.batch(t.seed, i, t.global_batch_size, t.seq_len, split=self.split)
-                rows = self.layout.data_rank, self.layout.data_size
-                total += self.loss_sum(rank_rows(inputs, *rows).to(self.device, non_blocking=True),
-                                       rank_rows(labels, *rows).to(self.device, non_blocking=True))
+                inputs = rank_rows(inputs, *rows).to(self.device, non_blocking=True)
+                labels = rank_rows(labels, *rows).to(self.device, non_blocking=True)
+                total += forward_backward(self.layout, inputs, labels, self.n_micro, 1.0, backward=False)
             if dist.get_world_size(self.layout.loss_group) > 1:
                 dist.all_reduce(total, group=self.layout.loss_group)
         loss = total.item() / (self.cfg.validation.steps * t.global_batch_size * t.seq_len)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_time_s": time.perf_counter() - start}
-
-    @torch.no_grad()
-    def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """This rank's summed token cross-entropy over its rows of one batch (forward only)."""
-        layout = self.layout
-        pipelined = getattr(layout, "eval_loss_sum", None)
-        if pipelined is not None:
-            return pipelined(inputs, labels, self.n_micro)
-        total = torch.zeros((), device=self.device)
-        inputs, labels, positions = layout.prepare(inputs, labels)
-        for x, y in zip(inputs.chunk(self.n_micro), labels.chunk(self.n_micro)):
-            with layout.forward_context():
-                total += model.loss_sum(layout.params, x, y, self.cfg.model, layout.ops, positions=positions).float()
-        return total
 
 
 def held_out(cfg: Config, data: TokenSource) -> tuple[TokenSource, str]:

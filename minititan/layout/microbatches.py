@@ -1,0 +1,44 @@
+"""The one micro-batch loop: the training step, validation and the pipeline's stages all run it.
+
+A rank's rows of a batch are prepared once (context parallel keeps its part of each sequence),
+then cut into micro-batches of training.local_batch_size rows. Each micro-batch's loss is its
+summed token cross-entropy times `scale` (training: 1 / label tokens of the global batch, so that
+gradients just add up over micro-batches and ranks); with `backward` its gradients accumulate in
+.grad. Under pipeline parallel a micro-batch runs through the schedule of this rank's stages.
+
+nanoGPT-style, the loop shows where the gradient reductions start: before the backward of the
+last micro-batch (layout.start_last_microbatch), so that they overlap it. Not under a pipeline:
+its backward accumulates each parameter's gradient once per pipeline microbatch, and a reduction
+started at the first would miss the rest. The trainer finishes them after the loop
+(layout.finish_grads).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from minititan.core import model
+from minititan.layout.contract import Layout
+
+
+def forward_backward(layout: Layout, inputs: Tensor, labels: Tensor, n_micro: int, scale: float,
+                     backward: bool = True) -> Tensor:
+    """This rank's share of the loss of its rows, detached (on the last pp stage only under pp).
+    backward=False: forward only (validation; call it under torch.no_grad())."""
+    total = torch.zeros((), device=inputs.device)
+    inputs, labels, positions = layout.prepare(inputs, labels)
+    for i, (x, y) in enumerate(zip(inputs.chunk(n_micro), labels.chunk(n_micro))):
+        if layout.pipeline is not None:
+            loss = layout.pipeline.run(layout, x, y, positions, scale, backward)
+            if loss is not None:
+                total += loss
+            continue
+        if backward and i == n_micro - 1:
+            for start in layout.start_last_microbatch:
+                start()
+        with layout.forward_context():
+            loss = model.loss_sum(layout.params, x, y, layout.facts.model, layout.ops, positions=positions) * scale
+        if backward:
+            loss.backward()
+        total += loss.detach()
+    return total

@@ -1,0 +1,161 @@
+"""From (config, world) to this rank's Layout: the refusals, the facts, then the recipe.
+
+    check(cfg, world)                  every refusal the config and the world size decide, before any
+                                       rank starts: one UserError naming the fix (cli, tests)
+    layout = build(cfg, mesh, device)  this rank's Layout (contract.py)
+
+build applies one dimension of the mesh pp x dp_replicate x dp_shard x cp x tp after another to
+the single-device layout, each from its own file beside the mechanism it drives (pipeline.py,
+tensor_parallel.py, fsdp.py or data_parallel.py, context_parallel.py, moe.py; Float8 here).
+Ranks that differ only along the data dims (dp_replicate, dp_shard, cp) see different tokens and
+sum their gradients; under FSDP into their own shards. docs/architecture.md has the map.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from minititan.collectives.mesh import Mesh, resolve_degrees
+from minititan.core import mixed_precision, model
+from minititan.core.activation_checkpoint import block_runner
+from minititan.core.config import ActivationCheckpoint, Compile, Config, UserError
+from minititan.core.float8 import float8_ops
+from minititan.layout import context_parallel, data_parallel, fsdp, moe, pipeline, tensor_parallel
+from minititan.layout.contract import DATA_DIMS, Facts, Layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def mesh_sizes(cfg: Config, world: int) -> dict[str, int]:
+    par = cfg.parallelism
+    try:
+        return resolve_degrees(world, pp=par.pp, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
+                               cp=par.cp, tp=par.tp)
+    except ValueError as e:
+        raise UserError(f"parallelism: {e}") from None
+
+
+def check(cfg: Config, world: int) -> None:
+    """Every refusal that needs only the config and the world size, as one UserError naming the fix:
+    the one way to ask whether a layout is refused, and with which words (the CLI asks it before
+    any rank starts, so that bad input is one line rather than one per rank)."""
+    refuse(cfg, Mesh(mesh_sizes(cfg, world), rank=0))  # no process groups: they are made on first use
+
+
+def refuse(cfg: Config, mesh: Mesh) -> None:
+    """Refuse, before any collective, a layout that does not divide the model or the batch."""
+    par, seq_len = cfg.parallelism, cfg.training.seq_len
+    if par.async_tp and cfg.float8.enable:
+        raise UserError("parallelism.async_tp and float8.enable both replace the linear op; "
+                        "set one of them to false")
+    if par.async_tp and not par.sequence_parallel:
+        raise UserError("parallelism.async_tp overlaps the sequence-parallel collectives with the matmuls: "
+                        "set parallelism.sequence_parallel = true as well (or async_tp = false)")
+    pipeline.refuse(cfg, mesh.size("pp"))
+    moe.refuse(cfg, mesh)
+    if mesh.size("cp") > 1:
+        context_parallel.refuse(seq_len, mesh.size("cp"))
+    if mesh.size("tp") > 1:
+        sp_seq_len = seq_len // mesh.size("cp") if par.sequence_parallel else None  # what one tp group splits
+        tensor_parallel.refuse(cfg.model, mesh.size("tp"), sp_seq_len)
+    microbatches(cfg, mesh.size("dp_replicate", "dp_shard"))
+
+
+def microbatches(cfg: Config, data_size: int) -> int:
+    t = cfg.training
+    per_rank = t.global_batch_size // data_size
+    if t.global_batch_size % data_size or per_rank % t.local_batch_size:
+        raise UserError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+                        f"training.local_batch_size={t.local_batch_size} x data-parallel ranks={data_size}")
+    return per_rank // t.local_batch_size
+
+
+# ---------------------------------------------------------------- the facts and the recipe
+
+
+def layout_facts(cfg: Config, mesh: Mesh) -> Facts:
+    par, t = cfg.parallelism, cfg.training
+    sequence_parallel = mesh.size("tp") > 1 and par.sequence_parallel
+    pp = mesh.size("pp")
+    return Facts(model=cfg.model, seed=t.seed, param_dtype=DTYPES[t.param_dtype], reduce_dtype=DTYPES[t.reduce_dtype],
+                 loss_scale=1.0 / (t.global_batch_size * t.seq_len),
+                 data_rank=mesh.local_rank("dp_replicate", "dp_shard"), data_size=mesh.size("dp_replicate", "dp_shard"),
+                 n_micro=microbatches(cfg, mesh.size("dp_replicate", "dp_shard")),
+                 fsdp=mesh.size(*fsdp.FSDP_DIMS) > 1, reshard_after_forward=par.fsdp_reshard_after_forward,
+                 reduce_every_microbatch=par.fsdp_reduce_every_microbatch, ep=par.ep,
+                 sequence_parallel=sequence_parallel,
+                 async_tp=sequence_parallel and par.async_tp,
+                 sequence_dims=("cp", "tp") if sequence_parallel else ("cp",),
+                 n_stages=pp * pipeline.virtual_stages(cfg) if pp > 1 else 1,
+                 stages=pipeline.rank_layers(cfg, mesh.local_rank("pp")) if pp > 1 else {0: range(cfg.model.n_layers)},
+                 splits_backward=pp > 1 and par.pp_schedule == "zero_bubble")
+
+
+def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
+    refuse(cfg, mesh)
+    facts, par = layout_facts(cfg, mesh), cfg.parallelism
+    loss_group = mesh.group("pp", *DATA_DIMS) if mesh.size("pp") > 1 else mesh.group(*DATA_DIMS)
+    layout = Layout(facts, base_ops(facts, cfg.compile, cfg.activation_checkpoint), loss_group)
+
+    # What this rank holds: its stages' tensors (pp), its tp slice of each; MoE keeps expert_bias,
+    # and under ep its expert slices, apart (moe.py holds them).
+    shapes = pipeline.held_shapes(facts)
+    apart = moe.held_apart(facts, mesh, shapes)
+    boxes = {name: box for name, box in tensor_parallel.boxes(shapes, mesh).items() if name not in apart}
+
+    # How it stores them and sums their gradients over the data dims: flat shards over dp_shard x cp
+    # (HSDP: replicated over dp_replicate), or whole tensors summed by DDP over dp_replicate x cp.
+    if facts.fsdp:
+        main = fsdp.apply(layout, boxes, shapes, mesh, device)
+    else:
+        main = data_parallel.apply(layout, boxes, shapes, mesh, device)
+
+    # The other dimensions, each adding its ops and, in this order, its sync points.
+    if mesh.size("tp") > 1:
+        tensor_parallel.apply(layout, main, mesh)
+    if mesh.size("cp") > 1:
+        context_parallel.apply(layout, mesh, device, cfg.training.seq_len, par.cp_rotate)
+    if cfg.model.name == "moe":
+        moe.apply(layout, mesh, device, shapes, apart, cfg.model.bias_update_rate)
+    if cfg.float8.enable:  # last: it wraps whatever gather and linear the layout chose
+        f8 = cfg.float8
+        layout.ops = float8_ops(layout.ops, recipe=f8.recipe, filter=tuple(f8.filter), device=device,
+                                force_recompute_weight_in_bwd=f8.force_recompute_weight_in_bwd)
+        if facts.fsdp and f8.fsdp_all_gather:
+            fsdp.float8_all_gather(layout, main.fsdp, tuple(f8.filter), f8.precompute_scale)
+    if mesh.size("pp") > 1:
+        pipeline.apply(layout, cfg, mesh, device)
+    return layout
+
+
+# ---------------------------------------------------------------- the single-device ops
+
+
+def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint) -> model.Ops:
+    """The single-device ops: select each unit's params (cast to the compute dtype) and run blocks
+    with the configured activation checkpointing and compile."""
+    ops = model.default_ops(facts.model)
+    if facts.param_dtype != torch.float32:
+        ops.gather = cast_gather(ops.gather, facts.param_dtype, keep_linear_weights=not facts.splits_backward)
+        ops.linear = mixed_precision.linear
+    if compile.enable:  # the loss too: the fp32 upcast and log-softmax fuse into one pass over the logits
+        ops.cross_entropy = torch.compile(ops.cross_entropy)
+    first_stage = next(iter(facts.stages.values()))  # AC's every-N-th counts restart at each forward
+    ops.run_block = block_runner(ac.mode, ac.selective, compile.enable, len(first_stage))
+    return ops
+
+
+def cast_gather(select: Callable, dtype: torch.dtype, keep_linear_weights: bool) -> Callable:
+    """ops.gather casting the unit's fp32 masters to the compute dtype, except (keep_linear_weights)
+    the linears' weights: mixed_precision.linear casts those itself so that their gradients come out
+    of the GEMM in fp32. Zero bubble keeps the casts here: it splits the backward at autograd's
+    own matmul nodes (schedules/split_backward.py), and a custom Function's backward cannot be split."""
+    def gather(params, unit):
+        return {n: t if keep_linear_weights and model.is_linear_weight(n, t.shape) else t.to(dtype)
+                for n, t in select(params, unit).items()}
+
+    return gather
