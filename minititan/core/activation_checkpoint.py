@@ -19,6 +19,8 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from minititan.core import mixed_precision  # noqa: F401  (defines torch.ops.minititan.master_linear)
+
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
@@ -28,6 +30,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.minititan.master_linear.default,  # the compiled bf16 linear on an fp32 master (mixed_precision.py)
     # Float8's amaxes (a scalar, or one per row): kept, the recompute casts with them instead of
     # reading the weight and the activation once more to reduce them again. torchtitan's policy
     # keeps aten.max, its spelling of the same reduction, for the same reason.

@@ -9,7 +9,16 @@ for an fp32 result writes the fp32 gradient directly (4 bytes) and the copy disa
 
 `linear(x, w)` is the layouts' Ops.linear: with w in x's dtype it is F.linear; with a wider w (the
 fp32 master) it casts w itself and writes dw in w's dtype. The layout's gather then hands the
-linear weights over uncast (see parallelize.base_ops).
+linear weights over uncast (see layout/parallelize.base_ops).
+
+Two spellings of the same op. Eager, an autograd.Function (the cheapest call). Compiled, a
+torch.library custom op: the compiler sees it as one node of the graph, which activation
+checkpointing may recompute like any other, whereas the saved tensors of an autograd.Function
+traced inside a checkpointed block are kept for backward whatever the policy says (torch 2.11:
+under full AC that kept every linear's input of every layer, benchmarks/single_gpu.md). The op
+also returns the cast weight, so that backward reuses it and the checkpoint policy can choose to
+keep it (activation_checkpoint.py keeps the op's outputs under selective AC, as it keeps every
+matmul's).
 """
 from __future__ import annotations
 
@@ -22,6 +31,8 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     """x [..., K] @ w[N, K].T in x's dtype; the gradient of w comes back in w's own dtype."""
     if w.dtype == x.dtype:
         return F.linear(x, w)
+    if torch.compiler.is_compiling():
+        return master_linear(x, w)[0]
     return MasterWeightLinear.apply(x, w)
 
 
@@ -38,9 +49,40 @@ class MasterWeightLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, w_low = ctx.saved_tensors
-        dx = dy @ w_low
-        dw = weight_grad(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), ctx.w_dtype)
-        return dx, dw
+        return linear_backward(dy, x, w_low, ctx.w_dtype)
+
+
+@torch.library.custom_op("minititan::master_linear", mutates_args=())
+def master_linear(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """(x @ w.to(x.dtype).T, w.to(x.dtype)): MasterWeightLinear as one op the compiler can recompute."""
+    w_low = w.to(x.dtype)
+    return F.linear(x, w_low), w_low
+
+
+@master_linear.register_fake
+def _(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(*x.shape[:-1], w.shape[0]), w.new_empty(w.shape, dtype=x.dtype)
+
+
+def _save_for_master_linear_backward(ctx, inputs, output):
+    x, w = inputs
+    ctx.save_for_backward(x, output[1])
+    ctx.w_dtype = w.dtype
+
+
+def _master_linear_backward(ctx, dy: Tensor, _dw_low: Tensor):
+    x, w_low = ctx.saved_tensors
+    return linear_backward(dy, x, w_low, ctx.w_dtype)
+
+
+master_linear.register_autograd(_master_linear_backward, setup_context=_save_for_master_linear_backward)
+
+
+def linear_backward(dy: Tensor, x: Tensor, w_low: Tensor, w_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(dx, dw) of y = x @ w_low.T, dw in w_dtype."""
+    dx = dy @ w_low
+    dw = weight_grad(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), w_dtype)
+    return dx, dw
 
 
 def weight_grad(dy: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
