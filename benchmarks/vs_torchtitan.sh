@@ -6,6 +6,8 @@
 #   bash benchmarks/vs_torchtitan.sh table1a     # bf16 rows: eager, compile, selective AC + compile
 #   bash benchmarks/vs_torchtitan.sh table1b     # Float8 rows (and our bf16 batch 2, for the ratio)
 #   bash benchmarks/vs_torchtitan.sh table1c     # the 1B shape
+#   bash benchmarks/vs_torchtitan.sh table1d     # seq 2048 and 4096 (8192 tokens a step), compile
+#   bash benchmarks/vs_torchtitan.sh long1       # seq 32,768 and 65,536, full AC + compile
 #   bash benchmarks/vs_torchtitan.sh table1a optim
 #       with the rows of table1a (whose compiled runs take the compiled optimizer step, the default
 #       there) the same runs on the fused kernel, and validation's cost at 3 batches (issue 15)
@@ -50,6 +52,16 @@ case "$1" in
   table1c) rows=(
     "mt_1B_selop_compile_b4|-c configs/llama3_8b.toml --model.dim=2048 --model.n_layers=16 --model.ffn_dim_multiplier=1.5 --model.multiple_of=256 --model.rope_scaling=false $(b 4)"
     "tt_1B_selop_compile_b4|@torchtitan --model.flavor 1B --training.seq_len 8192 --training.local_batch_size 4 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op --compile.enable") ;;
+  table1d) rows=(  # short sequences, where the per-step overheads weigh most: 8192 tokens a step as batch 1 at 8192
+    "mt_s2048_compile_b4|$M8 --training.seq_len=2048 $(b 4) --activation_checkpoint.mode=none"
+    "tt_s2048_compile_b4|$T8 --training.seq_len 2048 --training.local_batch_size 4 --activation_checkpoint.mode none --compile.enable"
+    "mt_s4096_compile_b2|$M8 --training.seq_len=4096 $(b 2) --activation_checkpoint.mode=none"
+    "tt_s4096_compile_b2|$T8 --training.seq_len 4096 --training.local_batch_size 2 --activation_checkpoint.mode none --compile.enable") ;;
+  long1) rows=(  # long context on one GPU, full AC + compile (BENCH_STEPS=12 BENCH_AFTER=6 BENCH_LOG_FREQ=2)
+    "mt_s32k_full|$M8 --training.seq_len=32768 $(b 1) --activation_checkpoint.mode=full"
+    "tt_s32k_full|$T8 --training.seq_len 32768 --training.local_batch_size 1 --activation_checkpoint.mode full --compile.enable"
+    "mt_s65k_full|$M8 --training.seq_len=65536 $(b 1) --activation_checkpoint.mode=full"
+    "tt_s65k_full|$T8 --training.seq_len 65536 --training.local_batch_size 1 --activation_checkpoint.mode full --compile.enable") ;;
   fsdp2_eager) rows=("mt_fsdp2_eager|$F2 --compile.enable=false" "tt_fsdp2_eager|$TF2") ;;
   fsdp2_compile) rows=("mt_fsdp2_compile|$F2" "tt_fsdp2_compile|$TF2 --compile.enable") ;;
   fsdp2_fp8) rows=(
