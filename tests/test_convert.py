@@ -6,6 +6,7 @@ benchmarks/hf_logits_check.py runs the same comparison against transformers itse
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -108,11 +109,13 @@ def read_safetensors(path) -> dict:
 
 
 def hf_style_logits(t: dict, c: dict, tokens: torch.Tensor) -> torch.Tensor:
-    """LlamaForCausalLM's math on HF-layout weights: rotate_half RoPE, GQA by repeating kv heads."""
+    """The causal LMs' math on HF-layout weights: rotate_half RoPE, GQA by repeating kv heads; where the
+    weights have them, q/k/v biases (Qwen2) and per-head q/k RMSNorm before RoPE (Qwen3); MoE blocks as
+    hf_style_moe."""
     d, H, KV, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
-    hd, (b, s) = d // H, tokens.shape
+    hd, (b, s) = c.get("head_dim") or d // H, tokens.shape
     inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    if c["rope_scaling"]:  # transformers' _compute_llama3_parameters, restated
+    if c.get("rope_scaling"):  # transformers' _compute_llama3_parameters, restated
         r = c["rope_scaling"]
         old, low, high, factor = (r["original_max_position_embeddings"], r["low_freq_factor"], r["high_freq_factor"],
                                   r["factor"])
@@ -135,16 +138,55 @@ def hf_style_logits(t: dict, c: dict, tokens: torch.Tensor) -> torch.Tensor:
     x = t["model.embed_tokens.weight"][tokens]
     for i in range(c["num_hidden_layers"]):
         p = lambda n: t[f"model.layers.{i}.{n}.weight"]  # noqa: E731
+
+        def proj(name, heads, h):
+            y = h @ p(f"self_attn.{name}_proj").T + t.get(f"model.layers.{i}.self_attn.{name}_proj.bias", 0)
+            y = y.view(b, s, heads, hd)
+            norm = t.get(f"model.layers.{i}.self_attn.{name}_norm.weight")
+            return (y if norm is None else rms(y, norm)).transpose(1, 2)
+
         h = rms(x, p("input_layernorm"))
-        q = rope((h @ p("self_attn.q_proj").T).view(b, s, H, hd).transpose(1, 2))
-        k = rope((h @ p("self_attn.k_proj").T).view(b, s, KV, hd).transpose(1, 2)).repeat_interleave(H // KV, 1)
-        v = (h @ p("self_attn.v_proj").T).view(b, s, KV, hd).transpose(1, 2).repeat_interleave(H // KV, 1)
+        q, k, v = rope(proj("q", H, h)), rope(proj("k", KV, h)), proj("v", KV, h)
+        k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1) @ v
-        x = x + att.transpose(1, 2).reshape(b, s, d) @ p("self_attn.o_proj").T
+        x = x + att.transpose(1, 2).reshape(b, s, H * hd) @ p("self_attn.o_proj").T
         h = rms(x, p("post_attention_layernorm"))
-        x = x + (F.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+        if f"model.layers.{i}.mlp.gate_proj.weight" in t:
+            x = x + (F.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+        else:
+            x = x + hf_style_moe(t, c, i, h)
     head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     return rms(x, t["model.norm.weight"]) @ head.T
+
+
+def hf_style_moe(t: dict, c: dict, i: int, h: torch.Tensor) -> torch.Tensor:
+    """A MoE block of Mixtral (as Mistral's reference code writes it: the top-k router logits, then a
+    softmax over those k) or Qwen (softmax over all experts, top-k, renormalized if norm_topk_prob; Qwen2:
+    plus a shared expert scaled by sigmoid(h @ shared_expert_gate)), one token at a time."""
+    mixtral = c["model_type"] == "mixtral"
+    pre = f"model.layers.{i}." + ("block_sparse_moe" if mixtral else "mlp")
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+
+    def swiglu(x, prefix):
+        gate, up, down = (t[f"{prefix}.{n}.weight"] for n in names)
+        return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+    out = torch.zeros_like(h)
+    for token in itertools.product(range(h.shape[0]), range(h.shape[1])):
+        x = h[token]
+        logits = t[f"{pre}.gate.weight"] @ x
+        if mixtral:
+            top, chosen = logits.topk(c["num_experts_per_tok"])
+            weights = top.softmax(-1)
+        else:
+            weights, chosen = logits.softmax(-1).topk(c["num_experts_per_tok"])
+            weights = weights / weights.sum() if c.get("norm_topk_prob") else weights
+        out[token] = sum(w * swiglu(x, f"{pre}.experts.{e}") for w, e in zip(weights, chosen.tolist()))
+        if f"{pre}.shared_expert_gate.weight" in t:
+            gate = torch.sigmoid(t[f"{pre}.shared_expert_gate.weight"] @ x)
+            out[token] += gate * ((F.silu(x @ t[f"{pre}.shared_expert.gate_proj.weight"].T) * (
+                x @ t[f"{pre}.shared_expert.up_proj.weight"].T)) @ t[f"{pre}.shared_expert.down_proj.weight"].T)
+    return out
 
 
 # ---------------------------------------------------------------- tests
@@ -343,3 +385,110 @@ def test_incomplete_llama3_rope_scaling_is_refused():
         config_from_hf(hf_config() | {"rope_scaling": partial})
     with pytest.raises(ConfigError, match="rope_scaling needs"):  # high <= low would divide by zero
         config_from_hf(hf_config() | {"rope_scaling": LLAMA32_SCALING | {"high_freq_factor": 1.0}})
+
+
+# ---------------------------------------------------------------- mixture-of-experts families
+
+# The architecture keys of the public config.json files the shipped configs take their dims from
+PUBLIC_CONFIGS = {
+    "mixtral_8x7b": {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5,
+                     "rope_theta": 1e6, "max_position_embeddings": 32768, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "sliding_window": None, "hidden_act": "silu", "tie_word_embeddings": False},
+    "qwen3_30b_a3b": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+                      "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 40960, "num_experts": 128,
+                      "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False,
+                      "use_sliding_window": False, "sliding_window": None, "hidden_act": "silu"},
+    "qwen1_5_moe_a2_7b": {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
+                          "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+                          "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 8192,
+                          "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                          "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                          "use_sliding_window": False, "sliding_window": 32768, "hidden_act": "silu"},
+}
+ARCHITECTURE = ("name", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "vocab_size",
+                "norm_eps", "rope_theta", "rope_scaling", "max_seq_len", "moe_frequency", "n_dense_layers", "n_experts",
+                "top_k", "moe_hidden_dim", "n_shared_experts", "shared_expert_gate", "score_func", "route_norm",
+                "route_scale")
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_CONFIGS))
+def test_public_configs_convert_to_the_shipped_ones(name):
+    from minititan.core.config import load_config
+    converted, shipped = config_from_hf(PUBLIC_CONFIGS[name]).model, load_config(f"configs/{name}.toml").model
+    assert {k: getattr(converted, k) for k in ARCHITECTURE} == {k: getattr(shipped, k) for k in ARCHITECTURE}
+    assert hidden_dim(converted) == hidden_dim(shipped)
+
+
+TINY_MOE = dict(name="moe", dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64, n_experts=4,
+                top_k=2, moe_hidden_dim=32)
+FAMILY_MODELS = {
+    "mixtral": Model(**TINY_MOE, route_norm=True),
+    "qwen3_moe": Model(**TINY_MOE, qk_norm=True, head_dim=32, n_dense_layers=1),
+    "qwen2_moe": Model(**TINY_MOE, qkv_bias=True, n_shared_experts=2, shared_expert_gate=True, moe_frequency=2),
+}
+
+
+def save_random_checkpoint(folder, m: Model):
+    from minititan.core.config import config_to_toml
+    g = torch.Generator().manual_seed(0)
+    params = {n: (torch.zeros(s) if n.endswith("expert_bias") else torch.randn(s, generator=g))
+              for n, s in model.param_shapes(m).items()}
+    text = config_to_toml(Config(model=m))
+    return ckpt.save(folder, 0, {n: (t, ckpt.full_slice(t.shape)) for n, t in params.items()}, config=text), params
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_moe_round_trip_is_exact(tmp_path, family):
+    """minititan -> Hugging Face -> minititan gives every tensor back bit for bit; the experts are written
+    one tensor per expert, under the family's names."""
+    m = FAMILY_MODELS[family]
+    path, params = save_random_checkpoint(tmp_path / "mt", m)
+    out = minititan_to_hf(path, tmp_path / "hf")
+    written = read_safetensors(out / "model.safetensors")
+    layer, expert = {"mixtral": (2, "model.layers.2.block_sparse_moe.experts.3.w2.weight"),
+                     "qwen3_moe": (2, "model.layers.2.mlp.experts.3.down_proj.weight"),
+                     "qwen2_moe": (1, "model.layers.1.mlp.experts.3.down_proj.weight")}[family]
+    assert torch.equal(written[expert], params[f"layers.{layer}.moe.experts.w2"][3])
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    back = ckpt.Checkpoint(hf_to_minititan(out, tmp_path / "mt2"))
+    assert sorted(back.names()) == sorted(params)
+    for n, t in params.items():
+        assert torch.equal(back.read(n), t), n
+
+
+def test_moe_exports_refused_with_the_reason(tmp_path):
+    plain = Model(**TINY_MOE)  # route_norm false, no shared experts, no q/k norms: no family computes it
+    path, _ = save_random_checkpoint(tmp_path / "plain", plain)
+    with pytest.raises(UserError, match="Mixtral needs model.route_norm = true; Qwen3-MoE needs model.qk_norm = true"):
+        minititan_to_hf(path, tmp_path / "out")
+    path, params = save_random_checkpoint(tmp_path / "biased", FAMILY_MODELS["mixtral"])
+    c = ckpt.Checkpoint(path)
+    tensors = {n: (c.read(n) + (n.endswith("expert_bias")), ckpt.full_slice(t.shape)) for n, t in params.items()}
+    path = ckpt.save(tmp_path / "biased2", 0, tensors, config=c.manifest.config)
+    with pytest.raises(UserError, match="layers.0.moe.expert_bias is not zero.*bias_update_rate = 0"):
+        minititan_to_hf(path, tmp_path / "out")
+    with pytest.raises(UserError, match="sliding-window"):
+        config_from_hf(PUBLIC_CONFIGS["mixtral_8x7b"] | {"sliding_window": 4096})
+    with pytest.raises(UserError, match="mlp_only_layers \\[2\\]"):
+        config_from_hf(PUBLIC_CONFIGS["qwen3_30b_a3b"] | {"mlp_only_layers": [2]})
+    with pytest.raises(UserError, match="not a multiple of moe_intermediate_size"):
+        config_from_hf(PUBLIC_CONFIGS["qwen1_5_moe_a2_7b"] | {"shared_expert_intermediate_size": 2000})
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_moe_logits_match_hf_style_forward(tmp_path, family):
+    """Each family exported from minititan computes, under Hugging Face's math written out above
+    (Mixtral routed as Mistral's code does it: softmax over the top-k logits), the logits minititan does."""
+    m = FAMILY_MODELS[family]
+    path, params = save_random_checkpoint(tmp_path / "mt", m)
+    params = {n: t * (0.2 if t.dim() == 1 else t.shape[-1] ** -0.5) + (n.endswith("norm")) for n, t in params.items()}
+    path = ckpt.save(tmp_path / "scaled", 0, {n: (t, ckpt.full_slice(t.shape)) for n, t in params.items()},
+                     config=ckpt.Checkpoint(path).manifest.config)
+    out = minititan_to_hf(path, tmp_path / "hf")
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = hf_style_logits(read_safetensors(out / "model.safetensors"), json.loads((out / "config.json").read_text()),
+                          tokens)
+    torch.testing.assert_close(model.forward(params, tokens, m), ref, rtol=1e-5, atol=1e-5)

@@ -172,13 +172,18 @@ def test_model_runs_and_is_causal():
     assert moe.inactive_expert_params(CFG) == 2 * (8 - 2) * 3 * 64 * 64
 
 
-@pytest.mark.parametrize("name", ["moe_debug", "moe_4b", "deepseek_v3_small"])
+SIZES = {"moe_4b": (4.15e9, 1.66e9), "mixtral_8x7b": (46.7e9, 12.9e9), "qwen3_30b_a3b": (30.5e9, 3.35e9),
+         "qwen1_5_moe_a2_7b": (14.3e9, 2.7e9), "deepseek_v3_16b": (15.9e9, 2.85e9)}  # total, active: published
+
+
+@pytest.mark.parametrize("name", ["moe_debug", "deepseek_v3_small", *SIZES])
 def test_configs_load(name):
     cfg = load_config(str(Path(__file__).parent.parent / "configs" / f"{name}.toml")).model
     total = model.num_params(cfg)
     active = total - moe.inactive_expert_params(cfg)
-    if name == "moe_4b":
-        assert 4.0e9 < total < 4.3e9 and 1.6e9 < active < 1.8e9
+    if name in SIZES:
+        want_total, want_active = SIZES[name]
+        assert abs(total / want_total - 1) < 0.01 and abs(active / want_active - 1) < 0.01, (total, active)
 
 
 def test_update_expert_bias():

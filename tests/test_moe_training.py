@@ -166,12 +166,28 @@ def test_expert_fsdp_holds_half_a_slice_and_resumes_the_one_process_checkpoint(t
     assert_matches((rows, _final_params(tmp_path)), (reference[0][3:], reference[1]), "one process -> dp_shard4_ep2")
 
 
+QWEN_FEATURES = ["model.qk_norm=true", "model.qkv_bias=true", "model.head_dim=32", "model.shared_expert_gate=true",
+                 "model.n_layers=3", "model.n_dense_layers=1", "model.route_norm=true", "model.route_scale=2.0"]
+
+
+def test_qwen_and_deepseek_features_match_one_process(tmp_path):
+    """Per-head q/k norms (summed over tp under sequence parallel), q/k/v biases (split with wq/wk/wv),
+    heads wider than dim / n_heads, the gated shared expert, a dense first block and scaled routing weights
+    train under tp with sequence parallel, FSDP and ep as in one process."""
+    reference = train_runs(tmp_path, 1, {"one": []}, common=MOE + QWEN_FEATURES)["one"]
+    layouts = {"tp2_sp": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
+               "dp_shard2_ep2": ["parallelism.dp_shard=2", "parallelism.ep=2"]}
+    for name, run in train_runs(tmp_path, 2, layouts, common=MOE + QWEN_FEATURES).items():
+        assert_matches(run, reference, name)
+
+
 @pytest.mark.parametrize("world, overrides, words", [
     (2, ["parallelism.dp_shard=2", "parallelism.ep=2"], ["model.name", "parallelism.ep = 1"]),
     (2, MOE + ["parallelism.dp_shard=2", "parallelism.ep=2", "model.n_experts=3", "model.top_k=1"],
      ["model.n_experts=3", "parallelism.ep=2"]),
     (4, MOE + ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=4"],
      ["parallelism.ep=4", "dp_shard x cp = 2"]),
-], ids=["llama3", "n_experts", "ep_over_dp_shard"])
+    (2, ["parallelism.tp=2", "model.qk_norm=true"], ["model.qk_norm", "parallelism.sequence_parallel = true"]),
+], ids=["llama3", "n_experts", "ep_over_dp_shard", "qk_norm_plain_tp"])
 def test_bad_layout_names_the_fix(world, overrides, words):
     assert_layout_refused(world, overrides, words)

@@ -35,6 +35,9 @@ class Model(msgspec.Struct, forbid_unknown_fields=True):
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2  # grouped-query attention: n_heads / n_kv_heads queries share one k/v head
+    head_dim: int = 0  # 0 = dim / n_heads (Qwen3: 128 at dim 2048 with 32 heads)
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     vocab_size: int = 256  # 256 = the byte tokenizer
     ffn_dim_multiplier: float = 1.0  # hidden = multiple_of-rounded (ffn_dim_multiplier * 8/3 * dim)
     multiple_of: int = 32
@@ -48,12 +51,15 @@ class Model(msgspec.Struct, forbid_unknown_fields=True):
     max_seq_len: int = 256
     # mixture of experts (model.name = "moe"); ignored by llama3
     moe_frequency: int = 1  # every N-th block has a MoE feed-forward
+    n_dense_layers: int = 0  # the first N blocks keep a dense feed-forward (DeepSeek's first_k_dense_replace)
     n_experts: int = 8
     top_k: int = 2
     moe_hidden_dim: int = 0  # 0 = the dense hidden dim
-    n_shared_experts: int = 0
-    score_func: Literal["softmax", "sigmoid"] = "softmax"
-    route_norm: bool = False  # renormalize the top-k scores to sum to 1
+    n_shared_experts: int = 0  # run as one SwiGLU of n_shared_experts * the expert hidden dim
+    shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(h @ gate) (Qwen2-MoE)
+    score_func: Literal["softmax", "sigmoid"] = "softmax"  # softmax over all experts, or a sigmoid per expert
+    route_norm: bool = False  # renormalize the top-k scores to sum to 1 (norm_topk_prob; Mixtral: true)
+    route_scale: float = 1.0  # multiply the routed experts' weights (DeepSeek-V3's routed_scaling_factor)
     aux_loss_coef: float = 0.0  # load-balancing auxiliary loss weight
     bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3); 0 = off
 
@@ -302,6 +308,11 @@ def _toml_value(v: Any) -> str:
 # ---------------------------------------------------------------- validation
 
 
+def head_dim(m: Model) -> int:
+    """The width of one attention head: model.head_dim, or dim / n_heads when that is 0."""
+    return m.head_dim or m.dim // m.n_heads
+
+
 def hidden_dim(m: Model) -> int:
     """Llama's SwiGLU width: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
     h = int(m.ffn_dim_multiplier * int(2 * 4 * m.dim / 3))
@@ -321,10 +332,12 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError(f"head dim {m.dim // m.n_heads} must be even for RoPE: change model.dim or model.n_heads")
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim must be >= 0 (0 = dim / n_heads), got {m.head_dim}")
+    if not m.head_dim and m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
+    if head_dim(m) % 2:
+        raise ConfigError(f"head dim {head_dim(m)} must be even for RoPE: change model.head_dim, model.dim or model.n_heads")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
     if t.seq_len > m.max_seq_len:
@@ -353,5 +366,23 @@ def validate(cfg: Config) -> None:
                           f"rope_high_freq_factor and rope_original_context > 0; got {m.rope_scaling_factor}, "
                           f"{m.rope_low_freq_factor}, {m.rope_high_freq_factor}, {m.rope_original_context} "
                           f"(Llama 3.1: 8, 1, 4, 8192; Llama 3.2: 32, 1, 4, 8192)")
-    if m.name == "moe" and not (1 <= m.top_k <= m.n_experts):
+    if m.name == "moe":
+        _validate_moe(m)
+
+
+def _validate_moe(m: Model) -> None:
+    if not 1 <= m.top_k <= m.n_experts:
         raise ConfigError(f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")
+    if m.moe_frequency < 1:
+        raise ConfigError(f"model.moe_frequency must be >= 1 (1 = every block is MoE), got {m.moe_frequency}")
+    if not 0 <= m.n_dense_layers < m.n_layers:
+        raise ConfigError(f"model.n_dense_layers={m.n_dense_layers} must be between 0 and model.n_layers - 1 = "
+                          f"{m.n_layers - 1}: the blocks after them hold the experts")
+    if m.moe_hidden_dim < 0 or m.n_shared_experts < 0:
+        raise ConfigError("model.moe_hidden_dim and model.n_shared_experts must be >= 0 "
+                          "(moe_hidden_dim 0 = the dense hidden dim)")
+    if m.shared_expert_gate and not m.n_shared_experts:
+        raise ConfigError("model.shared_expert_gate scales the shared experts' output: set model.n_shared_experts "
+                          ">= 1, or model.shared_expert_gate = false")
+    if not m.route_scale > 0:
+        raise ConfigError(f"model.route_scale must be positive (1 = the scores as they are), got {m.route_scale}")

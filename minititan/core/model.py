@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minititan.core import moe
-from minititan.core.config import Model, hidden_dim
+from minititan.core.config import Model, head_dim, hidden_dim
 
 Params = dict[str, Tensor]
 
@@ -41,15 +41,24 @@ Params = dict[str, Tensor]
 
 def param_shapes(cfg: Model) -> dict[str, tuple[int, ...]]:
     """Every parameter's full (unsharded) shape, in forward order."""
-    d, hd = cfg.dim, cfg.dim // cfg.n_heads
-    shapes = {"tok_embeddings": (cfg.vocab_size, d)}
+    shapes = {"tok_embeddings": (cfg.vocab_size, cfg.dim)}
     for i in range(cfg.n_layers):
-        L = f"layers.{i}."
-        shapes |= {L + "attention_norm": (d,), L + "attention.wq": (cfg.n_heads * hd, d),
-                   L + "attention.wk": (cfg.n_kv_heads * hd, d), L + "attention.wv": (cfg.n_kv_heads * hd, d),
-                   L + "attention.wo": (d, cfg.n_heads * hd)}
-        shapes |= feed_forward_shapes(cfg, i)
-    shapes |= {"norm": (d,), "output": (cfg.vocab_size, d)}
+        shapes |= attention_shapes(cfg, i) | feed_forward_shapes(cfg, i)
+    shapes |= {"norm": (cfg.dim,), "output": (cfg.vocab_size, cfg.dim)}
+    return shapes
+
+
+def attention_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
+    """Attention unit i: Llama's, plus the q/k/v biases (qkv_bias, Qwen2) and the per-head q/k norms
+    (qk_norm, Qwen3) where the config asks for them."""
+    L, d, hd = f"layers.{i}.", cfg.dim, head_dim(cfg)
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    shapes = {L + "attention_norm": (d,), L + "attention.wq": (q, d), L + "attention.wk": (kv, d),
+              L + "attention.wv": (kv, d), L + "attention.wo": (d, q)}
+    if cfg.qkv_bias:
+        shapes |= {L + "attention.bq": (q,), L + "attention.bk": (kv,), L + "attention.bv": (kv,)}
+    if cfg.qk_norm:
+        shapes |= {L + "attention.q_norm": (hd,), L + "attention.k_norm": (hd,)}
     return shapes
 
 
@@ -83,8 +92,10 @@ def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
 
 # The tensor-parallel plan, by the end of a name (full or unit-local): column-parallel weights keep
 # a slice of their output features (dim 0), row-parallel ones of their input features (dim 1), the
-# embedding and the head of the vocabulary (dim 0); the rest (norms, MoE layers) stays whole.
-TP_COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+# embedding and the head of the vocabulary (dim 0); the rest (norms, MoE layers) stays whole. The q/k/v
+# biases (qkv_bias) split with their weights' rows; the per-head q/k norms (qk_norm) stay whole.
+TP_COLUMN = ("attention.wq", "attention.wk", "attention.wv", "attention.bq", "attention.bk", "attention.bv",
+             "feed_forward.w1", "feed_forward.w3")
 TP_ROW = ("attention.wo", "feed_forward.w2")
 TP_VOCAB = ("tok_embeddings", "output")
 
@@ -144,12 +155,12 @@ def init_param(cfg: Model, name: str, shape, seed: int, device, dtype) -> Tensor
     elif name == "output":
         std = cfg.dim ** -0.5
         torch.nn.init.trunc_normal_(t, 0.0, std, -3 * std, 3 * std, generator=gen)
-    elif name.endswith(".bias") or leaf == "expert_bias":
+    elif name.endswith(".bias") or leaf in ("expert_bias", "bq", "bk", "bv"):
         t.zero_()
     else:
         # depth-scaled init for the projections that write into the residual stream
         layer = int(name.split(".")[1]) if name.startswith("layers.") else 0
-        std = 0.02 if leaf in ("wq", "wk", "wv", "w1", "router") else 0.02 / math.sqrt(2 * (layer + 1))
+        std = 0.02 if leaf in ("wq", "wk", "wv", "w1", "router", "shared_gate") else 0.02 / math.sqrt(2 * (layer + 1))
         torch.nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=gen)
     return t.to(dtype)
 
@@ -267,7 +278,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rope_frequencies(cfg: Model) -> Tensor:
     """Per-pair rotation speeds, with Llama 3's scaling of the low frequencies if enabled."""
-    return _rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, _llama3_scaling(cfg)).clone()
+    return _rope_frequencies(head_dim(cfg), cfg.rope_theta, _llama3_scaling(cfg)).clone()
 
 
 def _llama3_scaling(cfg: Model) -> tuple[float, float, float, int] | None:
@@ -294,7 +305,7 @@ def _rope_frequencies(hd: int, theta: float, scaling: tuple[float, float, float,
 def rope_table(cfg: Model, positions: Tensor) -> Tensor:
     """(cos, sin) of each position's angle for each pair, [seq, head_dim/2, 2] fp32: the real and
     imaginary parts of e^(i * angle), real so that a compiled block takes it without complex ops."""
-    freqs = _rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, _llama3_scaling(cfg))
+    freqs = _rope_frequencies(head_dim(cfg), cfg.rope_theta, _llama3_scaling(cfg))
     angles = positions.to(torch.float64)[:, None] * freqs.to(positions.device, non_blocking=True)[None, :]
     return torch.stack((angles.cos(), angles.sin()), dim=-1).float()
 
@@ -315,12 +326,18 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
 def attention_block(p: Params, x: Tensor, rope, eps: float, head_dim: int, ops: Ops) -> Tensor:
     """x + Attention(RMSNorm(x)). Head counts come from the weight shapes, so a
-    tensor-parallel shard of wq/wk/wv (fewer heads) runs through the same code."""
+    tensor-parallel shard of wq/wk/wv (fewer heads) runs through the same code. The optional
+    tensors say what else the model has: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3)."""
     h = ops.into_tp(rms_norm(x, p["attention_norm"], eps))
     b, s = h.shape[0], h.shape[1]
-    q = ops.linear(h, p["attention.wq"]).view(b, s, -1, head_dim)
-    k = ops.linear(h, p["attention.wk"]).view(b, s, -1, head_dim)
-    v = ops.linear(h, p["attention.wv"]).view(b, s, -1, head_dim)
+
+    def heads(w: str, bias: str) -> Tensor:
+        y = ops.linear(h, p[w])
+        return (y + p[bias] if bias in p else y).view(b, s, -1, head_dim)
+
+    q, k, v = (heads(f"attention.w{n}", f"attention.b{n}") for n in "qkv")
+    if "attention.q_norm" in p:
+        q, k = rms_norm(q, p["attention.q_norm"], eps), rms_norm(k, p["attention.k_norm"], eps)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     o = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     o = o.transpose(1, 2).reshape(b, s, -1)
@@ -341,8 +358,8 @@ def embed(params: Params, tokens: Tensor, ops: Ops) -> Tensor:
 
 def layer(params: Params, i: int, x: Tensor, rope, cfg: Model, ops: Ops) -> Tensor:
     """One transformer block: its attention unit, then its feed-forward unit."""
-    hd = cfg.dim // cfg.n_heads
-    x = ops.run_block(attention_block, ops.gather(params, f"layers.{i}.attention"), x, rope, cfg.norm_eps, hd, ops)
+    x = ops.run_block(attention_block, ops.gather(params, f"layers.{i}.attention"), x, rope, cfg.norm_eps,
+                      head_dim(cfg), ops)
     p = ops.gather(params, f"layers.{i}.feed_forward")
     if moe.is_moe_layer(cfg, i):
         return ops.run_block(ops.moe, p, x, cfg, ops)
@@ -395,11 +412,11 @@ def flops_per_token(cfg: Model, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), the convention torchtitan uses:
         6 * N           N = parameters that do matmuls (all but the embedding table;
                         for MoE only the active experts: top_k of n_experts)
-      + 12 * L * d * s  attention scores and values: 2 matmuls of 2*d*s flops per token per
-                        layer, times 3 for the backward. The causal mask means flash attention
+      + 12 * L * a * s  attention scores and values: 2 matmuls of 2*a*s flops per token per
+                        layer, times 3 for the backward (a = n_heads * head_dim, Llama: dim). The causal mask means flash attention
                         does only half of this; we count it whole, as torchtitan does, so the
                         MFU figures of the two compare directly."""
     n = num_params(cfg, exclude_embedding=True)
     if cfg.name == "moe":
         n -= moe.inactive_expert_params(cfg)
-    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * seq_len

@@ -44,7 +44,8 @@ Experts = dict[str, Tensor]  # "w1", "w2", "w3": this rank's stacked expert weig
 
 
 def is_moe_layer(cfg: Model, i: int) -> bool:
-    return cfg.name == "moe" and i % cfg.moe_frequency == cfg.moe_frequency - 1
+    """Every moe_frequency-th block after the first n_dense_layers (as Hugging Face's decoder_sparse_step)."""
+    return cfg.name == "moe" and i >= cfg.n_dense_layers and i % cfg.moe_frequency == cfg.moe_frequency - 1
 
 
 def expert_hidden_dim(cfg: Model) -> int:
@@ -63,6 +64,8 @@ def moe_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
     if cfg.n_shared_experts:
         hs = cfg.n_shared_experts * h  # the shared experts run as one wider SwiGLU
         shapes |= {L + "moe.shared.w1": (hs, d), L + "moe.shared.w2": (d, hs), L + "moe.shared.w3": (hs, d)}
+        if cfg.shared_expert_gate:
+            shapes[L + "moe.shared_gate"] = (1, d)
     return shapes
 
 
@@ -83,6 +86,8 @@ def route(h: Tensor, router: Tensor, expert_bias: Tensor, cfg: Model) -> tuple[T
     weights = scores.gather(-1, chosen)
     if cfg.route_norm:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if cfg.route_scale != 1.0:
+        weights = weights * cfg.route_scale
     return scores, chosen, weights
 
 
@@ -241,7 +246,10 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
     y_pairs = y_sorted[order.argsort()].view(b * s, cfg.top_k, d)
     out = (y_pairs.float() * weights.reshape(b * s, cfg.top_k, 1)).sum(1)
     if cfg.n_shared_experts:
-        out = out + swiglu(h_flat, p["moe.shared.w1"], p["moe.shared.w2"], p["moe.shared.w3"], ops.linear).float()
+        shared = swiglu(h_flat, p["moe.shared.w1"], p["moe.shared.w2"], p["moe.shared.w3"], ops.linear).float()
+        if "moe.shared_gate" in p:  # Qwen2-MoE: a learned per-token gate on the shared experts
+            shared = shared * torch.sigmoid(F.linear(h_flat, p["moe.shared_gate"]).float())
+        out = out + shared
     out = out.view(b, s, d).type_as(x)
 
     aux_sum = None

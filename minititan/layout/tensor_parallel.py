@@ -38,6 +38,10 @@ def boxes(shapes: dict[str, tuple[int, ...]], mesh: Mesh) -> dict[str, list[list
 def refuse(m: Model, tp: int, seq_len: int | None) -> None:
     """A UserError naming the fix if the model cannot be split tp ways; seq_len: the sequence one tp
     group sees, under sequence parallel only."""
+    if m.qk_norm and seq_len is None:  # plain tp: nothing sums the per-head norms' partial grads
+        raise UserError("model.qk_norm under plain tensor parallel: each tp rank norms only its own heads, so the "
+                        "q/k norm gradients would be partial; set parallelism.sequence_parallel = true (which sums "
+                        "them over tp) or parallelism.tp = 1")
     try:
         tpm.check_tp_divisibility(tp, m.n_heads, m.n_kv_heads, hidden_dim(m), m.vocab_size, seq_len=seq_len)
     except ValueError as e:
