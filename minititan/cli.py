@@ -151,13 +151,18 @@ def generate(checkpoint_path, prompt, max_new_tokens, temperature, top_k, seed):
 @click.argument("metrics_file")
 @click.option("-o", "--out", default=None, help="SVG path (default: beside the metrics file)")
 def plot(metrics_file, out):
-    """Write an SVG chart of loss and throughput from metrics.jsonl."""
+    """Write an SVG chart of loss and throughput from metrics.jsonl (and a MoE model's expert-load heat-map)."""
     from minititan.plot import read_rows, to_svg
     if not Path(metrics_file).is_file():
         raise UserError(f"{metrics_file} not found: pass the metrics.jsonl of a run (job.dump_folder)")
     out = out or str(Path(metrics_file).with_suffix(".svg"))
-    Path(out).write_text(to_svg(read_rows(metrics_file)))
+    rows = read_rows(metrics_file)
+    Path(out).write_text(to_svg(rows))
     click.echo(f"wrote {out}")
+    from minititan.moe_heatmap import write_load_heatmap
+    heatmap = write_load_heatmap(rows, out)  # a mixture of experts' loads per layer, if logged
+    if heatmap:
+        click.echo(f"wrote {heatmap}")
 
 
 @main.command()

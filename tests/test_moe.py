@@ -193,7 +193,8 @@ def test_update_expert_bias():
     assert torch.equal(loads, torch.tensor([[10.0, 2.0, 2.0, 2.0]]))
     assert torch.equal(params["layers.1.moe.expert_bias"].detach(), torch.tensor([-0.75, 0.25, 0.25, 0.25]))
     assert params["layers.1.moe.expert_bias"].grad is None  # so clipping and the optimizer never see it
-    assert moe.load_metrics(loads)["moe/max_load_over_mean"] == 10 / 4
+    busiest, idlest = moe.load_spread(torch.cat([loads, torch.tensor([[4.0, 4.0, 0.0, 0.0]])]))
+    assert busiest.tolist() == [10 / 4, 2.0] and idlest.tolist() == [2 / 4, 0.0]
 
 
 def test_bias_update_balances_load():
@@ -292,3 +293,27 @@ def test_ep_folds_into_the_data_dims():
 def test_bad_expert_parallel_degree():
     with pytest.raises(ValueError, match="divisible"):
         ep_lib.shard_experts({"layers.0.moe.experts.w1": torch.zeros(6, 2, 2)}, 0, 4)
+
+
+def test_plot_writes_the_load_heatmap(tmp_path):
+    """`minititan plot` on a MoE run's metrics.jsonl also writes <chart>_moe_load.svg: a cell per MoE
+    layer and logged step (neighbouring steps averaged beyond 300 columns) in each of its two panels;
+    a dense run's metrics get no heat-map."""
+    import json
+    import re
+    from click.testing import CliRunner
+    from minititan.cli import main
+    from minititan.moe_heatmap import load_heatmap_svg
+    rows = [{"step": s, "loss": 1.0, "tokens_per_sec_per_device": 1.0,
+             "moe/max_load_over_mean_by_layer": {"1": 1.0 + s / 100, "3": 2.0},
+             "moe/min_load_over_mean_by_layer": {"1": 0.5, "3": 0.0}} for s in range(1, 701)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(main, ["plot", str(metrics)])
+    assert result.exit_code == 0 and "metrics_moe_load.svg" in result.output, result.output
+    svg = (tmp_path / "metrics_moe_load.svg").read_text()
+    cells = re.findall(r"<title>layer (\d+), steps (\d+)-(\d+): ([\d.]+)</title>", svg)
+    assert svg.count("<title>layer ") == 2 * 2 * 234  # 2 panels x 2 layers x ceil(700 / 3) columns of 3 steps
+    assert ("1", "1", "3", "1.020") in cells and ("3", "697", "699", "0.000") in cells
+    assert "up to 8" in svg  # the busiest panel's scale ends at the worst value: 1 + 700 / 100
+    assert load_heatmap_svg([{"step": 1, "loss": 1.0}]) is None

@@ -128,6 +128,11 @@ def test_moe_debug_config_logs_expert_loads(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(1.0 <= row[LOAD] < 8 and math.isfinite(row["moe/balance_loss"]) for row in rows), rows
+    for row in rows:  # every MoE layer's busiest and idlest expert against the mean; the worst is the LOAD
+        busiest, idlest = row["moe/max_load_over_mean_by_layer"], row["moe/min_load_over_mean_by_layer"]
+        assert list(busiest) == list(idlest) == ["0", "1", "2", "3"]
+        assert abs(max(busiest.values()) - row[LOAD]) < 1e-4 and all(0 <= v <= 1 for v in idlest.values())
+    assert "by_layer" not in r.stdout  # the tables go to metrics.jsonl, not the console line
 
 
 def _expert_shards_then_resume(rank, world, overrides):

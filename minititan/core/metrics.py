@@ -65,6 +65,8 @@ class MetricsLogger:
                 f"tok/s/dev {tps:9,.0f}  mfu {mfu}  mem {row['mem_peak_gib']:6.2f}GiB  "
                 f"step {row['step_time_s']:6.3f}s  eta {_hms(eta)}")
         for k, v in (extra or {}).items():
+            if isinstance(v, (dict, list)):
+                continue  # per-layer tables (MoE loads) go to metrics.jsonl only
             line += f"  {k} {v:.4g}" if isinstance(v, float) else f"  {k} {v}"
         print(line, flush=True)
         if self.path:

@@ -311,13 +311,16 @@ def update_expert_bias(params: dict[str, Tensor], rate: float) -> Tensor:
     return torch.stack(loads) if loads else torch.zeros(0, 0)
 
 
-def load_metrics(loads: Tensor, aux_log: list[Tensor] | None = None) -> dict[str, Tensor]:
-    """Device scalars for the step's log line: the worst layer's max/mean expert load (1 is
-    perfectly balanced), and the mean balance loss the layers logged into aux_log."""
-    out = {"moe/max_load_over_mean": (loads.amax(-1) / loads.mean(-1).clamp_min(1e-9)).max()}
-    if aux_log:
-        out["moe/balance_loss"] = torch.stack(aux_log).mean()
-    return out
+def expert_bias_layers(params: dict[str, Tensor]) -> list[int]:
+    """The layer index of each row of update_expert_bias's loads: this rank's MoE layers, in order."""
+    return sorted(_layer_index(n) for n in params if is_expert_bias(n))
+
+
+def load_spread(loads: Tensor) -> tuple[Tensor, Tensor]:
+    """loads [layers, E] -> per layer, the busiest expert's load over the mean and the idlest one's
+    (1 and 1 when perfectly balanced; a min of 0 is an expert that got no token)."""
+    mean = loads.mean(-1).clamp_min(1e-9)
+    return loads.amax(-1) / mean, loads.amin(-1) / mean
 
 
 def _layer_index(name: str) -> int:

@@ -9,7 +9,9 @@ collectives/expert_parallel.py in a layout of any other dimensions (docs/moe.md 
   ops.sum_over_sequence  the balance statistics summed over the ranks holding parts of the same
                      sequences (cp, and tp under sequence parallel): the layer's one collective
   after_grads        moe.update_expert_bias, between the gradient sums and clipping
-  log_metrics        moe/max_load_over_mean (worst layer, last step) and moe/balance_loss
+  log_metrics        moe/max_load_over_mean (worst layer, last step), moe/balance_loss, per MoE layer
+                     the busiest and idlest expert's load over the mean (and moe/dropped_fraction
+                     under the capped ep exchange)
 
 and two storages for the tensors that do not fit its main one, each with its own gradient sum:
 
@@ -39,7 +41,7 @@ from minititan.collectives import tensor_parallel as tpm
 from minititan.collectives.fsdp import FSDP
 from minititan.collectives.mesh import Mesh
 from minititan.core import mixed_precision, model, moe
-from minititan.core.config import Config, UserError
+from minititan.core.config import Config, Model, UserError
 from minititan.layout import data_parallel, fsdp
 from minititan.layout.contract import DATA_DIMS, Facts, Layout, owns
 
@@ -107,7 +109,7 @@ def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tu
             units.setdefault(name.rsplit(".", 1)[0], []).append(name)  # layers.3.moe.experts.w1 -> layers.3.moe.experts
         experts = fsdp.shard(facts, units, sharded, shapes, owners, expert_dp_group, replicate_group, device)
 
-    balance = ExpertBalance(whole.params, bias_update_rate, layout.loss_group, device)
+    balance = ExpertBalance(whole.params, bias_update_rate, facts.model, layout.loss_group, device)
     run_experts = moe.run_experts if ep_group is None else ep_lib.parallel_experts(moe.run_experts, ep_group)
     layout.ops.moe = moe_op(run_experts, facts.loss_scale, balance.aux_log, plain_linear=facts.async_tp)
     if mesh.size(*facts.sequence_dims) > 1:
@@ -174,34 +176,51 @@ def gather_with_apart(gather, whole: dict[str, Tensor], dtype: torch.dtype, expe
 
 class ExpertBalance:
     """The expert-bias update (every step, even at rate 0: it clears the loads from the bias grad)
-    and the last step's load metrics over the whole model: under pp each pp rank holds some
-    layers, so they are reduced over the loss group (MAX of the worst load, mean of the balance
-    losses). Device values until metrics() reads them."""
+    and the last step's load metrics: the loads per MoE layer of the whole model (each pp rank holds
+    some layers: the table is filled with MAX over the loss group, on whose data ranks the summed
+    loads are equal) with their busiest and idlest experts against the mean, the mean balance loss,
+    and under the capped ep exchange the mean fraction of routed (token, expert) pairs dropped.
+    Device values until metrics() reads them."""
 
-    def __init__(self, tensors: dict[str, Tensor], rate: float, loss_group: dist.ProcessGroup, device: torch.device):
+    def __init__(self, tensors: dict[str, Tensor], rate: float, cfg: Model, loss_group: dist.ProcessGroup,
+                 device: torch.device):
         self.tensors, self.rate, self.loss_group, self.device = tensors, rate, loss_group, device
+        self.moe_layers = [i for i in range(cfg.n_layers) if moe.is_moe_layer(cfg, i)]
+        self.n_experts = cfg.n_experts
         self.aux_log: list[Tensor] = []  # the MoE layers append their balance loss in each training forward
+        self.drop_log: list[Tensor] = []  # the capped ep exchange appends the fraction it dropped
         self.loads: Tensor | None = None
+        self.layers: list[int] = []
         self.balance: list[Tensor] = []
+        self.dropped: list[Tensor] = []
 
     def update(self) -> None:
         self.loads = moe.update_expert_bias(self.tensors, self.rate)
-        self.balance = list(self.aux_log)
+        self.layers = moe.expert_bias_layers(self.tensors)
+        self.balance, self.dropped = list(self.aux_log), list(self.drop_log)
         self.aux_log.clear()
+        self.drop_log.clear()
 
     def metrics(self) -> dict[str, float]:
         if self.loads is None:
             return {}
-        local = moe.load_metrics(self.loads, self.balance) if self.loads.numel() else {}
-        worst = local.get("moe/max_load_over_mean", torch.zeros((), device=self.device)).float().reshape(1)
-        n = float(len(self.balance))
-        sum_and_count = torch.stack([local.get("moe/balance_loss", torch.zeros((), device=self.device)).float() * n,
-                                     torch.tensor(n, device=self.device)])
+        table = torch.zeros(len(self.moe_layers), self.n_experts, device=self.device)
+        if self.layers:
+            table[[self.moe_layers.index(i) for i in self.layers]] = self.loads
+        sums = [torch.stack(entries).sum() if entries else torch.zeros((), device=self.device)
+                for entries in (self.balance, self.dropped)]
+        counts = [torch.tensor(float(len(entries)), device=self.device) for entries in (self.balance, self.dropped)]
+        sums = torch.stack(sums + counts)
         if dist.get_world_size(self.loss_group) > 1:
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.loss_group)
-            dist.all_reduce(sum_and_count, group=self.loss_group)
-        total, count = sum_and_count.tolist()
-        out = {"moe/max_load_over_mean": worst.item()}
-        if count:
-            out["moe/balance_loss"] = total / count
+            dist.all_reduce(table, op=dist.ReduceOp.MAX, group=self.loss_group)
+            dist.all_reduce(sums, group=self.loss_group)
+        busiest, idlest = (v.tolist() for v in moe.load_spread(table))
+        balance, dropped, n_balance, n_dropped = sums.tolist()
+        out = {"moe/max_load_over_mean": max(busiest),
+               "moe/max_load_over_mean_by_layer": {str(i): round(v, 4) for i, v in zip(self.moe_layers, busiest)},
+               "moe/min_load_over_mean_by_layer": {str(i): round(v, 4) for i, v in zip(self.moe_layers, idlest)}}
+        if n_balance:
+            out["moe/balance_loss"] = balance / n_balance
+        if n_dropped:
+            out["moe/dropped_fraction"] = dropped / n_dropped
         return out
