@@ -69,7 +69,9 @@ def test_layer_matches_per_token_reference(variant):
     cfg = replace(CFG, aux_loss_coef=0.0, **variant)
     p, x = layer_params(cfg), torch.randn(2, 8, cfg.dim)
     ops = model.default_ops(cfg)
-    for run in (moe.run_experts_loop, moe.run_experts_grouped):
+    # the routed pairs gathered straight into the grouped GEMMs (None, the default), and the sorted-rows
+    # interface expert parallelism uses, with either kernel
+    for run in (None, moe.run_experts_loop, moe.run_experts_grouped):
         layer = functools.partial(moe.moe_feed_forward, cfg=cfg, ops=ops, run_experts=run)
         y, gx, g = grads_of(lambda p, x: layer(p, x), p, x)
         y_ref, gx_ref, g_ref = grads_of(lambda p, x: per_token_reference(p, x, cfg), p, x)
@@ -94,6 +96,33 @@ def test_grouped_mm_matches_loop_with_empty_experts():
     for n in g_ref:
         assert_close(g[n], g_ref[n], 1e-6, n)
     assert not moe.grouped_mm_ok(torch.randn(4, 24), torch.randn(2, 32, 24)), "dims must be multiples of 16"
+
+
+def test_routed_experts_gather_pairs_from_tokens():
+    """The grouped path reads each (token, slot) pair's row from the tokens and returns pair order:
+    the same outputs and gradients as sorting the rows first and running the loop, with an expert
+    that gets no pair and blocks that are not multiples of the alignment."""
+    gen = torch.Generator().manual_seed(0)
+    experts = {w: (torch.randn(4, 32, 16, generator=gen) if w != "w2" else torch.randn(4, 16, 32, generator=gen))
+               for w in ("w1", "w2", "w3")}
+    experts = {n: t.requires_grad_() for n, t in experts.items()}
+    chosen = torch.tensor([[0, 2], [3, 0], [2, 0], [0, 3], [3, 2]]).flatten()  # 5 tokens, top 2; expert 1 idle
+    order, counts = chosen.argsort(stable=True), moe.tokens_per_expert(chosen, 4)
+    h = torch.randn(5, 16, generator=gen)
+
+    def grouped(p, h):
+        return moe.routed_experts(h, order, counts, p, top_k=2)
+
+    def sorted_loop(p, h):
+        return moe.run_experts_loop(h[order // 2], counts, p)[moe.inverse_permutation(order)]
+
+    y, gh, g = grads_of(grouped, experts, h)
+    y_ref, gh_ref, g_ref = grads_of(sorted_loop, experts, h)
+    assert_close(y, y_ref, 1e-6, "output")
+    assert_close(gh, gh_ref, 1e-6, "token grad")
+    for n in g_ref:
+        assert_close(g[n], g_ref[n], 1e-6, n)
+    assert torch.equal(moe.inverse_permutation(order), order.argsort())
 
 
 def test_aux_loss_gradient_is_injected():
@@ -317,3 +346,56 @@ def test_plot_writes_the_load_heatmap(tmp_path):
     assert ("1", "1", "3", "1.020") in cells and ("3", "697", "699", "0.000") in cells
     assert "up to 8" in svg  # the busiest panel's scale ends at the worst value: 1 + 700 / 100
     assert load_heatmap_svg([{"step": 1, "loss": 1.0}]) is None
+
+
+def test_selective_checkpointing_keeps_the_grouped_gemm_outputs():
+    """Under activation_checkpoint.selective = "op" the experts' grouped GEMMs are saved like the dense
+    matmuls: the backward runs the six gradient GEMMs and does not run the three forward ones again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from minititan.core.activation_checkpoint import block_runner
+
+    class CountGroupedMM(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountGroupedMM.calls += func is torch.ops.aten._grouped_mm.default
+            return func(*args, **(kwargs or {}))
+
+    cfg = replace(CFG, n_shared_experts=0, aux_loss_coef=0.0)
+    p, x = layer_params(cfg), torch.randn(2, 8, cfg.dim, requires_grad=True)
+    ops = model.default_ops(cfg)
+    y = block_runner("selective", "op")(ops.moe, p, x, cfg, ops)
+    with CountGroupedMM():
+        y.sum().backward()
+    assert CountGroupedMM.calls == 3 * 2  # per projection: the input grad and the weight grad
+
+
+def _scaled_grouped_mm_on_the_cpu(a, b, scale_a, scale_b, offs=None, out_dtype=None):
+    """torch._scaled_grouped_mm's contract, for a CPU test: its own meta function checks the layouts and
+    scale shapes, then the fp8 values times their scales go through the bf16-exact fp32 grouped GEMM."""
+    torch.ops.aten._scaled_grouped_mm(a.to("meta"), b.to("meta"), scale_a.to("meta"), scale_b.to("meta"),
+                                      offs=offs.to("meta"), out_dtype=out_dtype)
+    a_real = a.float() * scale_a[:, None]
+    b_real = b.float() * scale_b[:, None, :]  # b [E, K, N]: one scale per output column of each expert
+    return torch._grouped_mm(a_real, b_real, offs=offs).to(out_dtype)
+
+
+def test_float8_grouped_experts(monkeypatch):
+    """The Float8 experts (float8_grouped.py) on the CPU through a stand-in for the Hopper kernel: the
+    operands reach it in the layouts it accepts, and outputs and gradients stay within Float8's error
+    of the bf16 grouped GEMMs (the weight gradient is bf16 itself)."""
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _scaled_grouped_mm_on_the_cpu)
+    monkeypatch.setattr(moe, "_float8_grouped_supported", lambda device_type: True)
+    gen = torch.Generator().manual_seed(0)
+    experts = {w: (torch.randn(4, 64, 32, generator=gen) if w != "w2" else torch.randn(4, 32, 64, generator=gen))
+               * 0.2 for w in ("w1", "w2", "w3")}
+    experts = {n: t.bfloat16().requires_grad_() for n, t in experts.items()}
+    chosen = torch.randint(0, 4, (64 * 2,), generator=gen)
+    order, counts = chosen.argsort(stable=True), moe.tokens_per_expert(chosen, 4)
+    h = torch.randn(64, 32, generator=gen).bfloat16()
+    fp8, bf16 = (grads_of(lambda p, h: moe.routed_experts(h, order, counts, p, 2, fp8=f), experts, h)
+                 for f in (True, False))
+    for got, want, what in [(fp8[0], bf16[0], "output"), (fp8[1], bf16[1], "input grad")] + [
+            (fp8[2][n], bf16[2][n], n) for n in experts]:
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert 1e-4 < err < 0.08, f"{what}: rel diff {err:.3f}"  # fp8 (not bf16), within e4m3's rounding

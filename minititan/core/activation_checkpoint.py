@@ -26,6 +26,10 @@ _SAVE_OPS = {
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_mm.default,
+    # the MoE experts' grouped GEMMs (bf16, and Float8's): their outputs are what the dense feed-forward's
+    # mm outputs are, and recomputing them would add a third to the experts' FLOPs
+    torch.ops.aten._grouped_mm.default,
+    torch.ops.aten._scaled_grouped_mm.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,

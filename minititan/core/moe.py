@@ -28,13 +28,13 @@ Expert weights are stacked per layer: experts.w1/w3 [E, hidden, dim], experts.w2
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minititan.core import float8_grouped
 from minititan.core.config import Model, hidden_dim
 
 Experts = dict[str, Tensor]  # "w1", "w2", "w3": this rank's stacked expert weights
@@ -136,42 +136,62 @@ def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, linear=F.linear) -> Te
     return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
-def run_experts(x: Tensor, counts: Tensor, experts: Experts) -> Tensor:
-    """x [n, dim] sorted by expert, counts [E] rows per expert (device) -> [n, dim].
-    Picks the grouped GEMM where it is supported, else the loop over experts."""
+def run_experts(x: Tensor, counts: Tensor, experts: Experts, fp8: bool = False) -> Tensor:
+    """x [n, dim] sorted by expert, counts [E] rows per expert (device) -> [n, dim], in the same order:
+    the experts of this rank (expert parallelism calls it on the rows it received)."""
     if experts["w1"].shape[0] != counts.numel():
         raise ValueError(f"{counts.numel()} experts routed here but the weights hold {experts['w1'].shape[0]}: "
                          "with expert parallelism give each rank its slice (expert_parallel.shard_experts)")
-    if grouped_mm_ok(x, experts["w1"]):
-        return run_experts_grouped(x, counts, experts)
-    return run_experts_loop(x, counts, experts)
+    return routed_experts(x, None, counts, experts, top_k=1, fp8=fp8)
 
 
-def run_experts_grouped(x: Tensor, counts: Tensor, experts: Experts, align: int = 16) -> Tensor:
-    """All experts in three grouped GEMMs, with no host sync.
+def routed_experts(h: Tensor, order: Tensor | None, counts: Tensor, experts: Experts, top_k: int,
+                   fp8: bool = False) -> Tensor:
+    """Every (token, slot) pair through its expert: h [tokens, dim]; pair p = token * top_k + slot;
+    order: the pairs sorted by expert (None: h's rows are the pairs, already sorted). Returns [pairs, dim]
+    in pair order. Grouped GEMMs where they run (one gather in, one out), else the loop over experts."""
+    if grouped_mm_ok(h, experts["w1"]):
+        return run_experts_grouped(h, counts, experts, order, top_k, fp8)
+    y_sorted = run_experts_loop(h if order is None else h[order // top_k], counts, experts)
+    return y_sorted if order is None else y_sorted[inverse_permutation(order)]
 
-    The CUDA kernels load each expert's block of rows with TMA, which needs 16-byte aligned
-    offsets: in the weight-gradient GEMM the rows are the contracted dim. So every block is
-    copied into a buffer at a start that is a multiple of `align` rows, the gaps are zeros, an
-    expert without tokens still gets `align` zero rows (no empty groups), and the last block
-    runs to the end of the buffer, whose size (n + E * align) is known without reading counts.
-    Zero rows add nothing to any gradient; their outputs are never read."""
-    n, n_experts = x.shape[0], counts.numel()
-    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts, output_size=n)
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """inverse[order[i]] = i: one scatter, where argsort would sort again."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def run_experts_grouped(h: Tensor, counts: Tensor, experts: Experts, order: Tensor | None = None, top_k: int = 1,
+                        fp8: bool = False, align: int = 16) -> Tensor:
+    """All experts in three grouped GEMMs, with no host sync, the pairs gathered straight from h into
+    the GEMMs' buffer and straight back to pair order (routed_experts' arguments and result).
+
+    The CUDA kernels load each expert's block of rows with TMA, which needs 16-byte aligned offsets:
+    in the weight-gradient GEMM the rows are the contracted dim. So every block starts at a multiple of
+    `align` rows, an expert without tokens still gets `align` rows (no empty groups), and the last block
+    runs to the end of the buffer, whose size (pairs + E * align) is known without reading counts.
+    The gap rows read token 0: their outputs are never read, so their gradient is zero, and zero
+    rows of the output gradient add nothing to the weight gradients or to token 0's."""
+    n, n_experts = (h.shape[0] if order is None else order.numel()), counts.numel()
     padded = ((counts + align - 1) // align * align).clamp_min(align)
     padded_end = padded.cumsum(0)
-    row_in_block = torch.arange(n, device=x.device) - (counts.cumsum(0) - counts)[expert_of_row]
-    dest = (padded_end - padded)[expert_of_row] + row_in_block
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=h.device), counts, output_size=n)
+    row_in_block = torch.arange(n, device=h.device) - (counts.cumsum(0) - counts)[expert_of_row]
+    dest = (padded_end - padded)[expert_of_row] + row_in_block  # each sorted pair's row in the buffer
     rows = n + n_experts * align
-    x_padded = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
+    source = torch.arange(n, device=h.device) if order is None else order // top_k
+    token_of_row = torch.zeros(rows, dtype=torch.int64, device=h.device).index_copy_(0, dest, source)
     offs = padded_end.to(torch.int32)
     offs[-1] = rows
 
     def mm(a: Tensor, w: Tensor) -> Tensor:  # per block: a @ w[e].T, like F.linear
+        if fp8 and _float8_grouped_supported(a.device.type):
+            return float8_grouped.grouped_mm_fp8(a, w, offs)
         return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
 
-    y_padded = mm(F.silu(mm(x_padded, experts["w1"])) * mm(x_padded, experts["w3"]), experts["w2"])
-    return y_padded[dest]
+    x = h[token_of_row]
+    y = mm(F.silu(mm(x, experts["w1"])) * mm(x, experts["w3"]), experts["w2"])
+    return y[dest if order is None else torch.empty_like(dest).index_copy_(0, order, dest)]
 
 
 def run_experts_loop(x: Tensor, counts: Tensor, experts: Experts) -> Tensor:
@@ -199,9 +219,21 @@ def _grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     return device_type == "cpu" and _cpu_grouped_mm_runs(dtype)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
+def _float8_grouped_supported(device_type: str) -> bool:
+    """torch._scaled_grouped_mm: CUDA sm90+ (Hopper) only; elsewhere the experts stay in bf16."""
+    return (device_type == "cuda" and hasattr(torch, "_scaled_grouped_mm")
+            and torch.cuda.get_device_capability() >= (9, 0))
+
+
 def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
-    """Older CPU builds have no kernel: try a tiny one."""
+    return _CPU_GROUPED_MM.get(dtype, False)
+
+
+def _try_cpu_grouped_mm(dtype: torch.dtype) -> bool:
+    """Older CPU builds have no kernel: try a tiny one. At import, not on first use: a first use inside
+    selective activation checkpointing would record the probe's GEMM in the forward and not in the
+    recompute, and hand its output to the wrong op."""
     try:
         a, w = torch.ones(4, 16, dtype=dtype), torch.ones(2, 16, 16, dtype=dtype)
         out = torch._grouped_mm(a, w, offs=torch.tensor([1, 4], dtype=torch.int32))
@@ -210,15 +242,20 @@ def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
         return False
 
 
+_CPU_GROUPED_MM = {dtype: _try_cpu_grouped_mm(dtype) for dtype in (torch.float32, torch.bfloat16)}
+
+
 # ---------------------------------------------------------------- the layer
 
 
 def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
-                     run_experts: Callable[[Tensor, Tensor, Experts], Tensor] = run_experts,
-                     aux_loss_scale: float = 1.0, aux_log: list | None = None) -> Tensor:
+                     run_experts: Callable[[Tensor, Tensor, Experts], Tensor] | None = None,
+                     aux_loss_scale: float = 1.0, aux_log: list | None = None, fp8: bool = False) -> Tensor:
     """x + MoE(RMSNorm(x)), x [batch, seq, dim]; p has the layer-relative names (moe.router, ...).
 
-    run_experts(x_sorted, counts, experts) computes the experts; expert parallelism replaces it.
+    run_experts(x_sorted, counts, experts): None when this rank holds every expert (the pairs are
+      gathered from the tokens straight into the grouped GEMMs, routed_experts); expert parallelism
+      passes its own, which gets the pairs' rows sorted by expert and returns their outputs in that order.
     aux_loss_scale: what the trainer multiplies the summed loss by before backward (1/global
       label tokens if it backpropagates the mean, 1 if it backpropagates loss_sum). The aux
       loss is counted like loss_sum, as coef * seq_len per sequence, so after that division it
@@ -229,27 +266,30 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
     ops.sum_over_sequence sums the balance statistics over the ranks holding the other parts of
       x's sequences (cp, and tp under sequence parallel); every token is routed where it is (see
       sequence_balance_loss). Each rank counts the aux loss with its own seq len, so the group's
-      terms add up to coef * S per sequence."""
+      terms add up to coef * S per sequence.
+    fp8: the routed experts' grouped GEMMs in Float8 where the device has the kernel (float8_grouped)."""
     b, s, d = x.shape
     h = F.rms_norm(x, (d,), p["ffn_norm"].to(x.dtype), cfg.norm_eps)  # as the dense blocks' (model.rms_norm)
+    h_flat = h.reshape(b * s, d)
     scores, chosen, weights = route(h, p["moe.router"], p["moe.expert_bias"], cfg)
+    out = torch.zeros((), device=x.device)
+    if cfg.n_shared_experts:  # first: under ep the GPU runs it while the host waits for the split sizes
+        out = swiglu(h_flat, p["moe.shared.w1"], p["moe.shared.w2"], p["moe.shared.w3"], ops.linear).float()
+        if "moe.shared_gate" in p:  # Qwen2-MoE: a learned per-token gate on the shared experts
+            out = out * torch.sigmoid(F.linear(h_flat, p["moe.shared_gate"]).float())
 
     # sort the (token, slot) pairs by expert so every expert's rows are one contiguous block
     flat_chosen = chosen.flatten()
     order = flat_chosen.argsort(stable=True)
     counts = tokens_per_expert(flat_chosen, cfg.n_experts)
-    h_flat = h.reshape(b * s, d)
     experts = {w: p[f"moe.experts.{w}"] for w in ("w1", "w2", "w3")}
-    y_sorted = run_experts(h_flat[order // cfg.top_k], counts, experts)
+    if run_experts is None:
+        y_pairs = routed_experts(h_flat, order, counts, experts, cfg.top_k, fp8)
+    else:
+        y_pairs = run_experts(h_flat[order // cfg.top_k], counts, experts)[inverse_permutation(order)]
 
-    # back to (token, slot) order, then the weighted sum over each token's k experts, in fp32
-    y_pairs = y_sorted[order.argsort()].view(b * s, cfg.top_k, d)
-    out = (y_pairs.float() * weights.reshape(b * s, cfg.top_k, 1)).sum(1)
-    if cfg.n_shared_experts:
-        shared = swiglu(h_flat, p["moe.shared.w1"], p["moe.shared.w2"], p["moe.shared.w3"], ops.linear).float()
-        if "moe.shared_gate" in p:  # Qwen2-MoE: a learned per-token gate on the shared experts
-            shared = shared * torch.sigmoid(F.linear(h_flat, p["moe.shared_gate"]).float())
-        out = out + shared
+    # the weighted sum over each token's k experts, in fp32 (one fused kernel under compile)
+    out = out + (y_pairs.view(b * s, cfg.top_k, d).float() * weights.reshape(b * s, cfg.top_k, 1)).sum(1)
     out = out.view(b, s, d).type_as(x)
 
     aux_sum = None

@@ -41,7 +41,8 @@ from minititan.collectives import tensor_parallel as tpm
 from minititan.collectives.fsdp import FSDP
 from minititan.collectives.mesh import Mesh
 from minititan.core import mixed_precision, model, moe
-from minititan.core.config import Config, Model, UserError
+from minititan.core.config import Config, Float8, Model, UserError
+from minititan.core.float8 import filtered
 from minititan.layout import data_parallel, fsdp
 from minititan.layout.contract import DATA_DIMS, Facts, Layout, owns
 
@@ -49,6 +50,9 @@ from minititan.layout.contract import DATA_DIMS, Facts, Layout, owns
 def refuse(cfg: Config, mesh: Mesh) -> None:
     """One UserError naming the fix for an expert-parallel layout the model or mesh cannot make."""
     par, m = cfg.parallelism, cfg.model
+    if par.ep_capacity_factor < 0 or (par.ep_capacity_factor > 0 and par.ep == 1):
+        raise UserError(f"parallelism.ep_capacity_factor={par.ep_capacity_factor} caps the rows each expert-parallel "
+                        f"rank sends a peer: it must be 0 (exact exchange) or positive with parallelism.ep > 1")
     if m.name != "moe":
         if par.ep > 1:
             raise UserError(f"parallelism.ep={par.ep} splits the experts of a mixture of experts, but model.name = "
@@ -83,9 +87,11 @@ def held_apart(facts: Facts, mesh: Mesh, shapes: dict[str, tuple[int, ...]]) -> 
 
 
 def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tuple[int, ...]],
-          apart: dict[str, list[list[int]]], bias_update_rate: float) -> None:
+          apart: dict[str, list[list[int]]], bias_update_rate: float, capacity_factor: float = 0.0,
+          fp8: bool = False) -> None:
     """Hold the `apart` tensors (see held_apart), and add the MoE ops, their gradient sums, the
-    expert-bias update and the load metrics."""
+    expert-bias update and the load metrics. capacity_factor: parallelism.ep_capacity_factor (the
+    capped exchange when > 0); fp8: the experts' grouped GEMMs in Float8 (float8_experts)."""
     facts = layout.facts
     ep_group = expert_dp_group = replicate_group = None
     if facts.ep > 1:
@@ -110,8 +116,9 @@ def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tu
         experts = fsdp.shard(facts, units, sharded, shapes, owners, expert_dp_group, replicate_group, device)
 
     balance = ExpertBalance(whole.params, bias_update_rate, facts.model, layout.loss_group, device)
-    run_experts = moe.run_experts if ep_group is None else ep_lib.parallel_experts(moe.run_experts, ep_group)
-    layout.ops.moe = moe_op(run_experts, facts.loss_scale, balance.aux_log, plain_linear=facts.async_tp)
+    run_experts = None if ep_group is None else ep_lib.parallel_experts(  # None: every expert here
+        functools.partial(moe.run_experts, fp8=fp8), ep_group, capacity_factor, balance.drop_log)
+    layout.ops.moe = moe_op(run_experts, facts.loss_scale, balance.aux_log, plain_linear=facts.async_tp, fp8=fp8)
     if mesh.size(*facts.sequence_dims) > 1:
         layout.ops.sum_over_sequence = functools.partial(sum_over_sequence, group=mesh.group(*facts.sequence_dims))
     layout.ops.gather = gather_with_apart(layout.ops.gather, whole.params, facts.param_dtype,
@@ -130,20 +137,27 @@ def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tu
     layout.log_metrics.append(balance.metrics)
 
 
+def float8_experts(f8: Float8) -> bool:
+    """The routed experts' GEMMs in Float8 (torch._scaled_grouped_mm): float8.enable, unless a
+    float8.filter entry names them ("moe", "experts", "moe.experts")."""
+    return f8.enable and not filtered("moe.experts", tuple(f8.filter))
+
+
 def sum_over_sequence(stats: Tensor, seq_len: int, group: dist.ProcessGroup) -> tuple[Tensor, int]:
     """ops.sum_over_sequence: every rank of the group holds an equal part of the same sequences."""
     return tpm.sum_over_ranks(stats, group), seq_len * dist.get_world_size(group)
 
 
-def moe_op(run_experts, aux_loss_scale: float, aux_log: list[Tensor], plain_linear: bool):
+def moe_op(run_experts, aux_loss_scale: float, aux_log: list[Tensor], plain_linear: bool, fp8: bool):
     """ops.moe: the MoE layer scaled like the trainer's loss, logging its balance loss in training
     forwards. plain_linear (async TP): the layout's linear defers a plain tensor's matmul to the
-    out_of_tp that follows it; the MoE layer has no out_of_tp, so its shared experts use the plain one."""
+    out_of_tp that follows it; the MoE layer has no out_of_tp, so its shared experts use the plain one.
+    run_experts: None (every expert here) or expert parallel's; fp8: the experts' grouped GEMMs in Float8."""
     def moe_layer(p, x, model_cfg, ops):
         if plain_linear:
             ops = dataclasses.replace(ops, linear=mixed_precision.linear)
         return moe.moe_feed_forward(p, x, model_cfg, ops, run_experts=run_experts, aux_loss_scale=aux_loss_scale,
-                                    aux_log=aux_log if torch.is_grad_enabled() else None)
+                                    aux_log=aux_log if torch.is_grad_enabled() else None, fp8=fp8)
 
     return moe_layer
 

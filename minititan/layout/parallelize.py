@@ -120,7 +120,8 @@ def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     if mesh.size("cp") > 1:
         context_parallel.apply(layout, mesh, device, cfg.training.seq_len, par.cp_rotate)
     if cfg.model.name == "moe":
-        moe.apply(layout, mesh, device, shapes, apart, cfg.model.bias_update_rate)
+        moe.apply(layout, mesh, device, shapes, apart, cfg.model.bias_update_rate, cfg.parallelism.ep_capacity_factor,
+                  moe.float8_experts(cfg.float8))
     if cfg.float8.enable:  # last: it wraps whatever gather and linear the layout chose
         f8 = cfg.float8
         layout.ops = float8_ops(layout.ops, recipe=f8.recipe, filter=tuple(f8.filter), device=device,
