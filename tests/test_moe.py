@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -271,12 +272,14 @@ def _ep_rank(rank, world, cfg, tokens):
     full = model.init(cfg, 0)
     mesh = Mesh({"dp_shard": world}, rank)
     out = {}
-    for ep in (2, 4):
+    for ep, capacity_factor in ((2, 0.0), (4, 0.0), (2, 2.0), (4, 4.0)):  # exact; capped at a drop-free capacity
         ep_group, expert_dp_group = ep_lib.ep_groups(mesh, ep)
         ep_rank = dist.get_rank(ep_group)
         params = {n: t.detach().clone().requires_grad_() for n, t in ep_lib.shard_experts(full, ep_rank, ep).items()}
         ops = model.default_ops(cfg)
-        ops.moe = functools.partial(moe.moe_feed_forward, run_experts=ep_lib.parallel_experts(moe.run_experts, ep_group))
+        dropped = []
+        run = ep_lib.parallel_experts(moe.run_experts, ep_group, capacity_factor, dropped)
+        ops.moe = functools.partial(moe.moe_feed_forward, run_experts=run)
         mine = tokens.chunk(world)[rank]
         loss = model.loss_sum(params, mine[:, :-1], mine[:, 1:], cfg, ops)
         loss.backward()
@@ -287,7 +290,8 @@ def _ep_rank(rank, world, cfg, tokens):
             grads[n] = g
         total = loss.detach().clone()
         dist.all_reduce(total)
-        out[ep] = (total, grads, ep_rank)
+        assert all(d == 0 for d in dropped) and len(dropped) == (cfg.n_layers if capacity_factor else 0)
+        out[ep, capacity_factor] = (total, grads, ep_rank)
     return out
 
 
@@ -299,8 +303,8 @@ def test_expert_parallel_matches_single_process():
     ref_loss.backward()
     world = 4  # ep=2 (each expert shard on 2 ranks: grads summed over them) and ep=4
     for rank_out in run_ranks(world, _ep_rank, cfg, tokens):
-        for ep, (loss, grads, ep_rank) in rank_out.items():
-            assert_close(loss, ref_loss.detach(), what=f"ep {ep} loss")
+        for (ep, capacity_factor), (loss, grads, ep_rank) in rank_out.items():
+            assert_close(loss, ref_loss.detach(), what=f"ep {ep} (capacity factor {capacity_factor}) loss")
             for n, g in grads.items():
                 ref = ref_params[n].grad
                 if ep_lib.is_expert_param(n):
@@ -399,3 +403,76 @@ def test_float8_grouped_experts(monkeypatch):
             (fp8[2][n], bf16[2][n], n) for n in experts]:
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert 1e-4 < err < 0.08, f"{what}: rel diff {err:.3f}"  # fp8 (not bf16), within e4m3's rounding
+
+
+def _capped_one_rank(rank, world):
+    """The capped exchange on one rank: the first C rows of the chunk are computed, the rest dropped."""
+    gen = torch.Generator().manual_seed(0)
+    experts = {w: torch.randn(4, 16, 16, generator=gen) for w in ("w1", "w2", "w3")}
+    counts = torch.tensor([20, 0, 30, 14])  # 64 rows: capacity 1.25 x 64 rounded to 16 rows is 80 rows
+    x = torch.randn(64, 16, generator=gen)
+    want = moe.run_experts_loop(x, counts, experts)
+    dropped = []
+    full = ep_lib.parallel_experts(moe.run_experts, dist.group.WORLD, 1.25, dropped)(x, counts, experts)
+    assert ep_lib.capacity(64, 1, 0.5) == 32
+    half = ep_lib.parallel_experts(moe.run_experts, dist.group.WORLD, 0.5, dropped)(x, counts, experts)
+    return want, full, half, dropped
+
+
+def test_capped_exchange_drops_what_overflows():
+    want, full, half, dropped = run_ranks(1, _capped_one_rank)[0]
+    assert_close(full, want, 1e-6, "within capacity")
+    assert_close(half[:32], want[:32], 1e-6, "the first 32 rows (capacity 0.5 x 64)")
+    assert torch.equal(half[32:], torch.zeros(32, 16))  # the rest dropped: no output
+    assert [d.item() for d in dropped] == [0.0, 0.5]
+
+
+class _HostReads(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def refusing_host_reads():
+    """Every way a step could read a device value on the host (.tolist(), .item(), bool(), int()) raises."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RefuseScalars(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                raise _HostReads(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def refuse(*args, **kwargs):
+        raise _HostReads("tolist/item")
+
+    saved = torch.Tensor.tolist, torch.Tensor.item
+    torch.Tensor.tolist = torch.Tensor.item = refuse
+    try:
+        with RefuseScalars():
+            yield
+    finally:
+        torch.Tensor.tolist, torch.Tensor.item = saved
+
+
+def _layer_reads_host(rank, world, cfg, capacity_factor):
+    """Forward + backward of a MoE layer under ep = world: does it read a device value on the host?"""
+    p = {n: t.detach().clone().requires_grad_() for n, t in layer_params(cfg).items()}
+    p = ep_lib.shard_experts(p, rank, world) if world > 1 else p
+    p = {n: t.detach().requires_grad_() for n, t in p.items()}
+    run = ep_lib.parallel_experts(moe.run_experts, dist.group.WORLD, capacity_factor) if world > 1 else None
+    x = torch.randn(2, 8, cfg.dim, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    try:
+        with refusing_host_reads():
+            moe.moe_feed_forward(p, x, cfg, model.default_ops(cfg), run_experts=run, aux_log=[]).sum().backward()
+    except _HostReads:
+        return True
+    return False
+
+
+def test_no_host_reads_in_the_layer():
+    """One device: the grouped path reads nothing back. Expert parallel: the capped exchange reads
+    nothing back; the exact one reads its split sizes (the check has teeth)."""
+    cfg = replace(CFG, aux_loss_coef=0.01)
+    assert run_ranks(1, _layer_reads_host, cfg, 0.0) == [False]
+    assert run_ranks(2, _layer_reads_host, cfg, 2.0) == [False, False]
+    assert run_ranks(2, _layer_reads_host, cfg, 0.0) == [True, True]

@@ -37,6 +37,7 @@ TWO_RANKS = {
     "tp2_async": ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
     "cp2": ["parallelism.cp=2"],
     "cp2_ep2": ["parallelism.cp=2", "parallelism.ep=2"],
+    "ep2_capped": ["parallelism.dp_shard=2", "parallelism.ep=2", "parallelism.ep_capacity_factor=2.0"],  # no sync
 }
 FOUR_RANKS = {
     "ep4": ["parallelism.dp_shard=4", "parallelism.ep=4", "checkpoint.interval=3"],
@@ -93,6 +94,8 @@ def reference(reference_run):
 def test_two_rank_layouts(tmp_path, reference):
     for name, run in train_runs(tmp_path, 2, TWO_RANKS, common=MOE).items():
         assert_matches(run, reference, name)
+        # the capped exchange at capacity factor ep never drops; the exact ones log no drop fraction
+        assert all(row.get("moe/dropped_fraction") == (0.0 if name == "ep2_capped" else None) for row in run[0])
 
 
 def test_four_rank_layouts_and_resume_from_ep_4_in_one_process(tmp_path, reference):
@@ -193,6 +196,7 @@ def test_qwen_and_deepseek_features_match_one_process(tmp_path):
     (4, MOE + ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=4"],
      ["parallelism.ep=4", "dp_shard x cp = 2"]),
     (2, ["parallelism.tp=2", "model.qk_norm=true"], ["model.qk_norm", "parallelism.sequence_parallel = true"]),
-], ids=["llama3", "n_experts", "ep_over_dp_shard", "qk_norm_plain_tp"])
+    (2, MOE + ["parallelism.dp_shard=2", "parallelism.ep_capacity_factor=1.5"], ["ep_capacity_factor", "ep > 1"]),
+], ids=["llama3", "n_experts", "ep_over_dp_shard", "qk_norm_plain_tp", "capacity_without_ep"])
 def test_bad_layout_names_the_fix(world, overrides, words):
     assert_layout_refused(world, overrides, words)

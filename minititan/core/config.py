@@ -102,6 +102,9 @@ class Parallelism(msgspec.Struct, forbid_unknown_fields=True):
     pp: int = 1  # pipeline parallel
     cp: int = 1  # context parallel
     ep: int = 1  # expert parallel (folds into dp_shard x cp)
+    # ep: 0 = exact all-to-all (its split sizes read on the host once per MoE layer); c > 0 = fixed buffers of
+    # c x the mean rows per peer, no host sync, rows over them dropped (moe/dropped_fraction); c = ep never drops
+    ep_capacity_factor: float = 0.0
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     pp_microbatches: int = 0  # per pipeline (one per local batch): must divide local_batch_size; 0 = local_batch_size
     pp_virtual_stages: int = 2  # stages per pp rank under interleaved_1f1b (the other schedules run one)
