@@ -195,7 +195,7 @@ def schedule(pp, microbatches, schedule, virtual, svg_path):
 
 @main.group()
 def convert():
-    """Convert Llama checkpoints to and from Hugging Face's format."""
+    """Convert Llama, Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints to and from Hugging Face's format."""
 
 
 @convert.command("hf-to-minititan")

@@ -1,5 +1,6 @@
 import contextlib
 import dataclasses
+import re
 import functools
 from pathlib import Path
 
@@ -476,3 +477,17 @@ def test_no_host_reads_in_the_layer():
     assert run_ranks(1, _layer_reads_host, cfg, 0.0) == [False]
     assert run_ranks(2, _layer_reads_host, cfg, 2.0) == [False, False]
     assert run_ranks(2, _layer_reads_host, cfg, 0.0) == [True, True]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.head_dim=-1", "model.head_dim must be >= 0"),
+    ("model.head_dim=15", "head dim 15 must be even"),
+    ("model.n_dense_layers=4", "model.n_dense_layers=4 must be between 0 and model.n_layers - 1 = 3"),
+    ("model.moe_frequency=0", "model.moe_frequency must be >= 1"),
+    ("model.shared_expert_gate=true", "set model.n_shared_experts >= 1"),
+    ("model.route_scale=0", "model.route_scale must be positive"),
+])
+def test_bad_moe_model_keys_name_the_fix(override, words):
+    from minititan.core.config import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, ["model.name=moe", override])
