@@ -150,8 +150,12 @@ def layer_part(float8: bool) -> dict:
                     step(True)
                 torch.cuda.synchronize()
             by_stage, d2h = stage_times(prof, passes=3)
-            rows[shape + (" fp8" if fp8 else "")] = {"ms": ms[True], "ms_without_balance_stats": ms[False],
-                                                     "stages_ms": by_stage, "d2h_copies_per_pass": d2h}
+            row = rows[shape + (" fp8" if fp8 else "")] = {"ms": ms[True], "ms_without_balance_stats": ms[False],
+                                                           "stages_ms": by_stage, "d2h_copies_per_pass": d2h}
+            if fp8:  # the Float8 experts' output against bf16's, the same inputs (x + MoE(x): compare MoE(x))
+                with torch.no_grad():
+                    y8, y16 = (moe.moe_feed_forward(p, x, cfg, ops, fp8=f) - x for f in (True, False))
+                row["fp8_rel_diff_vs_bf16"] = ((y8.float() - y16.float()).norm() / y16.float().norm()).item()
             del p, x
             torch.cuda.empty_cache()
     return rows
@@ -238,9 +242,10 @@ def report(results: dict) -> None:
                   f"{r.get('mem_gib', 0):.1f} | {r['rc']} |")
     for when, rows in results["layer"].items():
         for shape, row in rows.items():
+            fp8 = f", output {row['fp8_rel_diff_vs_bf16']:.3f} rel. from bf16's" if "fp8_rel_diff_vs_bf16" in row else ""
             print(f"\none MoE layer, {shape} ({when}): {row['ms']:.2f} ms forward + backward, "
                   f"{row['ms_without_balance_stats']:.2f} ms without the balance statistics, "
-                  f"{row['d2h_copies_per_pass']:.0f} device-to-host copies per pass\n| stage | device ms |\n|---|---:|")
+                  f"{row['d2h_copies_per_pass']:.0f} device-to-host copies per pass{fp8}\n| stage | device ms |\n|---|---:|")
             for stage, ms in row["stages_ms"].items():
                 print(f"| {stage} | {ms:.2f} |")
     for when, rows in results["ep"].items():
