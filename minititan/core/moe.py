@@ -152,8 +152,19 @@ def routed_experts(h: Tensor, order: Tensor | None, counts: Tensor, experts: Exp
     in pair order. Grouped GEMMs where they run (one gather in, one out), else the loop over experts."""
     if grouped_mm_ok(h, experts["w1"]):
         return run_experts_grouped(h, counts, experts, order, top_k, fp8)
-    y_sorted = run_experts_loop(h if order is None else h[order // top_k], counts, experts)
-    return y_sorted if order is None else y_sorted[inverse_permutation(order)]
+    if order is None:
+        return run_experts_loop(h, counts, experts)
+    return sorted_to_pairs(run_experts_loop(pairs_sorted(h, order, top_k), counts, experts), order)
+
+
+def pairs_sorted(h: Tensor, order: Tensor, top_k: int) -> Tensor:
+    """The pairs' token rows in expert order: [pairs, dim]."""
+    return _TokensToRows.apply(h, order // top_k, inverse_permutation(order), top_k)
+
+
+def sorted_to_pairs(y_sorted: Tensor, order: Tensor) -> Tensor:
+    """Rows in expert order back to pair order."""
+    return _RowsToPairs.apply(y_sorted, inverse_permutation(order))
 
 
 def inverse_permutation(order: Tensor) -> Tensor:
@@ -189,9 +200,44 @@ def run_experts_grouped(h: Tensor, counts: Tensor, experts: Experts, order: Tens
             return float8_grouped.grouped_mm_fp8(a, w, offs)
         return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
 
-    x = h[token_of_row]
+    row_of_pair = dest if order is None else torch.empty_like(dest).index_copy_(0, order, dest)
+    x = _TokensToRows.apply(h, token_of_row, row_of_pair, top_k)
     y = mm(F.silu(mm(x, experts["w1"])) * mm(x, experts["w3"]), experts["w2"])
-    return y[dest if order is None else torch.empty_like(dest).index_copy_(0, order, dest)]
+    return _RowsToPairs.apply(y, row_of_pair)
+
+
+class _TokensToRows(torch.autograd.Function):
+    """rows[r] = h[token_of_row[r]]: each token's row copied to its k pairs' rows of the buffer (and
+    any token's to the gap rows). Backward: a token's gradient is the sum of its k pairs' rows,
+    gathered in pair order and summed (no sort, no atomics; the gap rows' gradient is zero by
+    construction and left out). Plain indexing would scatter-add with a sort of the indices."""
+
+    @staticmethod
+    def forward(ctx, h, token_of_row, row_of_pair, top_k):
+        ctx.save_for_backward(row_of_pair)
+        ctx.top_k = top_k
+        return h[token_of_row]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_of_pair,) = ctx.saved_tensors
+        return grad[row_of_pair].unflatten(0, (-1, ctx.top_k)).sum(1), None, None, None
+
+
+class _RowsToPairs(torch.autograd.Function):
+    """pairs[p] = rows[row_of_pair[p]], a one-to-one pick of rows. Backward: a plain scatter into
+    zeros (each row goes to at most one pair), where indexing would scatter-add after a sort."""
+
+    @staticmethod
+    def forward(ctx, rows, row_of_pair):
+        ctx.save_for_backward(row_of_pair)
+        ctx.n_rows = rows.shape[0]
+        return rows[row_of_pair]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_of_pair,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.n_rows, *grad.shape[1:])).index_copy_(0, row_of_pair, grad), None
 
 
 def run_experts_loop(x: Tensor, counts: Tensor, experts: Experts) -> Tensor:
@@ -286,7 +332,7 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
     if run_experts is None:
         y_pairs = routed_experts(h_flat, order, counts, experts, cfg.top_k, fp8)
     else:
-        y_pairs = run_experts(h_flat[order // cfg.top_k], counts, experts)[inverse_permutation(order)]
+        y_pairs = sorted_to_pairs(run_experts(pairs_sorted(h_flat, order, cfg.top_k), counts, experts), order)
 
     # the weighted sum over each token's k experts, in fp32 (one fused kernel under compile)
     out = out + (y_pairs.view(b * s, cfg.top_k, d).float() * weights.reshape(b * s, cfg.top_k, 1)).sum(1)
