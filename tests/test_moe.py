@@ -1,7 +1,7 @@
 import contextlib
 import dataclasses
-import re
 import functools
+import re
 from pathlib import Path
 
 import pytest
