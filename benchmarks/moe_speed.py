@@ -18,9 +18,9 @@ ep      one moe8 layer through expert parallel on a one-rank NCCL group, forward
         with the host free to run ahead: the exact exchange (its split sizes read on the host) against
         the capped one (parallelism.ep_capacity_factor, no host read).
 
---baseline DIR runs every part a second time with the minititan package of DIR (an older checkout, e.g.
-`mkdir -p DIR && git archive c6f45e1 minititan | tar -x -C DIR`, carried to the GPU machine): the
-before/after of one call on one machine. The time: about 3 minutes for the default parts on an H100,
+--baseline DIR runs every part a second time with the minititan package of DIR (an older tree as a plain
+copy, e.g. `mkdir -p .ab/before && git archive REV | tar -x -C .ab/before`, carried to the GPU machine as
+benchmarks/ab.sh's trees are): the before/after of one call on one machine. The time: about 3 minutes for the default parts on an H100,
 +1.5 with --baseline, +2 with --float8.
 """
 from __future__ import annotations
