@@ -1,17 +1,19 @@
 """The MoE model against its dense twin on one GPU, where one MoE layer's time goes, and what expert
 parallel's host sync costs. One command, logs under OUT:
 
-    source benchmarks/gpu_env.sh && python3 benchmarks/moe_speed.py $OUT [--baseline DIR] [--float8] [--parts P,..]
+    source benchmarks/gpu_env.sh && python3 benchmarks/moe_speed.py $OUT [--baseline DIR] [--precision bf16,float8]
+                                                                        [--parts steps,layer,ep]
 
 steps   configs/moe_4b.toml with 8 layers (dim 2048, seq 4096, batch 4, selective AC, compile), trained
         16 steps each; tokens/s per GPU and MFU on active parameters (the median of steps 9-16):
           dense   model.name = llama3: FFN hidden 5632 = 2 x 2816, the MoE's active FLOPs per token
           moe8    8 experts, top 2, hidden 2816 (issue 29's 0.66x)
           moe64   64 experts, top 8, hidden 704: fine-grained, DeepSeek-style, the same active FLOPs
-        bf16; --float8 adds the three rows again with float8.enable (the experts through
-        torch._scaled_grouped_mm where the code has it).
+        --precision bf16 (the default), float8 (float8.enable: the experts through
+        torch._scaled_grouped_mm where the code has it) or both, comma-separated.
 layer   torch.profiler over forward + backward of one MoE layer of each shape (16384 tokens, bf16,
-        eager): device time by stage (router and top-k, sort and counts, row gathers = permute and
+        eager; with float8 in --precision also through the Float8 experts, and their output against
+        bf16's): device time by stage (router and top-k, sort and counts, row gathers = permute and
         unpermute, grouped GEMMs, element-wise = SwiGLU, combine, softmax, casts), the device-to-host
         copies per pass (host syncs), and the balance statistics' cost (the layer with and without them).
 ep      one moe8 layer through expert parallel on a one-rank NCCL group, forward + backward 20 times
@@ -20,8 +22,8 @@ ep      one moe8 layer through expert parallel on a one-rank NCCL group, forward
 
 --baseline DIR runs every part a second time with the minititan package of DIR (an older tree as a plain
 copy, e.g. `mkdir -p .ab/before && git archive REV | tar -x -C .ab/before`, carried to the GPU machine as
-benchmarks/ab.sh's trees are): the before/after of one call on one machine. The time: about 3 minutes for the default parts on an H100,
-+1.5 with --baseline, +2 with --float8.
+benchmarks/ab.sh's trees are): the before/after of one call on one machine. The time on an H100: about 3 minutes for the default
+parts, 5 with --baseline; each extra precision of the steps part about 2.5 more.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--baseline", default=None, help="a folder holding an older minititan package")
-    parser.add_argument("--float8", action="store_true")
+    parser.add_argument("--precision", default="bf16", help="bf16, float8, or both comma-separated")
     parser.add_argument("--parts", default="steps,layer,ep")
     parser.add_argument("--layer-only", action="store_true", help=argparse.SUPPRESS)  # the baseline's child run
     args = parser.parse_args()
@@ -78,14 +80,14 @@ def main():
     checkouts = [("", REPO)] + ([("before: ", Path(args.baseline).resolve())] if args.baseline else [])
     if "steps" in parts:
         for label, root in checkouts:
-            for precision in ["bf16"] + (["float8"] if args.float8 else []):
+            for precision in args.precision.split(","):
                 for shape in SHAPES:
                     if label and shape == "dense":
                         continue  # the dense model did not change
                     results["steps"].append(step_row(out, f"{label}{shape} {precision}", root, shape, precision))
                     print(json.dumps(results["steps"][-1]), flush=True)
     if "layer" in parts or "ep" in parts:
-        results["layer"]["after"] = layer_part(args.float8) if "layer" in parts else {}
+        results["layer"]["after"] = layer_part("float8" in args.precision) if "layer" in parts else {}
         results["ep"]["after"] = ep_part() if "ep" in parts else {}
         if args.baseline:
             child = baseline_child(out, Path(args.baseline).resolve(), parts)
