@@ -166,16 +166,32 @@ def plot(metrics_file, out):
 
 
 @main.command()
-@click.argument("text_file")
-@click.argument("out_file")
-@click.option("--tokenizer", default="byte", help="byte, or a Hugging Face tokenizer.json (needs `tokenizers`)")
-def tokenize(text_file, out_file, tokenizer):
-    """Turn a text file into a token file for data.dataset."""
-    from minititan.core.data import tokenize_file
-    if not Path(text_file).is_file():
-        raise UserError(f"{text_file} not found: pass a UTF-8 text file")
-    n = tokenize_file(text_file, out_file, tokenizer)
-    click.echo(f"wrote {n:,} tokens to {out_file}")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--tokenizer", default="byte", show_default=True,
+              help="byte, a Hugging Face tokenizer.json (needs `tokenizers`) or a tiktoken BPE file (needs `tiktoken`)")
+@click.option("--text-field", default="text", show_default=True, help="the jsonl field / parquet column of the text")
+@click.option("--shard-tokens", type=int, default=None, help="tokens per shard  [default: 100,000,000]")
+@click.option("--workers", type=int, default=None, help="worker processes  [default: one per core]")
+@click.option("--bos", default=None, help="token (or id) before each document  [default: none]")
+@click.option("--eos", default=None, help="token (or id) after each document, or none  [default: the tokenizer's]")
+def tokenize(paths, tokenizer, text_field, shard_tokens, workers, bos, eos):
+    """Tokenize INPUTS... (files, folders, globs of .txt .jsonl .jsonl.gz .parquet) into shards in the
+    folder OUT (the last path), for data.dataset / data.sources. Rerun the same command to resume.
+    An OUT ending in .bin writes one token file instead (no separators unless --eos)."""
+    from minititan.data.tokenize_corpus import DEFAULT_SHARD_TOKENS, tokenize_corpus, tokenize_to_file
+    if len(paths) < 2:
+        raise UserError("pass the inputs and then the output folder: minititan tokenize corpus/ tokens/")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: tokenize in this process), got {workers}")
+    *inputs, out = paths
+    if out.endswith(".bin"):
+        n = tokenize_to_file(inputs, out, tokenizer, text_field, workers, bos, eos)
+        click.echo(f"wrote {n:,} tokens to {out}")
+        return
+    done = tokenize_corpus(inputs, out, tokenizer, text_field, shard_tokens or DEFAULT_SHARD_TOKENS, workers, bos, eos)
+    resumed = f" ({done['resumed_shards']} finished before)" if done["resumed_shards"] else ""
+    click.echo(f"wrote {done['shards']} shard(s){resumed} to {out}: {done['tokens']:,} tokens, "
+               f"{done['documents']:,} documents\ntrain on them: minititan train --data.dataset={out}")
 
 
 @main.command()
