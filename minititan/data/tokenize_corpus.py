@@ -46,7 +46,7 @@ class Options(msgspec.Struct, frozen=True):
 
 
 class Progress:
-    """One line on stderr every `every` seconds: documents, tokens, MB/s of input, ETA."""
+    """One line on stderr every `every` seconds (0: none): documents, tokens, MB/s of input, ETA."""
 
     def __init__(self, total_bytes: int, every: float = 2.0, out=sys.stderr):
         self.total, self.every, self.out = max(total_bytes, 1), every, out
@@ -56,7 +56,7 @@ class Progress:
     def add(self, docs: int, tokens: int, nbytes: int, force: bool = False) -> None:
         self.docs, self.tokens, self.bytes = self.docs + docs, self.tokens + tokens, self.bytes + nbytes
         now = time.perf_counter()
-        if force or now - self.last >= self.every:
+        if self.every > 0 and (force or now - self.last >= self.every):
             self.last = now
             rate = self.bytes / max(now - self.start, 1e-9)
             eta = (self.total - self.bytes) / rate if rate > 0 else float("inf")
@@ -88,16 +88,16 @@ def encode_unit(unit: readers.Unit) -> tuple[np.ndarray, np.ndarray, int]:
     w = _worker
     docs = readers.unit_documents(unit, w["files"][unit.file], w["text_field"])
     ids = w["tok"].encode_batch([text for text, _, _ in docs])
-    pieces, starts, pos = [], [], 0
+    flat, starts, bos, eos = [], [], w["bos"], w["eos"]
     for (_, begins, ends), doc in zip(docs, ids):
-        piece = ([w["bos"]] if begins and w["bos"] is not None else []) + doc
-        piece += [w["eos"]] if ends and w["eos"] is not None else []
         if begins:
-            starts.append(pos)
-        pieces.append(piece)
-        pos += len(piece)
-    tokens = np.fromiter((t for p in pieces for t in p), dtype=np.uint32, count=pos)
-    return tokens, np.asarray(starts, dtype=np.int64), sum(1 for _, begins, _ in docs if begins)
+            starts.append(len(flat))
+            if bos is not None:
+                flat.append(bos)
+        flat.extend(doc)
+        if ends and eos is not None:
+            flat.append(eos)
+    return np.array(flat, dtype=np.uint32), np.array(starts, dtype=np.int64), len(starts)
 
 
 def ordered_results(pool, units, lookahead: int):
@@ -253,7 +253,7 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
         raise UserError(f"the inputs hold no text ({len(files)} file(s), every document empty): check the files "
                         f"and --text-field")
     writer.close((last_unit + 1, 0), last=True)
-    progress.add(0, 0, 0, force=progress_every > 0)
+    progress.add(0, 0, 0, force=True)
     summary.update(shards=writer.shard, tokens=progress.tokens, documents=progress.docs)
     return summary
 

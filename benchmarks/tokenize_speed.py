@@ -1,0 +1,116 @@
+"""Tokens/s of `minititan tokenize` against a plain `tokenizers` batch-encode loop over the same jsonl.
+
+    python benchmarks/tokenize_speed.py OUT_DIR [--megabytes 200] [--workers 1,2,4,8,16] [--tokenizer T]
+
+The corpus is the shipped Shakespeare, one paragraph per jsonl document, repeated to the size asked
+for; the tokenizer a byte-level BPE (vocab 32,000) trained on it, unless --tokenizer names a
+tokenizer.json. The baseline is what a user would write: read the lines, json-parse, call
+`Tokenizer.encode_batch` on 1,000 documents at a time (which runs on every core through the
+library's own thread pool). Ours runs the whole command, shards written, once per worker count.
+Both count the same tokens (no separators: --eos none). Prints one JSON line per row and writes
+them to OUT_DIR/tokenize_speed.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minititan.core.data import shakespeare_text  # noqa: E402
+from minititan.data.tokenize_corpus import tokenize_corpus  # noqa: E402
+
+
+def make_corpus(folder: Path, megabytes: float) -> Path:
+    paragraphs = [p for p in shakespeare_text().split("\n\n") if p.strip()]
+    path = folder / "corpus.jsonl"
+    with open(path, "w") as f:
+        written = 0
+        while written < megabytes * 1e6:
+            for p in paragraphs:
+                line = json.dumps({"text": p}) + "\n"
+                f.write(line)
+                written += len(line)
+    return path
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 32_000) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = shakespeare_text()
+    tok.train_from_iterator([text[i:i + 10_000] for i in range(0, len(text), 10_000)], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def baseline(corpus: Path, tokenizer: str, batch: int = 1000) -> tuple[int, float]:
+    """The plain loop: tokens and seconds."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer)
+    start, tokens, texts = time.perf_counter(), 0, []
+    with open(corpus) as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == batch:
+                tokens += sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+                texts = []
+    tokens += sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return tokens, time.perf_counter() - start
+
+
+def ours(corpus: Path, tokenizer: str, out: Path, workers: int | None) -> tuple[int, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    done = tokenize_corpus([str(corpus)], str(out), tokenizer, eos="none", workers=workers, progress_every=0)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return done["tokens"], seconds
+
+
+def compare(folder: Path, tokenizer: str, megabytes: float, workers: int | None) -> dict:
+    corpus = make_corpus(Path(folder), megabytes)
+    base_tokens, base_s = baseline(corpus, tokenizer)
+    our_tokens, our_s = ours(corpus, tokenizer, Path(folder) / "shards", workers)
+    return {"megabytes": megabytes, "cores": len(os.sched_getaffinity(0)), "workers": workers,
+            "baseline_tokens": base_tokens, "baseline_tokens_per_s": base_tokens / base_s,
+            "ours_tokens": our_tokens, "ours_tokens_per_s": our_tokens / our_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--megabytes", type=float, default=200)
+    ap.add_argument("--workers", default="", help="comma-separated worker counts (default: one per core)")
+    ap.add_argument("--tokenizer", default="")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = args.tokenizer or train_tokenizer(out)
+    corpus = make_corpus(out, args.megabytes)
+    rows = []
+    base_tokens, base_s = baseline(corpus, tokenizer)
+    rows.append({"run": "tokenizers encode_batch loop", "tokens": base_tokens, "seconds": base_s})
+    for w in [int(x) for x in args.workers.split(",") if x] or [None]:
+        tokens, seconds = ours(corpus, tokenizer, out / "shards", w)
+        rows.append({"run": f"minititan tokenize --workers {w if w is not None else 'all'}", "tokens": tokens,
+                     "seconds": seconds})
+    with open(out / "tokenize_speed.jsonl", "w") as f:
+        for r in rows:
+            r |= {"tokens_per_s": round(r["tokens"] / r["seconds"]), "cores": len(os.sched_getaffinity(0)),
+                  "megabytes": args.megabytes}
+            print(json.dumps(r))
+            f.write(json.dumps(r) + "\n")
+    (out / corpus.name).unlink()
+
+
+if __name__ == "__main__":
+    main()
