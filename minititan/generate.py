@@ -12,7 +12,7 @@ import torch
 from minititan.core import checkpoint as ckpt
 from minititan.core import model
 from minititan.core.config import Config, ConfigError
-from minititan.core.data import get_tokenizer
+from minititan.data.tokenizer import load_tokenizer
 
 
 def load_for_inference(path: str, device: str = "cpu") -> tuple[Config, dict]:
@@ -48,5 +48,5 @@ def sample(params: dict, cfg: Config, prompt_ids: list[int], max_new_tokens: int
 
 
 def generate_text(params: dict, cfg: Config, prompt: str, **kw) -> str:
-    tok = get_tokenizer(cfg.data.tokenizer)
+    tok = load_tokenizer(cfg.data.tokenizer)
     return tok.decode(sample(params, cfg, tok.encode(prompt), **kw))

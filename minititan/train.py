@@ -22,12 +22,13 @@ from minititan.collectives.mesh import Mesh, init_distributed
 from minititan.core import checkpoint as ckpt
 from minititan.core import model
 from minititan.core.config import Config, UserError, config_to_toml
-from minititan.core.data import TokenSource, rank_rows
+from minititan.core.data import Batch, prefetcher, token_source
 from minititan.core.determinism import make_deterministic
 from minititan.core.metrics import MetricsLogger, Timer, peak_flops, say
 from minititan.core.optim import AdamW, clip_coefficient, local_sq_norm, lr_at
 from minititan.core.profiling import StepProfiler
 from minititan.core.validation import Validator
+from minititan.data.loader import to_device
 from minititan.layout import parallelize
 from minititan.layout.contract import Layout
 from minititan.layout.microbatches import forward_backward
@@ -59,13 +60,16 @@ def train(cfg: Config) -> list[dict]:
     t = cfg.training
     n_micro = layout.facts.n_micro
     optimizer = AdamW(layout.params, cfg.optimizer, model_compiled=cfg.compile.enable)
-    data = TokenSource(cfg.data.dataset, cfg.model.vocab_size)
+    data = token_source(cfg)
     folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
     start = restore(cfg, layout, optimizer, folder)
     logger = MetricsLogger(cfg.job.dump_folder, cfg.metrics.jsonl, model.flops_per_token(cfg.model, t.seq_len),
                            peak_flops(device, cfg.float8.enable), mesh.world_size, t.steps, enabled=mesh.rank == 0)
     say(f"minititan: {model.num_params(cfg.model):,} params, {mesh}, device {device}, {n_micro} micro-batch(es) "
         f"per step, AdamW {optimizer.implementation}, steps {start + 1}..{t.steps}", mesh.rank)
+    for name, epochs in data.epochs(t.seed, t.steps, t.global_batch_size, t.seq_len).items():
+        say(f"data: {name}: {epochs:.3g} epochs of its training tokens by step {t.steps}", mesh.rank)
+    batches = prefetcher(cfg, data, layout.facts.data_rank, layout.facts.data_size, start + 1, device)
     stop = StopSignal()
     validator = Validator(cfg, layout, data, n_micro, device)
     profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, mesh.rank, device, t.steps)
@@ -75,7 +79,7 @@ def train(cfg: Config) -> list[dict]:
     try:
         for step in range(start + 1, t.steps + 1):
             profiler.step_begin(step)
-            loss_sum, grad_norm, lr = train_step(cfg, layout, optimizer, data, step, n_micro, device)
+            loss_sum, grad_norm, lr = train_step(cfg, layout, optimizer, batches.get(step), step, n_micro, device)
             since += 1
             val = validator.run() if validator.due(step) else {}
             timer.start += val.get("val_time_s", 0.0)  # step times leave validation out
@@ -100,6 +104,8 @@ def train(cfg: Config) -> list[dict]:
                 break
     except torch.OutOfMemoryError:
         raise UserError(out_of_memory_advice(cfg, step, device, profiler, mesh.rank)) from None
+    finally:
+        batches.close()
     ckpt.wait_for_async_save()  # an async save's files are written and renamed before train returns
     if tracer:
         tracer.close()
@@ -108,17 +114,15 @@ def train(cfg: Config) -> list[dict]:
     return rows
 
 
-def train_step(cfg: Config, layout: Layout, optimizer: AdamW, data: TokenSource, step: int, n_micro: int,
+def train_step(cfg: Config, layout: Layout, optimizer: AdamW, batch: Batch, step: int, n_micro: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step on this rank's rows of the step's global batch. Returns the rank's loss
     share and the grad norm as device tensors (read on logging steps only: no host sync here).
     The layout's synchronisation points run in this order: start_last_microbatch inside
     forward_backward, then the lists below."""
     t, facts = cfg.training, layout.facts
-    inputs, labels = data.batch(t.seed, step, t.global_batch_size, t.seq_len)
-    inputs = rank_rows(inputs, facts.data_rank, facts.data_size).to(device, non_blocking=True)
-    labels = rank_rows(labels, facts.data_rank, facts.data_size).to(device, non_blocking=True)
-    loss_share = forward_backward(layout, inputs, labels, n_micro, facts.loss_scale)
+    batch = to_device(batch, device)
+    loss_share = forward_backward(layout, batch.inputs, batch.labels, n_micro, facts.loss_scale)
     for finish in layout.finish_grads:  # the cross-rank gradient sums: DDP, FSDP, sequence parallel's norms, MoE's
         finish()
     for update in layout.after_grads:  # MoE: the expert-bias update reads the summed loads and clears them

@@ -116,9 +116,18 @@ class Parallelism(msgspec.Struct, forbid_unknown_fields=True):
     fsdp_reduce_every_microbatch: bool = True  # dp_shard: false = keep full grads until the last micro-batch
 
 
+class Source(msgspec.Struct, forbid_unknown_fields=True):
+    path: str  # a shard folder (`minititan tokenize`), a token file, or shakespeare
+    weight: float = 1.0  # share of the rows of every batch, relative to the other sources' weights
+
+
 class Data(msgspec.Struct, forbid_unknown_fields=True):
-    dataset: str = "shakespeare"  # shakespeare | synthetic | path to a token file (.bin/.npy)
-    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+    dataset: str = "shakespeare"  # shakespeare | synthetic | a shard folder | a token file (.bin/.npy)
+    tokenizer: str = "byte"  # byte | a Hugging Face tokenizer.json | a tiktoken BPE file: what made the tokens
+    sources: list[Source] = msgspec.field(default_factory=list)  # [{path=..., weight=...}, ...]: replaces dataset
+    holdout_fraction: float = 0.0  # of every source's chunks, kept for validation and never trained on
+    document_masking: bool = False  # attention and positions restart at each document inside a sequence
+    prefetch: int = 2  # batches prepared ahead on a background thread (0: read in the step)
 
 
 class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
@@ -149,7 +158,7 @@ class Validation(msgspec.Struct, forbid_unknown_fields=True):
     enable: bool = False
     freq: int = 100  # evaluate every N steps (and at the last step)
     steps: int = 3  # batches of training.global_batch_size sequences per evaluation (the same batches each time)
-    dataset: str = ""  # "" = the held-out split of data.dataset (shakespeare: its last 10%); or a token file
+    dataset: str = ""  # "" = the training data's held-out part (shakespeare: its last 10%; else data.holdout_fraction); or a shard folder / token file
 
 
 class Profiling(msgspec.Struct, forbid_unknown_fields=True):
@@ -369,6 +378,7 @@ def validate(cfg: Config) -> None:
                           f"rope_high_freq_factor and rope_original_context > 0; got {m.rope_scaling_factor}, "
                           f"{m.rope_low_freq_factor}, {m.rope_high_freq_factor}, {m.rope_original_context} "
                           f"(Llama 3.1: 8, 1, 4, 8192; Llama 3.2: 32, 1, 4, 8192)")
+    _validate_data(cfg.data)
     if m.name == "moe":
         _validate_moe(m)
 
@@ -389,3 +399,14 @@ def _validate_moe(m: Model) -> None:
                           ">= 1, or model.shared_expert_gate = false")
     if not m.route_scale > 0:
         raise ConfigError(f"model.route_scale must be positive (1 = the scores as they are), got {m.route_scale}")
+
+
+def _validate_data(d: Data) -> None:
+    weights = [s.weight for s in d.sources]
+    if any(not math.isfinite(w) or w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise ConfigError(f"data.sources weights must be >= 0 and not all zero, got {weights}: e.g. "
+                          f"sources = [{{path = \"web/\", weight = 0.7}}, {{path = \"code/\", weight = 0.3}}]")
+    if not 0 <= d.holdout_fraction < 1:
+        raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {d.holdout_fraction}: e.g. 0.01")
+    if d.prefetch < 0:
+        raise ConfigError(f"data.prefetch must be >= 0 (0: no background thread), got {d.prefetch}")

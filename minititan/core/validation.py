@@ -2,7 +2,8 @@
 
 Every `validation.freq` steps (and at the last step) the trainer evaluates `validation.steps`
 batches of training.global_batch_size sequences from the held-out split: the built-in corpus keeps
-its last 10% apart (core/data.py), a token file given as validation.dataset is held out whole. The
+its last 10% apart (core/data.py), data.holdout_fraction keeps that fraction of every source's
+chunks apart, and a shard folder or token file given as validation.dataset is held out whole. The
 batches are the same at every evaluation (batch i is a pure function of seed and i), so the curve
 moves only because the model does.
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from minititan.core.config import Config, UserError
-from minititan.core.data import TokenSource, rank_rows
+from minititan.core.data import TokenSource, rank_slice
 from minititan.layout.microbatches import forward_backward
 
 
@@ -46,12 +47,11 @@ class Validator:
         start = time.perf_counter()
         t = self.cfg.training
         total = torch.zeros((), device=self.device)
-        rows = self.layout.facts.data_rank, self.layout.facts.data_size
+        rows = rank_slice(self.layout.facts.data_rank, self.layout.facts.data_size, t.global_batch_size)
         with torch.profiler.record_function("validation"), torch.no_grad():  # a named range in a profiler trace
             for i in range(1, self.cfg.validation.steps + 1):
-                inputs, labels = self.source.batch(t.seed, i, t.global_batch_size, t.seq_len, split=self.split)
-                inputs = rank_rows(inputs, *rows).to(self.device, non_blocking=True)
-                labels = rank_rows(labels, *rows).to(self.device, non_blocking=True)
+                batch = self.source.read(t.seed, i, t.global_batch_size, t.seq_len, self.split, rows)
+                inputs, labels = (x.to(self.device, non_blocking=True) for x in batch[:2])
                 total += forward_backward(self.layout, inputs, labels, self.n_micro, 1.0, backward=False)
             if dist.get_world_size(self.layout.loss_group) > 1:
                 dist.all_reduce(total, group=self.layout.loss_group)
@@ -62,10 +62,11 @@ class Validator:
 def held_out(cfg: Config, data: TokenSource) -> tuple[TokenSource, str]:
     """The validation token source and which of its splits to read."""
     name = cfg.validation.dataset
-    if name and name != cfg.data.dataset:
-        source = TokenSource(name, cfg.model.vocab_size, key="validation.dataset")
-        return source, "val" if name in ("shakespeare", "synthetic") else "train"  # a token file: all of it
-    if data.synthetic or len(data.val):
+    if name and name != cfg.data.dataset:  # a folder or token file held out whole (the built-in corpus: its tail)
+        return TokenSource(name, cfg.model.vocab_size, key="validation.dataset", holdout=1.0,
+                           tokenizer=cfg.data.tokenizer), "val"
+    if data.has_held_out(cfg.training.seq_len):
         return data, "val"
-    raise UserError(f"data.dataset {cfg.data.dataset!r} has no held-out split: set validation.dataset to a token "
-                    f"file of held-out text (make one with `minititan tokenize`)")
+    raise UserError(f"data.dataset {cfg.data.dataset!r} has no held-out split: set data.holdout_fraction (e.g. 0.01: "
+                    f"that fraction of every source is never trained on) or validation.dataset to a shard folder or "
+                    f"token file of held-out text (make one with `minititan tokenize`)")

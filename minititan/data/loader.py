@@ -1,0 +1,75 @@
+"""Batches prepared ahead on a background thread, so reading tokens never shows in the step time.
+
+    loader = Prefetcher(lambda step: data.read(...), first_step=start + 1, last_step=steps, depth=2, pin=True)
+    batch = loader.get(step)   # this step's batch, read while earlier steps trained
+
+The thread runs the read function for the next `depth` steps in order (reading is numpy slicing of
+memory-mapped shards, which releases the GIL for the copies) and, for a CUDA run, copies each batch
+into pinned (page-locked) host memory, so that the training loop's `.to(device, non_blocking=True)`
+is an asynchronous DMA that overlaps the previous step's kernels. The batch of a step is a pure
+function of the step, so the thread keeps no state that a checkpoint would need: a resumed run
+starts a new prefetcher at its first step. An error in the thread (a bad token id) reaches the
+training loop at the step it concerns.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+
+class Prefetcher:
+    def __init__(self, read: Callable[[int], tuple], first_step: int, last_step: int, depth: int, pin: bool):
+        self.read, self.pin, self.next_step = read, pin, first_step
+        self.depth = depth
+        if depth == 0:
+            return
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, args=(first_step, last_step), daemon=True,
+                                       name="minititan-prefetch")
+        self.thread.start()
+
+    def prepare(self, step: int):
+        batch = self.read(step)
+        if self.pin:
+            batch = type(batch)(*(None if t is None else t.pin_memory() for t in batch))
+        return batch
+
+    def run(self, first: int, last: int) -> None:
+        for step in range(first, last + 1):
+            try:
+                item = (step, self.prepare(step), None)
+            except BaseException as e:  # handed to the training loop, raised there
+                item = (step, None, e)
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self.stopped.is_set() or item[2] is not None:
+                return
+
+    def get(self, step: int):
+        """The batch of `step`; steps are asked for in order."""
+        if self.depth == 0:
+            return self.prepare(step)
+        assert step == self.next_step, f"prefetcher asked for step {step}, expected {self.next_step}"
+        got, batch, error = self.queue.get()
+        self.next_step += 1
+        if error is not None:
+            raise error
+        return batch
+
+    def close(self) -> None:
+        if self.depth:
+            self.stopped.set()
+            self.thread.join(timeout=5)
+
+
+def to_device(batch, device: torch.device):
+    """Every tensor of a batch on the device, copied asynchronously (from pinned memory on CUDA)."""
+    return type(batch)(*(None if t is None else t.to(device, non_blocking=True) for t in batch))
