@@ -61,6 +61,7 @@ def train(cfg: Config) -> list[dict]:
     n_micro = layout.facts.n_micro
     optimizer = AdamW(layout.params, cfg.optimizer, model_compiled=cfg.compile.enable)
     data = token_source(cfg)
+    validator = Validator(cfg, layout, data, n_micro, device)
     folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
     start = restore(cfg, layout, optimizer, folder)
     logger = MetricsLogger(cfg.job.dump_folder, cfg.metrics.jsonl, model.flops_per_token(cfg.model, t.seq_len),
@@ -71,7 +72,6 @@ def train(cfg: Config) -> list[dict]:
         say(f"data: {name}: {epochs:.3g} epochs of its training tokens by step {t.steps}", mesh.rank)
     batches = prefetcher(cfg, data, layout.facts.data_rank, layout.facts.data_size, start + 1, device)
     stop = StopSignal()
-    validator = Validator(cfg, layout, data, n_micro, device)
     profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, mesh.rank, device, t.steps)
     tracer = CommTracer(group_names(mesh.groups, mesh.sizes), device) if cfg.comm.trace else None
     global_tokens = t.global_batch_size * t.seq_len
