@@ -122,7 +122,8 @@ def train_step(cfg: Config, layout: Layout, optimizer: AdamW, batch: Batch, step
     forward_backward, then the lists below."""
     t, facts = cfg.training, layout.facts
     batch = to_device(batch, device)
-    loss_share = forward_backward(layout, batch.inputs, batch.labels, n_micro, facts.loss_scale)
+    loss_share = forward_backward(layout, batch.inputs, batch.labels, n_micro, facts.loss_scale,
+                                  positions=batch.positions, documents=batch.documents)
     for finish in layout.finish_grads:  # the cross-rank gradient sums: DDP, FSDP, sequence parallel's norms, MoE's
         finish()
     for update in layout.after_grads:  # MoE: the expert-bias update reads the summed loads and clears them

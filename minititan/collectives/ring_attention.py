@@ -20,6 +20,13 @@ into pieces, one per rank, and only attention has to look across the cut. This f
 Grouped-query attention: K/V travel with their own (fewer) heads; each rank repeats them for its
 query heads only right before the kernel, and sums the gradient over each group of query heads.
 
+Documents: with `documents` (each token's document index in its row, [b, s_local], sharded like
+the tokens) a query sees only keys of its own document. The document indices travel with K/V, and
+each block is masked by "same document" (and causal on the diagonal); a query row that sees no key
+of a block gets nothing from it (out 0, log-sum-exp -inf, which the merge ignores). Every row sees
+itself in the first block (the diagonal), so the merged log-sum-exp is always finite. Masked blocks
+run on the plain-math kernel (exact, but it materializes the block's scores).
+
 Blocks run on the attention kernels that also return the log-sum-exp: flash attention on CUDA
 (bf16/fp16), PyTorch's flash kernel on CPU (any float dtype), and a plain-math version for the
 rest (fp32 on CUDA, which flash does not support: exact, but it materializes the block's scores).
@@ -91,11 +98,15 @@ def uses_cuda_flash(q: Tensor) -> bool:
     return q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16)
 
 
-def block_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor, tuple]:
+def block_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                    allowed: Tensor | None = None) -> tuple[Tensor, Tensor, tuple]:
     """softmax(q k^T / sqrt(d)) v over one block of keys -> (out, lse [b, hq, s_q] fp32, rng).
     A causal block has s_q == s_k and is masked on the diagonal. k/v may have fewer heads.
+    allowed: [b, 1, s_q, s_k] bool, which keys each query may see (documents), or None.
     rng is what the CUDA flash backward wants back from its forward (unused without dropout)."""
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    if allowed is not None:
+        return (*math_attention(q, k, v, causal, allowed), ())
     if uses_cuda_flash(q):
         out, lse, _, _, _, _, rng_a, rng_b, _ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
         return out, lse, (rng_a, rng_b)
@@ -106,12 +117,14 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tens
 
 
 def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                             causal: bool, rng: tuple) -> tuple[Tensor, Tensor, Tensor]:
+                             causal: bool, rng: tuple, allowed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block, given the *final* out and lse of these query rows (see the docs:
     with those, a block's softmax probabilities are the exact global ones)."""
     n_kv_heads = k.shape[1]
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-    if uses_cuda_flash(q):
+    if allowed is not None:
+        dq, dk, dv = math_attention_backward(dout, q, k, v, out, lse, causal, allowed)
+    elif uses_cuda_flash(q):
         s_q, s_k = q.shape[2], k.shape[2]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, s_q, s_k, 0.0, causal, *rng)
@@ -123,23 +136,26 @@ def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq, reduce_kv_grad(dk, n_kv_heads), reduce_kv_grad(dv, n_kv_heads)
 
 
-def math_scores(q: Tensor, k: Tensor, causal: bool) -> Tensor:
+def math_scores(q: Tensor, k: Tensor, causal: bool, allowed: Tensor | None = None) -> Tensor:
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
         above_diagonal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(above_diagonal, float("-inf"))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     return scores
 
 
-def math_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
-    scores = math_scores(q, k, causal)
-    lse = scores.logsumexp(-1)
-    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
+def math_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    scores = math_scores(q, k, causal, allowed)
+    lse = scores.logsumexp(-1)  # -inf for a row that sees no key of this block: its probabilities are 0
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    return (probs @ v.float()).to(q.dtype), lse
 
 
-def math_attention_backward(dout, q, k, v, out, lse, causal) -> tuple[Tensor, Tensor, Tensor]:
+def math_attention_backward(dout, q, k, v, out, lse, causal, allowed=None) -> tuple[Tensor, Tensor, Tensor]:
     """P = exp(S - lse); dV = P^T dO; dS = P * (dO V^T - rowsum(dO * O)); dQ = dS K / sqrt(d); dK = dS^T Q / sqrt(d)."""
-    probs = torch.exp(math_scores(q, k, causal) - lse[..., None])
+    probs = torch.exp(math_scores(q, k, causal, allowed) - lse[..., None])
     dout = dout.float()
     dv = probs.transpose(-1, -2) @ dout
     dscores = probs * (dout @ v.float().transpose(-1, -2) - (dout * out.float()).sum(-1, keepdim=True))
@@ -199,45 +215,63 @@ def wait(works: list) -> None:
         work.wait()  # on CUDA: the compute stream waits for NCCL's, the host does not
 
 
+def allowed_keys(q_docs: Tensor | None, k_docs: Tensor | None) -> Tensor | None:
+    """[b, 1, s_q, s_k] bool: each query may see the keys of its own document (None: all of them)."""
+    return None if q_docs is None else (q_docs[:, :, None] == k_docs[:, None, :])[:, None]
+
+
+def part(docs: Tensor | None, which: slice) -> Tensor | None:
+    """Some sequence positions of [b, s] document indices (None stays None)."""
+    return None if docs is None else docs[:, which]
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, docs: Tensor | None):
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         half = q.shape[2] // 2
         out, lse = empty_accumulators(q)
-        kv = torch.stack([k, v])  # one message per hop
+        kv, kv_docs = torch.stack([k, v]), docs  # one message per hop (and the documents of its tokens)
         rng = ()
         for step in range(size):
             if step + 1 < size:
                 next_kv, works = ring_shift(kv, group)  # in flight while we compute on kv
+                if docs is not None:
+                    next_docs, doc_works = ring_shift(kv_docs, group)
+                    works += doc_works
             q_part, kv_part, causal = ring_block(rank, (rank - step) % size, half)
             block_out, block_lse, rng = block_attention(
-                rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part), causal)
+                rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part), causal,
+                allowed_keys(part(docs, q_part), part(kv_docs, kv_part)))
             merge_into(rows(out, q_part), lse[..., q_part], block_out, block_lse)
             if step + 1 < size:
                 wait(works)
-                kv = next_kv
+                kv, kv_docs = next_kv, next_docs if docs is not None else None
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, docs)
         ctx.group, ctx.rng = group, rng
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, docs = ctx.saved_tensors
         group = ctx.group
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         half = q.shape[2] // 2
         dq = torch.zeros_like(q, dtype=torch.float32)
-        kv = torch.stack([k, v])
+        kv, kv_docs = torch.stack([k, v]), docs
         dkv = torch.zeros_like(kv, dtype=torch.float32)  # fp32: it sums one term per rank on the way
         for step in range(size):
             if step + 1 < size:
                 next_kv, kv_works = ring_shift(kv, group)
+                if docs is not None:
+                    next_docs, doc_works = ring_shift(kv_docs, group)
+                    kv_works += doc_works
             q_part, kv_part, causal = ring_block(rank, (rank - step) % size, half)
             block_dq, block_dk, block_dv = block_attention_backward(
                 rows(dout, q_part), rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part),
-                rows(out, q_part), lse[..., q_part].contiguous(), causal, ctx.rng)
+                rows(out, q_part), lse[..., q_part].contiguous(), causal, ctx.rng,
+                allowed_keys(part(docs, q_part), part(kv_docs, kv_part)))
             rows(dq, q_part).add_(block_dq)
             if step > 0:  # the gradient of the visiting K/V, summed by the ranks it visited before
                 wait(dkv_works)
@@ -248,11 +282,11 @@ class RingAttention(torch.autograd.Function):
                 next_dkv, dkv_works = ring_shift(dkv, group)  # follows its K/V one hop behind
             if step + 1 < size:
                 wait(kv_works)
-                kv = next_kv
+                kv, kv_docs = next_kv, next_docs if docs is not None else None
         if size > 1:  # the last hop brings this rank's own dK/dV home, summed over every rank
             wait(dkv_works)
             dkv = next_dkv
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
 # ---------------------------------------------------------------- all-gather: all of K/V at once
@@ -278,35 +312,44 @@ def gather_sequence(kv: Tensor, group: dist.ProcessGroup) -> Tensor:
     return unshard_sequence(list(gathered.chunk(size)), dim=3)
 
 
+def gather_documents(docs: Tensor | None, group: dist.ProcessGroup) -> Tensor | None:
+    """Every rank's [b, s_local] document indices -> [b, s] in the original token order."""
+    if docs is None:
+        return None
+    return gather_sequence(docs[None, :, None, :, None], group)[0, :, 0, :, 0]
+
+
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, docs: Tensor | None):
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        kv = gather_sequence(torch.stack([k, v]), group)
+        kv, kv_docs = gather_sequence(torch.stack([k, v]), group), gather_documents(docs, group)
         out, lse = empty_accumulators(q)
         rng = ()
         for q_part, kv_part, causal in allgather_blocks(rank, size, q.shape[2] // 2):
             block_out, block_lse, rng = block_attention(
-                rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part), causal)
+                rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part), causal,
+                allowed_keys(part(docs, q_part), part(kv_docs, kv_part)))
             merge_into(rows(out, q_part), lse[..., q_part], block_out, block_lse)
         out = out.to(q.dtype)
         # keep only the local shards: the backward gathers again rather than hold the whole sequence
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, docs)
         ctx.group, ctx.rng = group, rng
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, docs = ctx.saved_tensors
         group = ctx.group
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        kv = gather_sequence(torch.stack([k, v]), group)
+        kv, kv_docs = gather_sequence(torch.stack([k, v]), group), gather_documents(docs, group)
         dq = torch.zeros_like(q, dtype=torch.float32)
         dkv = torch.zeros_like(kv, dtype=torch.float32)
         for q_part, kv_part, causal in allgather_blocks(rank, size, q.shape[2] // 2):
             block_dq, block_dk, block_dv = block_attention_backward(
                 rows(dout, q_part), rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part),
-                rows(out, q_part), lse[..., q_part].contiguous(), causal, ctx.rng)
+                rows(out, q_part), lse[..., q_part].contiguous(), causal, ctx.rng,
+                allowed_keys(part(docs, q_part), part(kv_docs, kv_part)))
             rows(dq, q_part).add_(block_dq)
             rows(dkv[0], kv_part).add_(block_dk)
             rows(dkv[1], kv_part).add_(block_dv)
@@ -314,7 +357,7 @@ class AllGatherAttention(torch.autograd.Function):
         per_rank = torch.cat([shard_sequence(dkv, r, size, dim=3) for r in range(size)])  # rank r's part r-th
         mine = torch.empty_like(per_rank.chunk(size)[0])
         reduce_scatter_single(mine, per_rank, group=group)
-        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None
 
 
 # ---------------------------------------------------------------- the entry point
@@ -322,10 +365,11 @@ class AllGatherAttention(torch.autograd.Function):
 
 @torch.compiler.disable  # communication inside: let a compiled block break around it
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None = None,
-                               rotate: str = "ring") -> Tensor:
+                               rotate: str = "ring", mask: Tensor | None = None) -> Tensor:
     """Causal attention of this rank's load-balanced shard: q [b, hq, s_local, d] and k/v
     [b, hkv, s_local, d] (hq a multiple of hkv) -> [b, hq, s_local, d], equal to full causal
-    attention over the whole sequence, sliced to this rank's tokens.
+    attention over the whole sequence, sliced to this rank's tokens. mask: None, or each token's
+    document index in its row, [b, s_local] (sharded like the tokens): attention stays inside documents.
     Drop-in for model.Ops.attention: functools.partial(context_parallel_attention, group=cp_group)."""
     if rotate not in ROTATE_MODES:
         raise ValueError(f"parallelism.cp_rotate = {rotate!r} is not one of {ROTATE_MODES}: pick one of those")
@@ -337,4 +381,4 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.Proc
                          f"shard the sequence with shard_sequence (seq_len a multiple of 2 * cp)")
     group = dist.group.WORLD if group is None else group
     attention = RingAttention if rotate == "ring" else AllGatherAttention
-    return attention.apply(q, k, v, group)
+    return attention.apply(q, k, v, group, mask)

@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minititan.core import moe
 from minititan.core.config import Model, head_dim, hidden_dim
+from minititan.core.document_attention import document_mask, masked_attention
 
 Params = dict[str, Tensor]
 
@@ -176,11 +177,14 @@ def select_unit(params: Mapping[str, Tensor], unit: str, names: list[str]) -> Pa
 _CUDA_ATTENTION_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask=None) -> Tensor:
     """q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d]; kv heads are shared by hq/hkv queries.
+    mask: a document mask (Ops.document_mask), or None for plain causal attention.
     On CUDA cuDNN's kernel goes first, the fastest on the 8B shapes (benchmarks/single_gpu.md);
     flash and memory-efficient stay as fallbacks. Those three take 16-bit
     inputs only (memory-efficient takes fp32 but not shared kv heads): fp32 goes the CPU's way."""
+    if mask is not None:
+        return masked_attention(q, k, v, mask)
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         with sdpa_kernel(_CUDA_ATTENTION_ORDER, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
@@ -249,7 +253,8 @@ class Ops:
     """The operations a forward calls. A parallel layout replaces the ones it changes."""
     gather: Callable = None  # (params, unit) -> the unit's params, relative names      [FSDP]
     linear: Callable = F.linear  # (x, w) -> x @ w.T (w: its own dtype or an fp32 master) [bf16, Float8]
-    attention: Callable = causal_attention  # (q, k, v) in [b, h, s, d]                  [CP]
+    attention: Callable = causal_attention  # (q, k, v[, mask=]) in [b, h, s, d]         [CP]
+    document_mask: Callable = document_mask  # [b, s] document indices -> attention's mask [CP]
     embedding: Callable = F.embedding  # (tokens, weight)                                [TP]
     cross_entropy: Callable = cross_entropy_sum  # (h, w_out, labels, linear) -> sum    [TP]
     into_tp: Callable = identity  # before the column-parallel matmuls                   [TP/SP]
@@ -303,10 +308,11 @@ def _rope_frequencies(hd: int, theta: float, scaling: tuple[float, float, float,
 
 
 def rope_table(cfg: Model, positions: Tensor) -> Tensor:
-    """(cos, sin) of each position's angle for each pair, [seq, head_dim/2, 2] fp32: the real and
-    imaginary parts of e^(i * angle), real so that a compiled block takes it without complex ops."""
+    """(cos, sin) of each position's angle for each pair, [seq, head_dim/2, 2] fp32 ([batch, seq, ...]
+    for per-row positions, as document masking gives): the real and imaginary parts of e^(i * angle),
+    real so that a compiled block takes it without complex ops."""
     freqs = _rope_frequencies(head_dim(cfg), cfg.rope_theta, _llama3_scaling(cfg))
-    angles = positions.to(torch.float64)[:, None] * freqs.to(positions.device, non_blocking=True)[None, :]
+    angles = positions.to(torch.float64)[..., None] * freqs.to(positions.device, non_blocking=True)
     return torch.stack((angles.cos(), angles.sin()), dim=-1).float()
 
 
@@ -317,17 +323,18 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     complex tensors and leaves the multiply to eager kernels (see the profile in
     benchmarks/single_gpu.md); spelled out, it fuses into the kernels around it."""
     if torch.compiler.is_compiling():
-        cos, sin = rope[:, None, :].unbind(-1)  # [s, 1, d/2] each
+        cos, sin = rope.unsqueeze(-3).unbind(-1)  # [s, 1, d/2] each (or [b, s, 1, d/2])
         x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
         return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * torch.view_as_complex(rope)[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * torch.view_as_complex(rope).unsqueeze(-2)).flatten(-2).type_as(x)
 
 
-def attention_block(p: Params, x: Tensor, rope, eps: float, head_dim: int, ops: Ops) -> Tensor:
+def attention_block(p: Params, x: Tensor, rope, eps: float, head_dim: int, ops: Ops, mask=None) -> Tensor:
     """x + Attention(RMSNorm(x)). Head counts come from the weight shapes, so a
     tensor-parallel shard of wq/wk/wv (fewer heads) runs through the same code. The optional
-    tensors say what else the model has: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3)."""
+    tensors say what else the model has: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3).
+    mask: the document mask, None without document masking."""
     h = ops.into_tp(rms_norm(x, p["attention_norm"], eps))
     b, s = h.shape[0], h.shape[1]
 
@@ -339,7 +346,8 @@ def attention_block(p: Params, x: Tensor, rope, eps: float, head_dim: int, ops: 
     if "attention.q_norm" in p:
         q, k = rms_norm(q, p["attention.q_norm"], eps), rms_norm(k, p["attention.k_norm"], eps)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
-    o = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    o = ops.attention(q, k, v) if mask is None else ops.attention(q, k, v, mask=mask)
     o = o.transpose(1, 2).reshape(b, s, -1)
     return x + ops.out_of_tp(ops.linear(o, p["attention.wo"]))
 
@@ -356,10 +364,10 @@ def embed(params: Params, tokens: Tensor, ops: Ops) -> Tensor:
     return ops.embedding(tokens, ops.gather(params, "tok_embeddings")["tok_embeddings"])
 
 
-def layer(params: Params, i: int, x: Tensor, rope, cfg: Model, ops: Ops) -> Tensor:
+def layer(params: Params, i: int, x: Tensor, rope, cfg: Model, ops: Ops, mask=None) -> Tensor:
     """One transformer block: its attention unit, then its feed-forward unit."""
     x = ops.run_block(attention_block, ops.gather(params, f"layers.{i}.attention"), x, rope, cfg.norm_eps,
-                      head_dim(cfg), ops)
+                      head_dim(cfg), ops, mask)
     p = ops.gather(params, f"layers.{i}.feed_forward")
     if moe.is_moe_layer(cfg, i):
         return ops.run_block(ops.moe, p, x, cfg, ops)
@@ -372,31 +380,34 @@ def final_hidden(params: Params, x: Tensor, cfg: Model, ops: Ops) -> tuple[Tenso
 
 
 def hidden(params: Params, tokens: Tensor, cfg: Model, ops: Ops, positions: Tensor | None = None,
-           layers: range | None = None, x: Tensor | None = None) -> Tensor:
-    """Embedding (unless x is given) and the blocks in `layers` (default all)."""
+           layers: range | None = None, x: Tensor | None = None, documents: Tensor | None = None) -> Tensor:
+    """Embedding (unless x is given) and the blocks in `layers` (default all). positions: [s] or
+    per row [b, s] (default 0..s-1); documents: [b, s] each token's document in its row, for
+    document masking (core/document_attention.py), or None."""
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
     rope = rope_table(cfg, positions)
+    mask = None if documents is None else ops.document_mask(documents)
     if x is None:
         x = embed(params, tokens, ops)
     for i in layers if layers is not None else range(cfg.n_layers):
-        x = layer(params, i, x, rope, cfg, ops)
+        x = layer(params, i, x, rope, cfg, ops, mask)
     return x
 
 
 def forward(params: Params, tokens: Tensor, cfg: Model, ops: Ops | None = None,
-            positions: Tensor | None = None) -> Tensor:
+            positions: Tensor | None = None, documents: Tensor | None = None) -> Tensor:
     """tokens [b, s] -> logits [b, s, vocab]."""
     ops = ops or default_ops(cfg)
-    h, w_out = final_hidden(params, hidden(params, tokens, cfg, ops, positions), cfg, ops)
+    h, w_out = final_hidden(params, hidden(params, tokens, cfg, ops, positions, documents=documents), cfg, ops)
     return ops.linear(h, w_out)
 
 
 def loss_sum(params: Params, tokens: Tensor, labels: Tensor, cfg: Model, ops: Ops | None = None,
-             positions: Tensor | None = None) -> Tensor:
+             positions: Tensor | None = None, documents: Tensor | None = None) -> Tensor:
     """Summed next-token cross-entropy over every label (divide by the global token count)."""
     ops = ops or default_ops(cfg)
-    h, w_out = final_hidden(params, hidden(params, tokens, cfg, ops, positions), cfg, ops)
+    h, w_out = final_hidden(params, hidden(params, tokens, cfg, ops, positions, documents=documents), cfg, ops)
     return ops.cross_entropy(h, w_out, labels, ops.linear)
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from minititan.core.config import Config, UserError
 from minititan.core.data import TokenSource, rank_slice
+from minititan.data.loader import to_device
 from minititan.layout.microbatches import forward_backward
 
 
@@ -50,9 +51,10 @@ class Validator:
         rows = rank_slice(self.layout.facts.data_rank, self.layout.facts.data_size, t.global_batch_size)
         with torch.profiler.record_function("validation"), torch.no_grad():  # a named range in a profiler trace
             for i in range(1, self.cfg.validation.steps + 1):
-                batch = self.source.read(t.seed, i, t.global_batch_size, t.seq_len, self.split, rows)
-                inputs, labels = (x.to(self.device, non_blocking=True) for x in batch[:2])
-                total += forward_backward(self.layout, inputs, labels, self.n_micro, 1.0, backward=False)
+                batch = to_device(self.source.read(t.seed, i, t.global_batch_size, t.seq_len, self.split, rows,
+                                                   documents=self.cfg.data.document_masking), self.device)
+                total += forward_backward(self.layout, batch.inputs, batch.labels, self.n_micro, 1.0, backward=False,
+                                          positions=batch.positions, documents=batch.documents)
             if dist.get_world_size(self.layout.loss_group) > 1:
                 dist.all_reduce(total, group=self.layout.loss_group)
         loss = total.item() / (self.cfg.validation.steps * t.global_batch_size * t.seq_len)

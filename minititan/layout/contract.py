@@ -68,12 +68,16 @@ class Stages(Protocol):
     """A pipeline: this pp rank's stages of the model (pipeline.PipelineStages)."""
 
     def run(self, layout: Layout, x: Tensor, y: Tensor, positions: Tensor | None, scale: float,
-            backward: bool) -> Tensor | None:
+            backward: bool, documents: Tensor | None = None) -> Tensor | None:
         """One micro-batch through the pipeline; this rank's loss share (None off the last stage)."""
 
 
 def whole_sequences(inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     return inputs, labels, None  # positions None: 0..seq_len-1
+
+
+def whole_documents(positions: Tensor, documents: Tensor) -> tuple[Tensor, Tensor]:
+    return positions, documents
 
 
 @dataclasses.dataclass
@@ -86,6 +90,8 @@ class Layout:
     params: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # their union: what the optimizer updates
     # (inputs, labels) of this rank's rows -> (inputs, labels, positions) of the part it computes (CP)
     prepare: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]] = whole_sequences
+    # document masking: per-row (positions, document indices) -> the part this rank computes (CP), cut like prepare's
+    prepare_documents: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = whole_documents
     pipeline: Stages | None = None  # pp: runs each micro-batch through this rank's stages
     forward_contexts: list[Callable[[], ContextManager]] = dataclasses.field(default_factory=list)  # FSDP's resharding
     # The step's synchronisation points, each list run in order where the step reaches it:

@@ -23,6 +23,7 @@ from minititan.core import model
 from minititan.core.config import Config, UserError
 from minititan.core.metrics import say
 from minititan.layout.contract import Facts, Layout
+from minititan.layout.microbatches import split_rows
 from minititan.schedules.runtime import connect, run_pipeline
 from minititan.schedules.schedule import SCHEDULES, rank_stages, stage_rank
 
@@ -144,35 +145,36 @@ class PipelineStages:
         self.seq_split = mesh.size("tp") if facts.sequence_parallel else 1
 
     def run(self, layout: Layout, x: Tensor, y: Tensor, positions: Tensor | None, scale: float,
-            backward: bool) -> Tensor | None:
+            backward: bool, documents: Tensor | None = None) -> Tensor | None:
         """One pipeline over this micro-batch: the schedule's forwards and backwards (grads add up
         in .grad), or with backward=False the forwards alone. This rank's loss (the last stage's),
-        None on the other pp ranks."""
-        microbatches = list(zip(x.chunk(self.n_micro), y.chunk(self.n_micro)))
+        None on the other pp ranks. Per-row positions and documents (document masking) go with
+        their rows into the pipeline microbatches."""
+        microbatches = split_rows(self.n_micro, x, y, positions, documents)
         shape = (x.shape[0] // self.n_micro, x.shape[1] // self.seq_split, self.facts.model.dim)
         if not backward:
-            return self.forward_only(layout, microbatches, positions, scale, shape)
-        stages = {s: self.stage(layout, s, microbatches, positions, scale) for s in self.facts.stages}
+            return self.forward_only(layout, microbatches, scale, shape)
+        stages = {s: self.stage(layout, s, microbatches, scale) for s in self.facts.stages}
         return run_pipeline(self.actions, stages, self.facts.n_stages, self.group, shape, self.facts.param_dtype,
                             self.device)
 
-    def stage(self, layout: Layout, s: int, microbatches: list[tuple[Tensor, Tensor]], positions: Tensor | None,
-              scale: float):
-        """Stage s as the runtime calls it: (input activation or None, microbatch) -> activation or loss."""
+    def stage(self, layout: Layout, s: int, microbatches: list[tuple], scale: float):
+        """Stage s as the runtime calls it: (input activation or None, microbatch) -> activation or loss.
+        A microbatch is (tokens, labels, positions, documents)."""
         m, ops, layers, last = self.facts.model, layout.ops, self.facts.stages[s], s == self.facts.n_stages - 1
 
         def forward(x: Tensor | None, mb: int) -> Tensor:
-            tokens, labels = microbatches[mb]
+            tokens, labels, positions, documents = microbatches[mb]
             with layout.forward_context():
-                h = model.hidden(layout.params, tokens, m, ops, positions, layers=layers, x=x)
+                h = model.hidden(layout.params, tokens, m, ops, positions, layers=layers, x=x, documents=documents)
                 if not last:
                     return h
                 h, w_out = model.final_hidden(layout.params, h, m, ops)
                 return ops.cross_entropy(h, w_out, labels, ops.linear) * scale
         return forward
 
-    def forward_only(self, layout: Layout, microbatches: list[tuple[Tensor, Tensor]], positions: Tensor | None,
-                     scale: float, shape: tuple[int, ...]) -> Tensor | None:
+    def forward_only(self, layout: Layout, microbatches: list[tuple], scale: float,
+                     shape: tuple[int, ...]) -> Tensor | None:
         """The forwards alone (validation). Every rank walks the same (microbatch, stage) order, runs
         its own stages and hands each activation on with a blocking send: no overlap, but no
         schedule needed, and it cannot deadlock (it is the one-process order)."""
@@ -184,7 +186,7 @@ class PipelineStages:
                 if s > 0:
                     x = torch.empty(shape, dtype=self.facts.param_dtype, device=self.device)
                     dist.recv(x, peers[stage_rank(s - 1, self.pp)], group=self.group)
-                y = self.stage(layout, s, microbatches, positions, scale)(x, mb)
+                y = self.stage(layout, s, microbatches, scale)(x, mb)
                 if s == self.facts.n_stages - 1:
                     total = y if total is None else total + y
                 else:
