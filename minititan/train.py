@@ -106,6 +106,7 @@ def train(cfg: Config) -> list[dict]:
         raise UserError(out_of_memory_advice(cfg, step, device, profiler, mesh.rank)) from None
     finally:
         batches.close()
+    say(f"data: {batches.summary()}", mesh.rank)
     ckpt.wait_for_async_save()  # an async save's files are written and renamed before train returns
     if tracer:
         tracer.close()
