@@ -16,6 +16,7 @@ that point without tokenizing them and carries on with the first unfinished shar
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import multiprocessing
 import os
@@ -101,31 +102,26 @@ def encode_unit(unit: readers.Unit) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def ordered_results(pool, units, lookahead: int):
-    """pool results in unit order with at most `lookahead` units in flight (Pool.imap would read
-    the whole input ahead of the writer)."""
+    """The pool's results in unit order, with at most `lookahead` units in flight (a pool's map
+    would read the whole input ahead of the writer)."""
     pending: collections.deque = collections.deque()
     for unit in units:
-        pending.append((unit, pool.apply_async(encode_unit, (unit,))))
+        pending.append((unit, pool.submit(encode_unit, unit)))
         if len(pending) >= lookahead:
             u, r = pending.popleft()
-            yield u, r.get()
+            yield u, r.result()
     while pending:
         u, r = pending.popleft()
-        yield u, r.get()
+        yield u, r.result()
 
 
 class InlinePool:
     """workers = 0: the same calls in this process (debugging, tests)."""
 
-    class Done:
-        def __init__(self, value):
-            self.value = value
-
-        def get(self):
-            return self.value
-
-    def apply_async(self, fn, args):
-        return self.Done(fn(*args))
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
 
 
 # ---------------------------------------------------------------- the writer
@@ -239,7 +235,9 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
         results = ordered_results(InlinePool(), units, 1)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(n_workers, init_worker, pool_args)
+        # spawn: fresh interpreters (no forked threads); a worker that dies fails the run, never hangs it
+        pool = concurrent.futures.ProcessPoolExecutor(n_workers, multiprocessing.get_context("spawn"), init_worker,
+                                                      pool_args)
         results = ordered_results(pool, units, 4 * n_workers)
     try:
         for unit, (tokens, starts, n_docs) in results:
@@ -248,7 +246,7 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
             progress.add(n_docs, len(tokens), unit.input_bytes)
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     if not done and writer.shard == 0 and writer.file is None:
         raise UserError(f"the inputs hold no text ({len(files)} file(s), every document empty): check the files "
                         f"and --text-field")
