@@ -15,6 +15,7 @@ from minititan.data import tokenize_corpus as tc
 from minititan.data.loader import Prefetcher
 from minititan.data.sampling import Sampler, document_layout, permute
 from tests.harness import assert_same_losses, train_runs
+from tests.test_tokenize import assert_one_line_error
 
 
 def make_shards(folder: Path, docs: int = 300, seed: int = 0, shard_tokens: int = 4000, letter: str = "a") -> str:
@@ -193,12 +194,7 @@ def test_bad_data_input_is_one_line_and_exit_2(tmp_path, case):
         pytest.importorskip("tokenizers")
     overrides = make(tmp_path) + ["training.steps=1", "checkpoint.enable=false", "training.device=cpu",
                                   f"job.dump_folder={tmp_path / 'run'}", "model.max_seq_len=256"]
-    result = CliRunner().invoke(main, ["train"] + [f"--{o}" for o in overrides])
-    assert result.exit_code == 2, (result.output, result.exception)
-    line = result.output.strip()
-    assert "\n" not in line and line.startswith("error:"), line
-    for w in words:
-        assert w in line, line
+    assert_one_line_error(CliRunner().invoke(main, ["train"] + [f"--{o}" for o in overrides]), words)
 
 
 def test_following_the_advice_works(tmp_path):

@@ -205,7 +205,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
         pytest.importorskip("pyarrow")
     if "tokenizer.json" in case:
         pytest.importorskip("tokenizers")
-    result = run_cli(*make(tmp_path), "--workers", "0")
+    assert_one_line_error(run_cli(*make(tmp_path), "--workers", "0"), words)
+
+
+def assert_one_line_error(result, words: list[str]) -> None:
+    """A CLI result that is one `error:` line holding every word, exit code 2."""
     assert result.exit_code == 2, (result.output, result.exception)
     line = result.output.strip()
     assert "\n" not in line and line.startswith("error:"), line
