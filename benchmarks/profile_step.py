@@ -14,7 +14,7 @@ import torch
 from minititan.cli import split_overrides
 from minititan.core import model
 from minititan.core.config import load_config
-from minititan.core.data import TokenSource
+from minititan.core.data import TokenSource, rank_slice
 from minititan.core.optim import AdamW
 from minititan.train import setup, train_step
 
@@ -30,8 +30,11 @@ def main():
     opt = AdamW(layout.params, cfg.optimizer, model_compiled=cfg.compile.enable)  # as train.py picks it
     data = TokenSource("synthetic", cfg.model.vocab_size)
 
+    rows = rank_slice(layout.facts.data_rank, layout.facts.data_size, t.global_batch_size)
+
     def step(i):
-        train_step(cfg, layout, opt, data, i, layout.facts.n_micro, device)
+        batch = data.read(t.seed, i, t.global_batch_size, t.seq_len, rows=rows)
+        train_step(cfg, layout, opt, batch, i, layout.facts.n_micro, device)
 
     for i in range(8):
         step(i + 1)
