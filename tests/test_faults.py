@@ -88,7 +88,7 @@ def test_out_of_memory_names_the_fixes(monkeypatch, tmp_path):
     from minititan import train as trainer
     from minititan.core.config import UserError, load_config
 
-    def no_memory(*args):
+    def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.62 GiB")
     monkeypatch.setattr(trainer, "forward_backward", no_memory)
     cfg = load_config(None, TINY + [f"job.dump_folder={tmp_path}", "activation_checkpoint.mode=none"])
