@@ -188,7 +188,13 @@ def tokenize(paths, tokenizer, text_field, shard_tokens, workers, bos, eos):
         n = tokenize_to_file(inputs, out, tokenizer, text_field, workers, bos, eos)
         click.echo(f"wrote {n:,} tokens to {out}")
         return
-    done = tokenize_corpus(inputs, out, tokenizer, text_field, shard_tokens or DEFAULT_SHARD_TOKENS, workers, bos, eos)
+    try:
+        done = tokenize_corpus(inputs, out, tokenizer, text_field, shard_tokens or DEFAULT_SHARD_TOKENS, workers, bos,
+                               eos)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the finished shards in {out} are kept; run the same command again to resume",
+                   err=True)
+        sys.exit(130)
     resumed = f" ({done['resumed_shards']} finished before)" if done["resumed_shards"] else ""
     click.echo(f"wrote {done['shards']} shard(s){resumed} to {out}: {done['tokens']:,} tokens, "
                f"{done['documents']:,} documents\ntrain on them: minititan train --data.dataset={out}")

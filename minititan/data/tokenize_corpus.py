@@ -78,8 +78,9 @@ def format_seconds(s: float) -> str:
 _worker: dict = {}  # per worker process: the tokenizer and options, set once by init_worker
 
 
-def init_worker(tokenizer_name: str, files: list[str], text_field: str, bos, eos) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+def init_worker(tokenizer_name: str, files: list[str], text_field: str, bos, eos, in_process: bool = False) -> None:
+    if not in_process:  # one thread per worker process: the workers are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker.update(tok=load_tokenizer(tokenizer_name, "--tokenizer"), files=files, text_field=text_field,
                    bos=bos, eos=eos)
 
@@ -219,10 +220,8 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
                         f"new --out folder, or delete {out}")
     for stale in folder.glob("*.tmp"):  # an interrupted write; its shard is redone
         stale.unlink()
-    summary = {"out": out, "shards": len(done), "resumed_shards": len(done), "tokens": 0, "documents": 0}
     if done and done[-1].last:
-        summary["tokens"] = sum(ix.tokens for ix in done)
-        return summary
+        return summarize(out, len(done))
     start_unit, skip = (done[-1].end_unit, done[-1].end_skip) if done else (0, 0)
     writer = ShardWriter(folder, opts, run, tok, files, len(done))
     units = (u for u in readers.read_units(files, text_field, unit_bytes) if u.index >= start_unit)
@@ -231,7 +230,7 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
     pool_args = (tokenizer, files, text_field, opts.bos, opts.eos)
     last_unit = start_unit - 1
     if n_workers == 0:
-        init_worker(*pool_args)
+        init_worker(*pool_args, in_process=True)
         results = ordered_results(InlinePool(), units, 1)
         pool = None
     else:
@@ -252,8 +251,14 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
                         f"and --text-field")
     writer.close((last_unit + 1, 0), last=True)
     progress.add(0, 0, 0, force=True)
-    summary.update(shards=writer.shard, tokens=progress.tokens, documents=progress.docs)
-    return summary
+    return summarize(out, len(done))
+
+
+def summarize(out: str, resumed: int) -> dict:
+    """Shards, tokens and documents of a finished folder (documents: those that start in it)."""
+    indices = shards.finished_shards(Path(out))
+    return {"out": out, "shards": len(indices), "resumed_shards": resumed, "tokens": sum(ix.tokens for ix in indices),
+            "documents": sum(len(ix.doc_starts) for ix in indices)}
 
 
 def tokenize_to_file(inputs: list[str], out: str, tokenizer: str = "byte", text_field: str = "text",
