@@ -62,6 +62,22 @@ def test_one_document_per_row_is_plain_causal_attention():
     assert torch.allclose(masked, model.causal_attention(q, k, v), atol=1e-6)
 
 
+def test_the_gpu_block_mask_says_what_the_cpu_mask_says():
+    """The CUDA path's FlexAttention BlockMask (built from the document indices) masks like the dense
+    CPU mask: checked here with flex_attention's eager reference (the GPU compiles the same call)."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from minititan.core.document_attention import block_mask
+    q, k, v = torch.randn(2, 4, 160, 16), torch.randn(2, 2, 160, 16), torch.randn(2, 2, 160, 16)
+    documents = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 100, 6, 24]))[None].repeat(2, 1)
+    documents[1] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is slow: it is the reference here
+        got = flex_attention(q, k, v, block_mask=block_mask(documents), enable_gqa=True)
+    assert torch.allclose(got, model.causal_attention(q, k, v, mask=dense_mask(documents)), atol=1e-5)
+
+
 def ring_documents(rank, world, rotate):
     """Context-parallel attention with documents on this rank's shard, against one process."""
     group = dist.group.WORLD
