@@ -166,7 +166,7 @@ def plot(metrics_file, out):
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1, required=True, metavar="INPUTS... OUT")
 @click.option("--tokenizer", default="byte", show_default=True,
               help="byte, a Hugging Face tokenizer.json (needs `tokenizers`) or a tiktoken BPE file (needs `tiktoken`)")
 @click.option("--text-field", default="text", show_default=True, help="the jsonl field / parquet column of the text")

@@ -103,7 +103,7 @@ class ShardFolder:
             bins = list(folder.glob("shard-*.bin"))
             what = ("only shards without an index (an interrupted tokenize): run the same `minititan tokenize` "
                     "command again to finish it" if bins else
-                    "no shards: make them with `minititan tokenize INPUTS... --out " + path + "`")
+                    f"no shards: make them with `minititan tokenize CORPUS... {path}`")
             raise UserError(f"{key} {path!r} holds {what}")
         indices, arrays = [], []
         for i, name in enumerate(names):

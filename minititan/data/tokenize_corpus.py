@@ -198,9 +198,9 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
     folder = Path(out)
     if not folder.parent.is_dir():
         raise UserError(f"the output folder's parent {str(folder.parent)!r} does not exist: create it "
-                        f"(mkdir -p {folder.parent}) or pass another --out")
+                        f"(mkdir -p {folder.parent}) or pass another output folder")
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {out!r} is a file: pass a folder for the shards")
+        raise UserError(f"the output {out!r} is a file: pass a folder for the shards (the last path)")
     if shard_tokens <= 0:
         raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
     tok = load_tokenizer(tokenizer, "--tokenizer")
@@ -217,7 +217,7 @@ def tokenize_corpus(inputs: list[str], out: str, tokenizer: str = "byte", text_f
     done = shards.finished_shards(folder)
     if done and done[0].run != run:
         raise UserError(f"{out} holds shards of another tokenize run (other inputs, tokenizer or options): pass a "
-                        f"new --out folder, or delete {out}")
+                        f"new output folder, or delete {out}")
     for stale in folder.glob("*.tmp"):  # an interrupted write; its shard is redone
         stale.unlink()
     if done and done[-1].last:
