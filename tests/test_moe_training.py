@@ -68,13 +68,13 @@ EXPERT_FSDP_EIGHT_RANKS = {
 LOAD = "moe/max_load_over_mean"
 
 
-def assert_matches(run, reference, name):
+def assert_matches(run, reference, name, params_rtol=1e-5):
     try:
         assert_same_losses(run[0], reference[0])
         for a, b in zip(run[0], reference[0]):
             for key in ("grad_norm", LOAD, "moe/balance_loss"):
                 assert math.isfinite(a[key]) and abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (key, a, b)
-        assert_same_params(run[1], reference[1])
+        assert_same_params(run[1], reference[1], rtol=params_rtol)
     except AssertionError as e:
         raise AssertionError(f"{name}: {e}") from None
 
@@ -186,7 +186,10 @@ def test_qwen_and_deepseek_features_match_one_process(tmp_path):
     layouts = {"tp2_sp": ["parallelism.tp=2", "parallelism.sequence_parallel=true"],
                "dp_shard2_ep2": ["parallelism.dp_shard=2", "parallelism.ep=2"]}
     for name, run in train_runs(tmp_path, 2, layouts, common=MOE + QWEN_FEATURES).items():
-        assert_matches(run, reference, name)
+        # the q/k/v biases start at zero and move by sums that mostly cancel, so summation order shows
+        # in them more than in any weight: 1.7e-5 relative with training.seed=1 even before the data
+        # scheme changed. 1e-4 still catches a wrong tp split or a missing sum (errors of order 1).
+        assert_matches(run, reference, name, params_rtol=1e-4)
 
 
 @pytest.mark.parametrize("world, overrides, words", [
