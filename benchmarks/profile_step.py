@@ -6,6 +6,7 @@ Runs 8 warm-up steps, then profiles 3 steps with torch.profiler; prints the top 
 device time grouped into families (matmul, attention, elementwise/fused, optimizer, other) and
 writes the Chrome trace to OUT_DIR/trace.json.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from minititan.cli import split_overrides
 from minititan.core import model
 from minititan.core.config import load_config
 from minititan.core.data import TokenSource, rank_slice
+from minititan.core.guard import StepGuard
 from minititan.core.optim import AdamW
-from minititan.train import setup, train_step
+from minititan.train import setup, train_step, with_global_batch
 
 
 def main():
@@ -25,7 +27,9 @@ def main():
     path = args[args.index("-c") + 1] if "-c" in args else None
     rest = [a for i, a in enumerate(args) if a != "-c" and (i == 0 or args[i - 1] != "-c")]
     cfg = load_config(path, split_overrides(tuple(rest)) + ["data.dataset=synthetic", "checkpoint.enable=false"])
+    cfg = with_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     device, mesh, layout = setup(cfg)
+    guard = StepGuard(device, 0, lambda: False, lambda: "", mesh.rank)  # the norm's all-reduce, as train.py
     t = cfg.training
     opt = AdamW(layout.params, cfg.optimizer, model_compiled=cfg.compile.enable)  # as train.py picks it
     data = TokenSource("synthetic", cfg.model.vocab_size)
@@ -34,7 +38,8 @@ def main():
 
     def step(i):
         batch = data.read(t.seed, i, t.global_batch_size, t.seq_len, rows=rows)
-        train_step(cfg, layout, opt, batch, i, layout.facts.n_micro, device)
+        train_step(cfg, layout, opt, batch, i, layout.facts.n_micro, device, guard)
+        guard.settle(i - 1)  # as train.py: the host reads the step guard's flags one step late
 
     for i in range(8):
         step(i + 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from minititan.core.config import UserError, config_to_toml, load_config
+from minititan.core.config import AgreedError, UserError, config_to_toml, load_config, shipped_configs
 
 
 def split_overrides(args: tuple[str, ...]) -> list[str]:
@@ -38,14 +38,31 @@ def split_overrides(args: tuple[str, ...]) -> list[str]:
 
 
 class FriendlyGroup(click.Group):
-    """Turn UserErrors into one line and exit code 2."""
+    """Turn UserErrors and click's usage errors (a bad flag value, a missing option) into one line
+    and exit code 2. An AgreedError, which every rank of a job raises alike, is printed by rank 0 alone."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
+            if _is_rank0() or not isinstance(e, AgreedError):
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "minititan"
+            click.echo(f"error: {e.format_message()} (`{where} --help` lists the options)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 OVERRIDES = dict(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
@@ -56,65 +73,139 @@ def main():
     """minititan: minimal LLM pre-training on torch.distributed."""
 
 
-@main.command(**OVERRIDES)
-@click.option("-c", "--config", "config_path", default=None, help="TOML config (default: the built-in debug.toml)")
-@click.option("--nproc", type=int, default=None, help="launch N local ranks with torch.distributed.run")
+TRAIN_HELP = f"""Train a model: the built-in debug config, or -c FILE, or -c NAME of a shipped config
+({', '.join(sorted(shipped_configs()))}), with overrides --section.key=value.
+
+\b
+Config sections:
+  [job]                    dump_folder (metrics.jsonl, checkpoints), description
+  [model]                  name (llama3 | moe), dim, n_layers, n_heads, vocab_size, MoE keys, ...
+  [training]               steps, seq_len, global/local_batch_size, seed, dtypes, max_norm, device, ...
+  [optimizer]              lr, betas, eps, weight_decay, implementation
+  [lr_scheduler]           warmup_steps, decay, min_lr_ratio
+  [parallelism]            dp_replicate, dp_shard, tp, pp, cp, ep, pipeline schedule, ...
+  [data]                   dataset, tokenizer
+  [checkpoint]             enable, folder, interval, keep_latest_k, load_path, resume, async_save
+  [metrics]                log_freq, jsonl
+  [activation_checkpoint]  mode, selective
+  [compile] [float8] [validation] [profiling] [comm]
+
+`minititan config [-c FILE] [overrides]` prints every key with its value; each key is described in
+minititan/core/config.py.
+"""
+
+
+@main.command(help=TRAIN_HELP, **OVERRIDES)
+@click.option("-c", "--config", "config_path", default=None,
+              help="TOML config file, or a shipped config's name (default: the built-in debug config)")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="launch N local ranks with torch.distributed.run")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def train(config_path, nproc, overrides):
-    """Train a model. Overrides: --section.key=value."""
     cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
     if nproc and "WORLD_SIZE" not in os.environ:
-        check_layout_once(cfg, nproc)
+        check_before_start(cfg, nproc, in_rank=False)
         launch(nproc, config_path, overrides)
         return
     from minititan.collectives.mesh import adopt_slurm_env, close_distributed
+    from minititan.core.memory import is_out_of_memory
+    from minititan.core.preemption import die_with_launcher
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun or --nproc: stop when it dies
+        die_with_launcher()
     adopt_slurm_env()  # srun without torchrun: this process is one of SLURM_NTASKS ranks
-    check_layout_once(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_before_start(cfg, int(os.environ.get("WORLD_SIZE", "1")), in_rank=True)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from minititan.train import train as run_training
     try:
         run_training(cfg)
-    except BaseException:
+    except BaseException as e:
         close_distributed(clean=False)
+        if is_out_of_memory(e):  # while setting up (the loop names the step itself)
+            raise UserError(f"out of memory while setting up the model and optimizer ({str(e).splitlines()[0]}): "
+                            f"train a smaller model, or shard it over more ranks (parallelism.dp_shard, tp, pp)") from None
         raise
     close_distributed()
     if _is_rank0() and cfg.data.tokenizer == "byte" and cfg.data.dataset == "shakespeare" and cfg.checkpoint.enable:
         print_sample(cfg)
 
 
-def check_layout_once(cfg, world: int) -> None:
-    """The layout's refusals for this world size, printed once: every rank of a torchrun job
-    would refuse the same config the same way, so the others exit without repeating it."""
-    from minititan.layout.parallelize import check
+def check_before_start(cfg, world: int, in_rank: bool) -> None:
+    """Every refusal that needs only the config, the files and the world size, printed once: every
+    rank of a torchrun job would refuse the same config the same way, so the others exit without
+    repeating it. The layout; a model too big for the device; job.dump_folder; the resume (resume.py)."""
+    from minititan import resume
+    from minititan.core.memory import check_device_fits
+    from minititan.layout.parallelize import check, mesh_sizes
+    from minititan.train import with_global_batch
     try:
+        cfg = with_global_batch(cfg, world)
         check(cfg, world)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        check_device_fits(cfg, mesh_sizes(cfg, world), local_ranks, in_rank)
+        check_writable(cfg.job.dump_folder, "job.dump_folder", "set --job.dump_folder to")
+        if cfg.checkpoint.enable:
+            check_writable(resume.checkpoint_folder(cfg), "checkpoint.folder", "set --checkpoint.folder to")
+        resume.check_start(cfg)
     except UserError:
         if _is_rank0():
             raise
         sys.exit(2)
 
 
+def check_writable(folder, what: str, fix: str) -> None:
+    """The folder exists or can be made, and a file can be written in it; else one line: what, then fix."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {str(folder)!r} is a file, not a folder: {fix} a folder path")
+    probe = path / f".minititan-write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what} {str(folder)!r} cannot be written ({e.strerror}): {fix} a folder you can "
+                        f"write to") from None
+
+
 def launch(nproc: int, config_path, overrides) -> None:
-    """Re-run this command in N processes through torch's elastic launcher (what torchrun is)."""
+    """Re-run this command in N processes through torch's elastic launcher (what torchrun is).
+    SIGTERM / SIGINT are not the launcher's to handle (it would raise, print a traceback and kill
+    the ranks 30 s later): core/preemption.py passes them on, and the ranks checkpoint and exit 0."""
+    import logging
+    import signal
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+
+    from minititan.core.preemption import forward_to_ranks
     # the cores shared out among the ranks (torchrun's default is 1 thread each, with a warning)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
-    args = ["--standalone", "--nproc_per_node", str(nproc), "-m", "minititan.cli", "train"]
+    for name in list(logging.Logger.manager.loggerDict):  # the ranks say what went wrong; the agent would repeat it
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    forward_to_ranks()
+    args = ["--standalone", "--nproc_per_node", str(nproc), "--signals-to-handle", "SIGHUP,SIGQUIT",
+            "-m", "minititan.cli", "train"]
     args += ["-c", config_path] if config_path else []
     try:
         torchrun(args + list(overrides))
     except ChildFailedError as e:  # the rank already printed its error; don't add the launcher's traceback
-        code = next(iter(e.failures.values())).exitcode
-        click.echo(f"error: a rank exited with code {code} (see its message above)", err=True)
-        sys.exit(code if code > 0 else 1)
+        rank, failure = next(iter(e.failures.items()))
+        if failure.exitcode == 2:  # a UserError: rank 0 printed its one line
+            sys.exit(2)
+        if failure.exitcode < 0:
+            click.echo(f"error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name} and the job "
+                       f"stopped: rerun the same command to resume from the newest checkpoint", err=True)
+            sys.exit(1)
+        click.echo(f"error: rank {rank} exited with code {failure.exitcode} (its message is above)", err=True)
+        sys.exit(failure.exitcode)
 
 
 def print_sample(cfg) -> None:
     from minititan.core import checkpoint as ckpt
     from minititan.generate import generate_text, load_for_inference
     path = ckpt.latest(Path(cfg.job.dump_folder) / cfg.checkpoint.folder)
-    if path is None:
+    if path is None or int(path.name.split("-")[1]) < cfg.training.steps:  # stopped early (a signal): no sample
         return
     saved_cfg, params = load_for_inference(path)
     click.echo("\n--- sample ---\n" + generate_text(params, saved_cfg, "ROMEO:", max_new_tokens=160) + "\n--------------")
@@ -133,16 +224,26 @@ def config(config_path, overrides):
 
 
 @main.command()
-@click.option("--checkpoint", "checkpoint_path", required=True, help="a step-N checkpoint folder")
-@click.option("--prompt", default="ROMEO:")
-@click.option("--max-new-tokens", default=200)
-@click.option("--temperature", default=0.8)
-@click.option("--top-k", default=40)
-@click.option("--seed", default=0)
+@click.option("--checkpoint", "checkpoint_path", required=True,
+              help="a step-N checkpoint folder, or a folder of them (the newest is used)")
+@click.option("--prompt", default="ROMEO:", show_default=True, help="the text the sample continues")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True,
+              help="how many tokens to sample")
+@click.option("--temperature", type=float, default=0.8, show_default=True,
+              help="sampling temperature: lower is more predictable; 0 always takes the most likely token")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+              help="sample among the k most likely tokens only; 0 = among all")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="the sampling's random seed")
 def generate(checkpoint_path, prompt, max_new_tokens, temperature, top_k, seed):
     """Sample text from a checkpoint."""
+    import math
+
     from minititan.generate import generate_text, load_for_inference
-    cfg, params = load_for_inference(checkpoint_path)
+    if not prompt:
+        raise UserError("--prompt is empty: give the text to continue, e.g. --prompt \"ROMEO:\"")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
+    cfg, params = load_for_inference(checkpoint_path, advice="pass another step-N folder to --checkpoint")
     click.echo(generate_text(params, cfg, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, seed=seed))
 
@@ -154,10 +255,13 @@ def plot(metrics_file, out):
     """Write an SVG chart of loss and throughput from metrics.jsonl (and a MoE model's expert-load heat-map)."""
     from minititan.plot import read_rows, to_svg
     if not Path(metrics_file).is_file():
-        raise UserError(f"{metrics_file} not found: pass the metrics.jsonl of a run (job.dump_folder)")
+        raise UserError(f"{metrics_file} not found: pass the metrics.jsonl of a run (in its job.dump_folder)")
     out = out or str(Path(metrics_file).with_suffix(".svg"))
     rows = read_rows(metrics_file)
-    Path(out).write_text(to_svg(rows))
+    try:
+        Path(out).write_text(to_svg(rows))
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}): pass -o with a path in a folder you can write to") from None
     click.echo(f"wrote {out}")
     from minititan.moe_heatmap import write_load_heatmap
     heatmap = write_load_heatmap(rows, out)  # a mixture of experts' loads per layer, if logged
@@ -201,10 +305,11 @@ def tokenize(paths, tokenizer, text_field, shard_tokens, workers, bos, eos):
 
 
 @main.command()
-@click.option("--pp", type=int, required=True, help="pipeline ranks")
-@click.option("--microbatches", type=int, required=True)
-@click.option("--schedule", default="1f1b", help="gpipe | 1f1b | interleaved_1f1b | zero_bubble")
-@click.option("--virtual", type=int, default=1, help="stages per rank (interleaved_1f1b: >= 2)")
+@click.option("--pp", type=click.IntRange(min=1), required=True, help="pipeline ranks")
+@click.option("--microbatches", type=click.IntRange(min=1), required=True, help="microbatches per step")
+@click.option("--schedule", default="1f1b", show_default=True, help="gpipe | 1f1b | interleaved_1f1b | zero_bubble")
+@click.option("--virtual", type=click.IntRange(min=1), default=1, show_default=True,
+              help="stages per rank (interleaved_1f1b: >= 2)")
 @click.option("--svg", "svg_path", default=None, help="also write the timeline as SVG")
 def schedule(pp, microbatches, schedule, virtual, svg_path):
     """Draw a pipeline schedule's timeline and its bubble fraction."""
@@ -226,6 +331,7 @@ def convert():
 def convert_hf_to_minititan(hf_dir, out_dir):
     """HF_DIR (config.json + *.safetensors) -> OUT_DIR/step-00000000."""
     from minititan.convert import hf_to_minititan
+    check_writable(out_dir, "OUT_DIR", "pass as OUT_DIR")
     path = hf_to_minititan(hf_dir, out_dir)
     click.echo(f"wrote {path}\nfine-tune: minititan train -c {Path(out_dir) / 'config.toml'} --checkpoint.load_path={path}"
                f"\nsample:    minititan generate --checkpoint {path}")
@@ -237,6 +343,7 @@ def convert_hf_to_minititan(hf_dir, out_dir):
 def convert_minititan_to_hf(ckpt_dir, out_dir):
     """CKPT_DIR (a step-N folder, or a folder of them: the newest) -> OUT_DIR/config.json + model.safetensors."""
     from minititan.convert import minititan_to_hf
+    check_writable(out_dir, "OUT_DIR", "pass as OUT_DIR")
     click.echo(f"wrote {minititan_to_hf(ckpt_dir, out_dir)}")
 
 

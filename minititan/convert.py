@@ -300,8 +300,8 @@ def _read_json(path: Path, what: str) -> dict:
         raise UserError(f"{path} not found: {what} must be in the folder")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): download {what} again") from None
 
 
 # ---------------------------------------------------------------- minititan -> Hugging Face
@@ -315,11 +315,11 @@ def minititan_to_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     path = Path(ckpt_dir)
     if not (path / "manifest.json").is_file():
         path = ckpt.latest(path) or path  # a checkpoint folder: take its newest step
-    c = ckpt.Checkpoint(path)
+    c = ckpt.Checkpoint(path, advice="pass another step-N folder as CKPT_DIR")
     try:
         cfg = msgspec.convert(msgspec.toml.decode(c.manifest.config), Config)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ConfigError(f"the config saved in {path} cannot be read ({e})") from None
+        raise ConfigError(f"the config saved in {path} cannot be read ({e}): pass another step-N folder") from None
     m = cfg.model
     family = hf_family(m, str(path))
     tensors = {}
@@ -341,6 +341,7 @@ def minititan_to_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
         for i in range(m.n_layers):
             for leaf, heads in (("bq", m.n_heads), ("bk", m.n_kv_heads), ("bv", m.n_kv_heads)):
                 tensors[hf_names(f"layers.{i}.attention.{leaf}", family, 0)[0]] = torch.zeros(heads * hd, dtype=dtype)
+    c.verify()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -6,6 +6,8 @@ that re-running the whole prefix keeps the code obvious.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import torch
 
@@ -15,14 +17,18 @@ from minititan.core.config import Config, ConfigError
 from minititan.data.tokenizer import load_tokenizer
 
 
-def load_for_inference(path: str, device: str = "cpu") -> tuple[Config, dict]:
-    c = ckpt.Checkpoint(path)
+def load_for_inference(path: str, device: str = "cpu", advice: str = ckpt.USE_ANOTHER) -> tuple[Config, dict]:
+    """The config and full parameters of a step-N checkpoint (or of the newest one in a folder of
+    them). `advice` ends each error: how the caller's user names another checkpoint."""
+    newest = ckpt.latest(path) if not (Path(path) / "manifest.json").exists() else None
+    c = ckpt.Checkpoint(newest or path, advice=advice)
     try:
         cfg = msgspec.convert(msgspec.toml.decode(c.manifest.config), Config)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ConfigError(f"the config saved in {path} cannot be read ({e})") from None
+        raise ConfigError(f"the config saved in {c.path} cannot be read ({e}): {advice}") from None
     shapes = model.param_shapes(cfg.model)
     params = {n: c.read(n, ckpt.full_slice(s), torch.float32).to(device) for n, s in shapes.items()}
+    c.verify()
     return cfg, params
 
 

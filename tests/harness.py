@@ -79,3 +79,33 @@ def assert_layout_refused(world: int, overrides: list[str], words: list[str]) ->
         parallelize.check(cfg, world)
     for w in words:
         assert w in str(e.value)
+
+
+def run_cli(*args: str):
+    """`minititan ARGS` in this process (no interpreter to start), on one thread: click's result,
+    with exit_code, stdout and stderr. Training installs SIGTERM/SIGINT handlers; they are put back."""
+    import signal
+
+    import torch
+    from click.testing import CliRunner
+
+    from minititan.cli import main
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # pytest-xdist runs a test per core already
+    try:
+        return CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def assert_one_line_error(result, words: list[str]) -> str:
+    """Exit code 2, one line on stderr holding every word, no traceback; returns the line."""
+    err = result.stderr.strip()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in result.output, result.output
+    for w in words:
+        assert w in err, (w, err)
+    return err

@@ -98,11 +98,10 @@ def test_async_saves_wait_for_each_other_and_keep_latest(tmp_path):
 
 def test_async_save_error_surfaces_at_the_next_save(tmp_path, monkeypatch):
     t = torch.ones(3)
+    monkeypatch.setattr(ckpt, "save_file", lambda payload, path: (_full_disk if "step-00000002" in path else
+                                                                   save_file)(payload, path))
     ckpt.save(tmp_path, 1, _chunks({"t": t}), async_save=True)
-
-    monkeypatch.setattr(ckpt, "save_file", _full_disk)
     ckpt.save(tmp_path, 2, _chunks({"t": t}), async_save=True)  # returns; the write fails in the background
-    monkeypatch.undo()
     with pytest.raises(CheckpointError, match="async save of step 2 failed.*No space left"):
         ckpt.save(tmp_path, 3, _chunks({"t": t}), async_save=True)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # intact, and no step-2 leftovers
@@ -112,9 +111,9 @@ def _async_save_two_ranks(rank, world, folder):
     """Rank 1 writes slowly at step 1 (rank 0's writer must wait for it) and fails at step 2."""
     folder = Path(folder)
     mine = {"w": (torch.full((2, 4), float(rank)), Slice([4, 4], [[2 * rank, 2 * rank + 2], [0, 4]]))}
-    for step, write in ((1, _slow_save_file), (2, _full_disk)):
-        if rank == 1:
-            ckpt.save_file = write
+    if rank == 1:  # chosen by the path, not swapped between saves: a writer may still be running then
+        ckpt.save_file = lambda payload, path: (_slow_save_file if "step-00000001" in path else _full_disk)(payload, path)
+    for step in (1, 2):
         ckpt.save(folder, step, mine, async_save=True)
     try:
         ckpt.wait_for_async_save()

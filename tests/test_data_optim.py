@@ -43,6 +43,31 @@ def test_adamw_clips_like_torch_clip_grad_norm(implementation):
     assert clip_coefficient(norm, max_norm=0.0) is None  # max_norm <= 0: no clipping
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_adamw_skips_a_step_on_the_device(implementation):
+    """skip = 1 (a step whose gradient norm is not finite) leaves the parameters, both moments and
+    the step count bit for bit as they were, first step included; skip = 0 is a normal step."""
+    gen = torch.Generator().manual_seed(2)
+    init = {"a": torch.randn(10, 5, generator=gen), "b": torch.randn(7, generator=gen)}
+    mine = AdamW({k: v.clone() for k, v in init.items()}, Optimizer(lr=1e-2, implementation=implementation))
+    plain = AdamW({k: v.clone() for k, v in init.items()}, Optimizer(lr=1e-2, implementation=implementation))
+    for step in range(4):
+        grads = _random_grads(init.values(), gen, step)
+        before = [{n: t.clone() for n, t in d.items()} for d in (mine.params, mine.exp_avg, mine.exp_avg_sq)]
+        for p, g in zip(mine.params.values(), grads):
+            p.grad = torch.full_like(g, float("nan"))
+        mine.step(1e-2, grad_scale=torch.tensor(float("nan")), skip=torch.tensor(1.0))  # what a NaN norm gives
+        after = (mine.params, mine.exp_avg, mine.exp_avg_sq)
+        assert all(torch.equal(a[n], b[n]) for a, b in zip(after, before) for n in a) and mine.steps == step
+        for opt in (mine, plain):
+            for p, g in zip(opt.params.values(), grads):
+                p.grad = g.clone()
+        mine.step(1e-2, skip=torch.tensor(0.0))
+        plain.step(1e-2)
+        assert all(torch.allclose(mine.params[n], plain.params[n], rtol=0, atol=1e-7) for n in init)
+    assert mine.steps == plain.steps == 4
+
+
 def test_compiled_adamw_compiles_once():
     """lr, the step count and the clip coefficient reach the compiled update as device scalars:
     new values every step are no recompile."""

@@ -92,7 +92,7 @@ def test_comm_trace_dp_replicate(tmp_path):
     assert last_step_calls(tmp_path) == Counter({
         ("dp_replicate", "all_reduce", model.num_params(cfg.model) * FP32): 1,  # the grads: one 25 MB bucket
         ("dp_replicate", "all_reduce", FP32): 1,  # the logged loss
-        ("world", "all_reduce", FP32): 2})  # the grad norm, the stop-signal vote
+        ("world", "all_reduce", 2 * FP32): 1})  # the grad norm with the stop vote (core/guard.py)
 
 
 def test_comm_trace_tp(tmp_path):
@@ -105,7 +105,7 @@ def test_comm_trace_tp(tmp_path):
     # sum-exp and target logit stacked
     per_micro = Counter({("tp", "all_reduce", activation): 1 + 2 * m.n_layers + 2 * m.n_layers + 1,
                          ("tp", "all_reduce", tokens * FP32): 1, ("tp", "all_reduce", 2 * tokens * FP32): 1})
-    want = Counter({k: v * n_micro for k, v in per_micro.items()}) + Counter({("world", "all_reduce", FP32): 2})
+    want = Counter({k: v * n_micro for k, v in per_micro.items()}) + Counter({("world", "all_reduce", 2 * FP32): 1})
     assert last_step_calls(tmp_path) == want
 
 

@@ -14,6 +14,11 @@ Atomicity: everything is written into `step-N.tmp/`; rank 0 writes the manifest 
 the directory. A directory without a manifest, or named .tmp, is never loaded, so a crash or a
 full disk in the middle of a save leaves the previous checkpoint as it was.
 
+Integrity: the manifest holds each file's size and each chunk's CRC-32 (zlib's, of the chunk's bytes
+as written). Opening a checkpoint checks the sizes; reading checks the CRC of every chunk read, on
+a pool of threads while the reads go on (`Checkpoint.verify` waits for them and raises on a
+mismatch), so a flipped byte is an error, never a silently wrong tensor.
+
 Async save (save(..., async_save=True)): the chunks are copied to the host and written by a
 background thread while training goes on; see "async save" below for how the ranks agree that
 every file is written without a collective off the training thread.
@@ -28,6 +33,8 @@ import re
 import shutil
 import threading
 import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
@@ -45,8 +52,7 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, corrupt or of another model."""
 
 
-USE_ANOTHER = ("; move its step folder out of checkpoint.folder to resume from the one before, or set "
-               "checkpoint.load_path to another checkpoint")
+USE_ANOTHER = "use another checkpoint (a step-N folder)"
 
 
 class Slice(msgspec.Struct):
@@ -62,6 +68,7 @@ class Chunk(msgspec.Struct):
     key: str
     box: list[list[int]]
     flat: list[int] | None = None
+    crc32: int | None = None  # of the chunk's bytes; None in checkpoints written before checksums
 
 
 class Entry(msgspec.Struct):
@@ -111,17 +118,17 @@ def save(folder: str | Path, step: int, tensors: dict[str, tuple[torch.Tensor, S
                for name, (t, s) in owned.items()}
     # What every file will hold is known before anything is written, so the one collective of a save
     # happens here, on the training thread (an async writer must not share process groups with it).
-    everything = _gather_objects(entries)
+    everything = gather_objects(entries)
     commit = functools.partial(_commit, tmp, final, step, everything, config, extra or {}, keep_latest_k)
     payload = {keys[name]: t for name, (t, _) in owned.items()}
     if async_save:
         _start_async_write(tmp, file, payload, commit, step, timeout_s)
         return final
     try:
-        size, error = _write_file(tmp / file, {k: t.detach().to("cpu").contiguous() for k, t in payload.items()}), None
+        written, error = _write_file(tmp / file, {k: t.detach().to("cpu").contiguous() for k, t in payload.items()}), None
     except OSError as e:  # disk full: keep the old checkpoints, tell every rank
-        size, error = 0, str(e)
-    results = _gather_objects((file, size, error))
+        written, error = Written(0, {}), str(e)
+    results = gather_objects((file, written, error))
     failed = [f"rank {r}: {e}" for r, (_, _, e) in enumerate(results) if e]
     if failed:
         if rank == 0:
@@ -129,26 +136,43 @@ def save(folder: str | Path, step: int, tensors: dict[str, tuple[torch.Tensor, S
         raise CheckpointError(f"saving step {step} failed ({'; '.join(failed)}): disk full? The previous "
                               f"checkpoint is intact")
     if rank == 0:
-        commit({f: s for f, s, _ in results if s})
+        commit({f: w for f, w, _ in results if w.size})
     _barrier()
     return final
 
 
-def _write_file(path: Path, payload: dict[str, torch.Tensor]) -> int:
+class Written(msgspec.Struct):
+    """What one rank's file turned out to be: its size, and the CRC-32 of each chunk by key."""
+    size: int
+    crc32: dict[str, int]
+
+
+def _write_file(path: Path, payload: dict[str, torch.Tensor]) -> Written:
     """Write one rank's chunks and flush them to the disk (the manifest that follows promises they are
-    there); returns the file's size (0: nothing to write, no file)."""
+    there); returns the file's size (0: nothing to write, no file) and the chunks' checksums."""
     if not payload:
-        return 0
+        return Written(0, {})
+    crcs = {key: _checksum_pool().submit(crc32, t) for key, t in payload.items()}  # while the file is written
     save_file(payload, str(path))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return path.stat().st_size
+    return Written(path.stat().st_size, {key: crc.result() for key, crc in crcs.items()})
+
+
+def crc32(t: torch.Tensor) -> int:
+    """zlib's CRC-32 of a host tensor's bytes (zlib lets go of the GIL, so a pool runs several)."""
+    return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+@functools.cache
+def _checksum_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="checksum")
 
 
 def _commit(tmp: Path, final: Path, step: int, everything: list[dict], config: str, extra: dict, keep_latest_k: int,
-            sizes: dict[str, int]) -> None:
+            files: dict[str, Written]) -> None:
     """Rank 0, once every rank's file is in tmp: the manifest last, then the rename that publishes it."""
-    _write_manifest(tmp, step, everything, sizes, config, extra)
+    _write_manifest(tmp, step, everything, files, config, extra)
     if final.exists():  # saving the same step again: swap, never delete first
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -160,13 +184,15 @@ def _commit(tmp: Path, final: Path, step: int, everything: list[dict], config: s
     _prune(final.parent, keep_latest_k)
 
 
-def _write_manifest(tmp: Path, step: int, everything: list[dict], sizes: dict[str, int], config: str,
+def _write_manifest(tmp: Path, step: int, everything: list[dict], files: dict[str, Written], config: str,
                     extra: dict) -> None:
     tensors: dict[str, Entry] = {}
     for entries in everything:
         for name, (shape, dtype, chunk) in entries.items():
+            chunk = msgspec.structs.replace(chunk, crc32=files[chunk.file].crc32[chunk.key])
             tensors.setdefault(name, Entry(shape, dtype)).chunks.append(chunk)
-    manifest = Manifest(step=step, tensors=tensors, files=dict(sorted(sizes.items())), config=config, extra=extra)
+    sizes = {f: w.size for f, w in sorted(files.items())}
+    manifest = Manifest(step=step, tensors=tensors, files=sizes, config=config, extra=extra)
     path = tmp / "manifest.json"
     with open(path.with_suffix(".json.part"), "wb") as f:
         f.write(msgspec.json.format(msgspec.json.encode(manifest), indent=1))
@@ -218,11 +244,11 @@ def _start_async_write(tmp: Path, file: str, payload: dict[str, torch.Tensor], c
             if copied is not None:
                 copied.synchronize()
             try:
-                size = _write_file(tmp / file, host)
+                written = _write_file(tmp / file, host)
             except Exception as e:
                 _write_marker(tmp, rank, "failed", str(e))
                 raise
-            _write_marker(tmp, rank, "done", str(size))
+            _write_marker(tmp, rank, "done", msgspec.json.encode(written).decode())
             if rank == 0:
                 commit(_wait_for_markers(tmp, world, timeout_s))
         except Exception as e:  # kept for wait_for_async_save, which raises it on every rank
@@ -244,7 +270,7 @@ def wait_for_async_save() -> None:
         return
     write, _in_flight = _in_flight, None
     write.thread.join()
-    errors = _gather_objects(write.error)
+    errors = gather_objects(write.error)
     failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
     if failed:
         raise CheckpointError(f"the async save of step {write.step} failed ({'; '.join(failed)}); the previous "
@@ -277,8 +303,8 @@ def _write_marker(tmp: Path, rank: int, kind: str, text: str) -> None:
     os.replace(part, tmp / f"rank-{rank:05d}.{kind}")  # rank 0 never reads half a marker
 
 
-def _wait_for_markers(tmp: Path, world: int, timeout_s: float) -> dict[str, int]:
-    """Rank 0's writer: wait for every rank's marker, remove them; returns file name -> size."""
+def _wait_for_markers(tmp: Path, world: int, timeout_s: float) -> dict[str, Written]:
+    """Rank 0's writer: wait for every rank's marker, remove them; returns file name -> what it holds."""
     deadline = time.monotonic() + timeout_s
     while True:
         names = set(os.listdir(tmp))
@@ -293,13 +319,13 @@ def _wait_for_markers(tmp: Path, world: int, timeout_s: float) -> dict[str, int]
             missing = [n.split(".")[0] for n in done if n not in names]
             raise CheckpointError(f"{', '.join(missing[:4])} did not finish writing within {timeout_s:.0f} s")
         time.sleep(0.02)
-    sizes = {}
+    files = {}
     for r, marker in enumerate(done):
-        size = int((tmp / marker).read_text())
-        if size:
-            sizes[f"rank-{r:05d}.safetensors"] = size
+        written = msgspec.json.decode((tmp / marker).read_bytes(), type=Written)
+        if written.size:
+            files[f"rank-{r:05d}.safetensors"] = written
         (tmp / marker).unlink()
-    return sizes
+    return files
 
 
 # ---------------------------------------------------------------- find and open
@@ -320,28 +346,35 @@ def latest(folder: str | Path) -> Path | None:
 
 
 class Checkpoint:
-    """An opened checkpoint: the manifest, checked against the files on disk."""
+    """An opened checkpoint: the manifest, checked against the files on disk. `advice` ends every
+    error: how the caller's user picks another checkpoint (the flag or key they gave this one with)."""
 
-    def __init__(self, path: str | Path):
+    MAX_PENDING_CHECKS = 16  # chunks read but not yet checksummed (each holds its host copy until then)
+
+    def __init__(self, path: str | Path, advice: str = USE_ANOTHER):
         self.path = Path(path)
+        self.advice = advice
         mpath = self.path / "manifest.json"
         if not self.path.is_dir():
-            raise CheckpointError(f"checkpoint {self.path} does not exist: check checkpoint.load_path or checkpoint.folder")
+            what = "is a file, not a step-N folder" if self.path.exists() else "does not exist"
+            raise CheckpointError(f"checkpoint {self.path} {what}: {advice}")
         if not mpath.is_file():
             raise CheckpointError(f"checkpoint {self.path} has no manifest.json: it is incomplete (a save that did not "
-                                  f"finish); point to a complete step-N folder")
+                                  f"finish): {advice}")
         try:
             self.manifest = msgspec.json.decode(mpath.read_bytes(), type=Manifest)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise CheckpointError(f"{mpath} is corrupt ({e}){USE_ANOTHER}") from None
+            raise CheckpointError(f"{mpath} is corrupt ({e}): {advice}") from None
         for file, size in self.manifest.files.items():
             f = self.path / file
             if not f.is_file():
-                raise CheckpointError(f"checkpoint {self.path} is missing {file}{USE_ANOTHER}")
+                raise CheckpointError(f"checkpoint {self.path} is missing {file}: {advice}")
             if f.stat().st_size != size:
                 raise CheckpointError(f"{f} has {f.stat().st_size} bytes, the manifest says {size}: the file is "
-                                      f"truncated or corrupt{USE_ANOTHER}")
+                                      f"truncated or corrupt: {advice}")
         self._handles = {}
+        self._checks: list[tuple[str, Chunk, Future]] = []  # checksums started, in read order
+        self._verified = 0  # how many of them are compared
 
     @property
     def step(self) -> int:
@@ -365,7 +398,7 @@ class Checkpoint:
             inter = [[max(a, c), min(b, d)] for (a, b), (c, d) in zip(want.box, chunk.box)]
             if any(a >= b for a, b in inter):
                 continue
-            src = self._chunk_box(chunk)
+            src = self._chunk_box(name, chunk)
             dst_idx = tuple(slice(a - w[0], b - w[0]) for (a, b), w in zip(inter, want.box))
             src_idx = tuple(slice(a - c[0], b - c[0]) for (a, b), c in zip(inter, chunk.box))
             data, have = src
@@ -375,12 +408,26 @@ class Checkpoint:
             out, filled = out.flatten()[want.flat[0]:want.flat[1]], filled.flatten()[want.flat[0]:want.flat[1]]
         if not bool(filled.all()):
             raise CheckpointError(f"checkpoint {self.path} does not cover all of tensor {name!r}: a file is missing "
-                                  f"from it{USE_ANOTHER}")
+                                  f"from it: {self.advice}")
         return out.to(dtype) if dtype is not None else out
 
-    def _chunk_box(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """A chunk as (its box's values, which of them it holds)."""
+    def verify(self) -> None:
+        """Wait for the checksums of every chunk read so far; raise CheckpointError on a mismatch.
+        Call it before trusting what `read` returned."""
+        while self._verified < len(self._checks):
+            name, chunk, crc = self._checks[self._verified]
+            self._verified += 1
+            if crc.result() != chunk.crc32:
+                raise CheckpointError(f"{self.path / chunk.file} is corrupt: its chunk {chunk.key} (of {name}) fails "
+                                      f"its CRC-32 check: {self.advice}")
+
+    def _chunk_box(self, name: str, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk as (its box's values, which of them it holds); its checksum starts on the pool."""
         data = self._open(chunk.file).get_tensor(chunk.key)
+        if chunk.crc32 is not None:
+            self._checks.append((name, chunk, _checksum_pool().submit(crc32, data)))
+            if len(self._checks) > self.MAX_PENDING_CHECKS:  # bound the host copies waiting for their check
+                self._checks[-self.MAX_PENDING_CHECKS - 1][2].result()
         shape = [b - a for a, b in chunk.box]
         if chunk.flat is None:
             return data.reshape(shape), torch.ones(shape, dtype=torch.bool)
@@ -395,7 +442,7 @@ class Checkpoint:
             try:
                 self._handles[file] = safe_open(str(self.path / file), framework="pt")
             except Exception as e:  # safetensors reports corruption with its own exception types
-                raise CheckpointError(f"{self.path / file} is corrupt ({e}){USE_ANOTHER}") from None
+                raise CheckpointError(f"{self.path / file} is corrupt ({e}): {self.advice}") from None
         return self._handles[file]
 
 
@@ -413,7 +460,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _gather_objects(obj) -> list:
+def gather_objects(obj) -> list:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out = [None] * dist.get_world_size()

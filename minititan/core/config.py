@@ -20,7 +20,12 @@ class UserError(Exception):
     """Bad input (config, files, layout): the message names the fix; the CLI prints it, no traceback."""
 
 
-class ConfigError(UserError, ValueError):
+class AgreedError(UserError):
+    """A UserError every rank raises alike (from the config, files all ranks read, or values the ranks
+    agreed on): the CLI prints rank 0's and the others exit quietly, so a job shows it once."""
+
+
+class ConfigError(AgreedError, ValueError):
     """A bad config: the message names the key and what would be valid."""
 
 
@@ -67,7 +72,7 @@ class Model(msgspec.Struct, forbid_unknown_fields=True):
 class Training(msgspec.Struct, forbid_unknown_fields=True):
     steps: int = 300
     seq_len: int = 128
-    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    global_batch_size: int = 0  # sequences per optimizer step, over all data-parallel ranks; 0 = local x data-parallel ranks
     local_batch_size: int = 16  # micro-batch per data-parallel rank; accumulation = global / (local * dp)
     seed: int = 0
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; masters stay fp32
@@ -75,6 +80,7 @@ class Training(msgspec.Struct, forbid_unknown_fields=True):
     max_norm: float = 1.0  # global gradient-norm clipping; 0 = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False  # repeatable GPU runs: deterministic kernels only, at some speed (docs/debugging.md)
+    skip_nonfinite_steps: int = 0  # skip up to N steps whose loss or grad norm is inf/NaN (logged); the N+1-th stops the run
 
 
 class Optimizer(msgspec.Struct, forbid_unknown_fields=True):
@@ -204,9 +210,28 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 # ---------------------------------------------------------------- loading
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs installed with the package (configs/*.toml), by name: what `-c NAME` finds."""
+    folder = importlib.resources.files("minititan").joinpath("configs")
+    return {Path(f.name).stem: Path(str(f)) for f in folder.iterdir() if f.name.endswith(".toml")}
+
+
 def default_config_text() -> str:
     """The packaged configs/debug.toml: the run you get with no -c."""
-    return importlib.resources.files("minititan").joinpath("configs/debug.toml").read_text()
+    return shipped_configs()["debug"].read_text()
+
+
+def find_config(path: str) -> Path:
+    """-c takes a TOML file, or the name of a shipped config (llama3_8b, or llama3_8b.toml) from anywhere."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    if p.parent == Path(".") and p.name.removesuffix(".toml") in shipped:
+        return shipped[p.name.removesuffix(".toml")]
+    what = "is a folder" if p.is_dir() else "not found"
+    raise ConfigError(f"config file {path!r} {what}: pass a TOML file to -c, or a shipped config's name "
+                      f"({', '.join(sorted(shipped))})")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
@@ -214,14 +239,17 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     if path is None:
         text = default_config_text()
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path!r} not found: pass an existing TOML file to -c")
-        text = p.read_text()
+        try:
+            text = find_config(path).read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file: pass a TOML config to -c") from None
     try:
         raw = msgspec.toml.decode(text)
     except msgspec.DecodeError as e:
         raise ConfigError(f"{path or 'debug.toml'} is not valid TOML: {e}") from None
+    if not raw:
+        raise ConfigError(f"{path} sets no key, so every key would take its struct default: write a full config "
+                          f"with `minititan config > {path}` and edit it")
     _check_keys(raw)
     for item in overrides:
         _apply_override(raw, item)
@@ -333,19 +361,13 @@ def hidden_dim(m: Model) -> int:
 
 def validate(cfg: Config) -> None:
     m, t, p = cfg.model, cfg.training, cfg.parallelism
-    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-                "model.n_kv_heads": m.n_kv_heads, "model.vocab_size": m.vocab_size, "training.steps": t.steps,
-                "training.seq_len": t.seq_len, "training.global_batch_size": t.global_batch_size,
-                "training.local_batch_size": t.local_batch_size, "metrics.log_freq": cfg.metrics.log_freq,
-                "checkpoint.interval": cfg.checkpoint.interval, "model.multiple_of": m.multiple_of,
-                "validation.freq": cfg.validation.freq, "validation.steps": cfg.validation.steps,
-                "profiling.start_step": cfg.profiling.start_step, "profiling.steps": cfg.profiling.steps,
-                "comm.timeout_s": cfg.comm.timeout_s}
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
-    if m.head_dim < 0:
-        raise ConfigError(f"model.head_dim must be >= 0 (0 = dim / n_heads), got {m.head_dim}")
+    if m.rope_scaling and not (m.rope_scaling_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                               and m.rope_original_context > 0):
+        raise ConfigError(f"model.rope_scaling needs rope_scaling_factor >= 1, 0 < rope_low_freq_factor < "
+                          f"rope_high_freq_factor and rope_original_context > 0; got {m.rope_scaling_factor}, "
+                          f"{m.rope_low_freq_factor}, {m.rope_high_freq_factor}, {m.rope_original_context} "
+                          f"(Llama 3.1: 8, 1, 4, 8192; Llama 3.2: 32, 1, 4, 8192)")
+    _check_ranges(cfg)
     if not m.head_dim and m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
     if head_dim(m) % 2:
@@ -354,11 +376,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"training.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: raise model.max_seq_len")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError("optimizer.betas must be a list of two numbers, e.g. [0.9, 0.95]")
-    for name in ("dp_replicate", "tp", "pp", "cp", "ep"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"parallelism.{name} must be >= 1, got {getattr(p, name)}")
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise ConfigError(f"parallelism.dp_shard must be >= 1 or -1 (fill the world), got {p.dp_shard}")
     sel = cfg.activation_checkpoint.selective
@@ -372,12 +389,6 @@ def validate(cfg: Config) -> None:
     if f8.precompute_scale and not f8.fsdp_all_gather:
         raise ConfigError("float8.precompute_scale computes the scales of the fp8 all-gather: "
                           "set float8.fsdp_all_gather = true as well, or float8.precompute_scale = false")
-    if m.rope_scaling and not (m.rope_scaling_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
-                               and m.rope_original_context > 0):
-        raise ConfigError(f"model.rope_scaling needs rope_scaling_factor >= 1, 0 < rope_low_freq_factor < "
-                          f"rope_high_freq_factor and rope_original_context > 0; got {m.rope_scaling_factor}, "
-                          f"{m.rope_low_freq_factor}, {m.rope_high_freq_factor}, {m.rope_original_context} "
-                          f"(Llama 3.1: 8, 1, 4, 8192; Llama 3.2: 32, 1, 4, 8192)")
     _validate_data(cfg.data)
     if m.name == "moe":
         _validate_moe(m)
@@ -386,19 +397,12 @@ def validate(cfg: Config) -> None:
 def _validate_moe(m: Model) -> None:
     if not 1 <= m.top_k <= m.n_experts:
         raise ConfigError(f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")
-    if m.moe_frequency < 1:
-        raise ConfigError(f"model.moe_frequency must be >= 1 (1 = every block is MoE), got {m.moe_frequency}")
     if not 0 <= m.n_dense_layers < m.n_layers:
         raise ConfigError(f"model.n_dense_layers={m.n_dense_layers} must be between 0 and model.n_layers - 1 = "
                           f"{m.n_layers - 1}: the blocks after them hold the experts")
-    if m.moe_hidden_dim < 0 or m.n_shared_experts < 0:
-        raise ConfigError("model.moe_hidden_dim and model.n_shared_experts must be >= 0 "
-                          "(moe_hidden_dim 0 = the dense hidden dim)")
     if m.shared_expert_gate and not m.n_shared_experts:
         raise ConfigError("model.shared_expert_gate scales the shared experts' output: set model.n_shared_experts "
                           ">= 1, or model.shared_expert_gate = false")
-    if not m.route_scale > 0:
-        raise ConfigError(f"model.route_scale must be positive (1 = the scores as they are), got {m.route_scale}")
 
 
 def _validate_data(d: Data) -> None:
@@ -410,3 +414,82 @@ def _validate_data(d: Data) -> None:
         raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {d.holdout_fraction}: e.g. 0.01")
     if d.prefetch < 0:
         raise ConfigError(f"data.prefetch must be >= 0 (0: no background thread), got {d.prefetch}")
+
+
+# Every number a config holds, with what it must be: (key, value, ok(value), what it must be).
+# A NaN fails every comparison, so each check is written as what is allowed, never as what is not.
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _finite(v) and v > 0
+
+
+def _non_negative(v) -> bool:
+    return _finite(v) and v >= 0
+
+
+def _fraction(v) -> bool:  # [0, 1]
+    return _finite(v) and 0 <= v <= 1
+
+
+def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    m, t, o, p = cfg.model, cfg.training, cfg.optimizer, cfg.parallelism
+    positive = [("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                ("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
+                ("model.multiple_of", m.multiple_of), ("model.max_seq_len", m.max_seq_len),
+                ("model.ffn_dim_multiplier", m.ffn_dim_multiplier), ("model.norm_eps", m.norm_eps),
+                ("model.rope_theta", m.rope_theta), ("model.rope_scaling_factor", m.rope_scaling_factor),
+                ("model.rope_low_freq_factor", m.rope_low_freq_factor),
+                ("model.rope_high_freq_factor", m.rope_high_freq_factor),
+                ("model.rope_original_context", m.rope_original_context), ("model.moe_frequency", m.moe_frequency),
+                ("model.n_experts", m.n_experts), ("model.top_k", m.top_k), ("model.route_scale", m.route_scale),
+                ("training.steps", t.steps), ("training.seq_len", t.seq_len),
+                ("training.local_batch_size", t.local_batch_size), ("optimizer.lr", o.lr), ("optimizer.eps", o.eps),
+                ("parallelism.dp_replicate", p.dp_replicate), ("parallelism.tp", p.tp), ("parallelism.pp", p.pp),
+                ("parallelism.cp", p.cp), ("parallelism.ep", p.ep),
+                ("parallelism.pp_virtual_stages", p.pp_virtual_stages), ("metrics.log_freq", cfg.metrics.log_freq),
+                ("checkpoint.interval", cfg.checkpoint.interval), ("validation.freq", cfg.validation.freq),
+                ("validation.steps", cfg.validation.steps), ("profiling.start_step", cfg.profiling.start_step),
+                ("profiling.steps", cfg.profiling.steps), ("comm.timeout_s", cfg.comm.timeout_s)]
+    non_negative = [("model.head_dim", m.head_dim), ("model.n_dense_layers", m.n_dense_layers),
+                    ("model.moe_hidden_dim", m.moe_hidden_dim), ("model.n_shared_experts", m.n_shared_experts),
+                    ("model.aux_loss_coef", m.aux_loss_coef), ("model.bias_update_rate", m.bias_update_rate),
+                    ("training.global_batch_size", t.global_batch_size), ("training.seed", t.seed),
+                    ("training.max_norm", t.max_norm), ("training.skip_nonfinite_steps", t.skip_nonfinite_steps),
+                    ("optimizer.weight_decay", o.weight_decay), ("lr_scheduler.warmup_steps",
+                                                                 cfg.lr_scheduler.warmup_steps),
+                    ("parallelism.pp_microbatches", p.pp_microbatches),
+                    ("parallelism.ep_capacity_factor", p.ep_capacity_factor),
+                    ("checkpoint.keep_latest_k", cfg.checkpoint.keep_latest_k)]
+    out = [(k, v, _positive, "a positive number") for k, v in positive]
+    out += [(k, v, _non_negative, "zero or a positive number") for k, v in non_negative]
+    out += [("lr_scheduler.min_lr_ratio", cfg.lr_scheduler.min_lr_ratio, _fraction, "between 0 and 1"),
+            ("optimizer.betas", o.betas, lambda b: len(b) == 2 and all(_finite(x) and 0 <= x < 1 for x in b),
+             "two numbers in [0, 1), e.g. [0.9, 0.95]"),
+            ("training.seed", t.seed, lambda v: v < 2**63, "below 2**63"),
+            ("comm.timeout_s", cfg.comm.timeout_s, lambda v: v <= 10**7, "at most 10**7 seconds"),
+            ("model.max_seq_len", m.max_seq_len, lambda v: v <= 2**24, "at most 2**24 (the RoPE table has a row "
+             "for each position)"),
+            ("optimizer.lr", o.lr, lambda v: v * o.weight_decay < 1,
+             f"below 1 / optimizer.weight_decay ({o.weight_decay}), or each step would shrink the weights past zero"),
+            ("parallelism.pp_layers_per_stage", p.pp_layers_per_stage, lambda v: all(n >= 1 for n in v),
+             "a list of positive layer counts (or [] to balance)")]
+    return out
+
+
+MEANING = {  # what a key's special values mean, added to its range error
+    "model.head_dim": "0 = dim / n_heads", "model.moe_frequency": "1 = every block is MoE",
+    "model.route_scale": "1 = the scores as they are", "model.moe_hidden_dim": "0 = the dense hidden dim",
+    "training.global_batch_size": "0 = local_batch_size x data-parallel ranks", "training.max_norm": "0 = no clipping",
+    "training.skip_nonfinite_steps": "0 = the first non-finite step stops the run",
+    "parallelism.pp_microbatches": "0 = local_batch_size", "parallelism.ep_capacity_factor": "0 = exact all-to-all",
+    "checkpoint.keep_latest_k": "0 = keep all"}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, value, ok, what in _ranges(cfg):
+        if not ok(value):
+            meaning = f" ({MEANING[key]})" if key in MEANING else ""
+            raise ConfigError(f"{key} must be {what}{meaning}, got {value}")

@@ -2,10 +2,18 @@
 
 MFU = achieved model FLOP/s per device / the device's dense bf16 peak (fp8: twice that).
 FLOPs per token come from model.flops_per_token (torchtitan's convention, so the two compare).
+
+metrics.jsonl describes one run: a run that resumes from step N first drops the rows of steps
+after N (a crashed run logged them, and they are about to be logged again), so a resumed run's
+file reads as if it had never stopped. A loss or grad norm that is not finite (a skipped step) is
+written as null. The ETA is the remaining steps times the mean step time since the first log (whose
+interval holds the warm-up), shown once ETA_AFTER_STEPS steps are timed.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import sys
 import time
@@ -36,17 +44,22 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20
 
 
+ETA_AFTER_STEPS = 5
+
+
 class MetricsLogger:
     def __init__(self, dump_folder: str, jsonl: bool, flops_per_token: float, peak: float | None,
-                 world_size: int, total_steps: int, enabled: bool):
+                 world_size: int, total_steps: int, enabled: bool, resumed_step: int = 0):
         self.enabled = enabled
         self.path = Path(dump_folder) / "metrics.jsonl" if jsonl and enabled else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            drop_rows_after(self.path, resumed_step)
         self.flops_per_token = flops_per_token
         self.peak = peak
         self.world_size = world_size
         self.total_steps = total_steps
+        self.timed_steps, self.timed_seconds, self.first_logged = 0, 0.0, False
 
     def log(self, step: int, loss: float, grad_norm: float, lr: float, tokens: int, seconds: float, steps: int,
             device: torch.device, extra: dict | None = None) -> dict:
@@ -59,11 +72,15 @@ class MetricsLogger:
         row |= extra or {}
         if not self.enabled:
             return row
-        eta = row["step_time_s"] * (self.total_steps - step)
+        if self.first_logged:  # the first interval holds the warm-up: not a rate to go by
+            self.timed_steps, self.timed_seconds = self.timed_steps + steps, self.timed_seconds + seconds
+        self.first_logged = True
+        eta = ("eta " + _hms(self.timed_seconds / self.timed_steps * (self.total_steps - step))
+               if self.timed_steps >= ETA_AFTER_STEPS else "")
         mfu = f"{row['mfu']:5.1f}%" if row["mfu"] is not None else "  n/a"
         line = (f"step {step:5d}  loss {loss:7.4f}  gnorm {grad_norm:7.3f}  lr {lr:.2e}  "
                 f"tok/s/dev {tps:9,.0f}  mfu {mfu}  mem {row['mem_peak_gib']:6.2f}GiB  "
-                f"step {row['step_time_s']:6.3f}s  eta {_hms(eta)}")
+                f"step {row['step_time_s']:6.3f}s  {eta}").rstrip()
         for k, v in (extra or {}).items():
             if isinstance(v, (dict, list)):
                 continue  # per-layer tables (MoE loads) go to metrics.jsonl only
@@ -71,8 +88,32 @@ class MetricsLogger:
         print(line, flush=True)
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
         return row
+
+
+def _finite_or_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep only the rows of steps <= step (rewritten atomically: a crash leaves one file or the other)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    part = path.with_suffix(".jsonl.part")
+    part.write_text("".join(kept))
+    os.replace(part, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _hms(seconds: float) -> str:

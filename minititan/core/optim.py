@@ -5,6 +5,10 @@ a sharded layout simply hands it its local shards. `optimizer.implementation` pi
 torch's one fused kernel (`torch._fused_adamw_`, CUDA and CPU), which applies the gradient-
 clipping coefficient as it reads each gradient; the same math compiled by inductor, which also
 skips the fused kernel's write-back of the scaled gradient; or `torch._foreach_*` ops.
+
+Each implementation can skip a step on the device: `step(..., skip=flag)` with a device scalar
+1.0 (skip) or 0.0 leaves the parameters, both moments and the step count as they were when the
+flag is 1, without the host reading it (train.py passes "the gradient norm is not finite").
 """
 from __future__ import annotations
 
@@ -29,57 +33,74 @@ class AdamW:
         self.weight_decay = cfg.weight_decay
         self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.steps = 0
-        self._step_on_device = None  # the fused and compiled updates read the step count from device memory
-        self._lr_on_device = self._one_on_device = None  # the compiled one reads lr (and 1, unclipped) there too
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        # updates taken, in device memory: the updates read it there, and a skipped step does not count
+        self._step_on_device = torch.zeros((), device=device)
+        self._lr_on_device = torch.empty((), device=device)  # the compiled update reads lr (and 1, unclipped) there
+        self._one_on_device = torch.ones((), device=device)
+        self._keep_all = torch.ones((), device=device)  # keep = 1 when there is no skip flag (not aliasing the one)
+
+    @property
+    def steps(self) -> int:
+        """Updates taken so far (skipped steps excluded). Reads the device: for checkpoints, not per step."""
+        return int(self._step_on_device.item())
+
+    @steps.setter
+    def steps(self, n: int) -> None:
+        self._step_on_device.fill_(n)
 
     @torch.no_grad()
-    def step(self, lr: float, grad_scale: Tensor | None = None) -> None:
+    def step(self, lr: float, grad_scale: Tensor | None = None, skip: Tensor | None = None) -> None:
         """One update with every gradient first multiplied by grad_scale (a device scalar: the
         clipping coefficient of `clip_coefficient`), if given. The fused and compiled updates do
-        that as they read each gradient, which saves the separate pass that clipping would be."""
+        that as they read each gradient, which saves the separate pass that clipping would be.
+        skip: a float device scalar; where it is 1 the update is not taken (see the module docstring)."""
         names = [n for n, p in self.params.items() if p.grad is not None]
         if not names:
             return
-        self.steps += 1
         p = [self.params[n] for n in names]
         g = [self.params[n].grad for n in names]
         m = [self.exp_avg[n] for n in names]
         v = [self.exp_avg_sq[n] for n in names]
+        self._step_on_device.add_(1 if skip is None else 1 - skip)
         if self.implementation == "foreach":
-            return self._foreach_step(p, g, m, v, lr, grad_scale)
-        if self._step_on_device is None:
-            self._step_on_device = torch.full((), float(self.steps - 1), device=p[0].device)
-        self._step_on_device.add_(1)
+            return self._foreach_step(p, g, m, v, lr, grad_scale, skip)
         beta1, beta2 = self.betas
         if self.implementation == "compiled":
-            if self._lr_on_device is None:
-                self._lr_on_device = torch.empty((), device=p[0].device)
-                self._one_on_device = torch.ones((), device=p[0].device)
             self._lr_on_device.fill_(lr)
             scale = self._one_on_device if grad_scale is None else grad_scale
-            return compiled_adamw()(p, g, m, v, self._lr_on_device, self._step_on_device, scale,
+            keep = self._keep_all if skip is None else 1 - skip
+            return compiled_adamw()(p, g, m, v, self._lr_on_device, self._step_on_device, scale, keep,
                                     beta1, beta2, self.weight_decay, self.eps)
-        # the kernel divides each gradient by grad_scale (it is meant for unscaling AMP gradients)
+        # the kernel divides each gradient by grad_scale (it is meant for unscaling AMP gradients), and
+        # returns without writing anything where found_inf is 1 (how AMP's GradScaler skips a step)
         unscale = None if grad_scale is None else grad_scale.float().reciprocal()
         torch._fused_adamw_(p, g, m, v, [], [self._step_on_device] * len(p), lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-                            grad_scale=unscale)
+                            grad_scale=unscale, found_inf=skip)
 
-    def _foreach_step(self, p, g, m, v, lr: float, grad_scale: Tensor | None) -> None:
+    def _foreach_step(self, p, g, m, v, lr: float, grad_scale: Tensor | None, skip: Tensor | None) -> None:
+        """The update in foreach ops. A skip multiplies every change by keep = 1 - skip (0 or 1); the
+        gradients of a skipped step are not finite, so they are zeroed first (0 * NaN is NaN)."""
         beta1, beta2 = self.betas
         if grad_scale is not None:
             torch._foreach_mul_(g, grad_scale)
-        torch._foreach_mul_(p, 1 - lr * self.weight_decay)
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, 1 - beta2)
-        bias1 = 1 - beta1 ** self.steps
-        bias2_sqrt = math.sqrt(1 - beta2 ** self.steps)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bias2_sqrt)
+        keep = self._one_on_device if skip is None else 1 - skip
+        if skip is not None:
+            for x in g:
+                torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
+            torch._foreach_mul_(g, keep)
+        step = self._step_on_device.clamp(min=1)  # a first step that is skipped leaves it at 0
+        bias1 = 1 - beta1 ** step
+        bias2_sqrt = (1 - beta2 ** step).sqrt()
+        torch._foreach_mul_(p, 1 - lr * self.weight_decay * keep)
+        torch._foreach_add_(m, torch._foreach_mul(torch._foreach_sub(g, m), (1 - beta1) * keep))  # lerp by keep
+        torch._foreach_add_(v, torch._foreach_mul(torch._foreach_sub(torch._foreach_mul(g, g), v), (1 - beta2) * keep))
+        denom = torch._foreach_div(torch._foreach_sqrt(v), bias2_sqrt)
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
+        update = torch._foreach_div(m, denom)
+        torch._foreach_mul_(update, lr / bias1 * keep)
+        torch._foreach_sub_(p, update)
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Everything to checkpoint, under names derived from the parameter names."""
@@ -133,16 +154,21 @@ def compiled_adamw():
 
 
 def adamw_update(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], lr: Tensor, step: Tensor,
-                 grad_scale: Tensor, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+                 grad_scale: Tensor, keep: Tensor, beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
     """The AdamW update as inductor sees it: each tensor's ops fuse into one kernel that reads
     p, g, m, v once and writes p, m, v. The fused CUDA kernel, given a clip coefficient, also writes
-    the scaled gradient back: 4 of its 32 bytes a parameter. lr, step and grad_scale are device
-    scalars, so they change without a recompile and the host never reads them."""
+    the scaled gradient back: 4 of its 32 bytes a parameter. lr, step, grad_scale and keep are device
+    scalars, so they change without a recompile and the host never reads them. keep = 0 writes the
+    old values back (a skipped step: its gradients are not finite, and `where` drops what they made)."""
+    step = step.clamp(min=1)  # a first step that is skipped leaves it at 0
     bias1 = 1 - beta1 ** step
     bias2_sqrt = (1 - beta2 ** step).sqrt()
+    kept = keep > 0
     for p_, g_, m_, v_ in zip(p, g, m, v):
         g_ = g_ * grad_scale
-        m_.lerp_(g_, 1 - beta1)
-        v_.mul_(beta2).addcmul_(g_, g_, value=1 - beta2)
-        p_.mul_(1 - lr * weight_decay)
-        p_.sub_(lr / bias1 * m_ / (v_.sqrt() / bias2_sqrt + eps))
+        m_new = m_.lerp(g_, 1 - beta1)
+        v_new = v_ * beta2 + g_ * g_ * (1 - beta2)
+        p_new = p_ * (1 - lr * weight_decay) - lr / bias1 * m_new / (v_new.sqrt() / bias2_sqrt + eps)
+        m_.copy_(torch.where(kept, m_new, m_))
+        v_.copy_(torch.where(kept, v_new, v_))
+        p_.copy_(torch.where(kept, p_new, p_))
