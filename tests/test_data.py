@@ -14,8 +14,7 @@ from minititan.core.data import TokenSource, rank_slice, token_source
 from minititan.data import tokenize_corpus as tc
 from minititan.data.loader import Prefetcher
 from minititan.data.sampling import Sampler, document_layout, permute
-from tests.harness import assert_same_losses, train_runs
-from tests.test_tokenize import assert_one_line_error
+from tests.harness import assert_one_line_error, assert_same_losses, train_runs
 
 
 def make_shards(folder: Path, docs: int = 300, seed: int = 0, shard_tokens: int = 4000, letter: str = "a") -> str:

@@ -480,12 +480,12 @@ def test_no_host_reads_in_the_layer():
 
 
 @pytest.mark.parametrize("override, words", [
-    ("model.head_dim=-1", "model.head_dim must be >= 0"),
+    ("model.head_dim=-1", "model.head_dim must be zero or a positive number (0 = dim / n_heads)"),
     ("model.head_dim=15", "head dim 15 must be even"),
     ("model.n_dense_layers=4", "model.n_dense_layers=4 must be between 0 and model.n_layers - 1 = 3"),
-    ("model.moe_frequency=0", "model.moe_frequency must be >= 1"),
+    ("model.moe_frequency=0", "model.moe_frequency must be a positive number (1 = every block is MoE)"),
     ("model.shared_expert_gate=true", "set model.n_shared_experts >= 1"),
-    ("model.route_scale=0", "model.route_scale must be positive"),
+    ("model.route_scale=0", "model.route_scale must be a positive number (1 = the scores as they are)"),
 ])
 def test_bad_moe_model_keys_name_the_fix(override, words):
     from minititan.core.config import ConfigError

@@ -14,6 +14,7 @@ from minititan.cli import main
 from minititan.data import tokenize_corpus as tc
 from minititan.data.shards import ShardFolder, finished_shards
 from minititan.data.tokenizer import load_tokenizer
+from tests.harness import assert_one_line_error
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hum élan naïve".split()
 
@@ -206,15 +207,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     if "tokenizer.json" in case:
         pytest.importorskip("tokenizers")
     assert_one_line_error(run_cli(*make(tmp_path), "--workers", "0"), words)
-
-
-def assert_one_line_error(result, words: list[str]) -> None:
-    """A CLI result that is one `error:` line holding every word, exit code 2."""
-    assert result.exit_code == 2, (result.output, result.exception)
-    line = result.output.strip()
-    assert "\n" not in line and line.startswith("error:"), line
-    for w in words:
-        assert w in line, line
 
 
 def test_another_runs_folder_is_refused(tmp_path):
