@@ -67,7 +67,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     assert ckpt.latest(tmp_path / "checkpoints") is not None
 
 
-GRACE_S = 12.0  # Slurm's time from SIGTERM to SIGKILL, scaled down with the steps
+GRACE_S = 30.0  # Slurm's default KillWait and torchrun's wait: from SIGTERM to SIGKILL
 STEP_S = 1.0  # each step sleeps this long: the 1000 steps between logging steps would take 17 minutes
 
 
