@@ -1,0 +1,428 @@
+"""Deliberate bugs the test suite must catch, one at a time, on a copy of the repository.
+
+    python -m tests.mutations                  # every mutation; the table at the end
+    python -m tests.mutations -k ring          # those whose name contains "ring"
+    python -m tests.mutations --check          # only that every pattern still matches once
+    python -m tests.mutations --baseline       # the named tests pass on the unmutated copy
+    python -m tests.mutations --markdown FILE  # also write the table as Markdown
+
+On demand, not in CI (pytest does not collect this file): all of them take about 10 minutes on 2 cores.
+
+Each mutation is a bug that matters in distributed training, written as exact text replacements
+(file, the text, its replacement) that must each match exactly once: after a refactor moves the
+text, the tool says which pattern no longer matches instead of silently testing nothing. For each
+mutation the repository (minititan/, tests/, configs/) is copied to a fresh temporary folder, the
+copy is patched, the patched modules must import, and the tests named for the mutation run there
+(python -m pytest -x, in that order, the copy first on the path), stopping at the first failure.
+
+A mutation counts as caught only when a test fails on one of the suite's own checks (an assert, a
+pytest.raises that did not raise): a parity or value check noticed the bug. A failure by an
+exception from inside the library (a crash, a hang) proves nothing about the checks, so it is
+reported as CRASH, not as caught; a mutation every test passes is MISSED: a hole in the suite.
+The exit status is 0 only when every mutation is caught.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ["minititan", "tests", "configs", "pyproject.toml"]
+TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Edit:
+    file: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    bug: str  # what the mutant gets wrong, in words
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]  # pytest node ids, the expected catcher first
+
+
+def mutation(name: str, bug: str, edits: list[tuple[str, str, str]], tests: list[str]) -> Mutation:
+    return Mutation(name, bug, tuple(Edit(*e) for e in edits), tuple(tests))
+
+
+FSDP = "minititan/collectives/fsdp.py"
+RING = "minititan/collectives/ring_attention.py"
+LAYOUTS = "tests/test_layouts.py::test_layout_matches_one_process"
+FSDP_TRAINING = "tests/test_fsdp_training.py::test_layout_matches_one_process"
+PIPELINE_PP2 = "tests/test_pipeline_training.py::test_every_schedule_at_pp_2_validation_and_resume_at_pp_1"
+MOE_TWO_RANKS = "tests/test_moe_training.py::test_two_rank_layouts"
+
+MUTATIONS = [
+    # ---------------------------------------------------------------- FSDP / HSDP
+    mutation("fsdp_reduce_scatter_mean",
+             "FSDP's reduce-scatter divides by the shard group size (a mean, where the loss scale already divides)",
+             [(FSDP, "        work.wait()\n        del flat\n",
+               "        work.wait()\n        out /= dist.get_world_size(self.shard_group)\n        del flat\n")],
+             [f"{FSDP_TRAINING}[dp_shard2]", "tests/test_fsdp.py::test_matches_single_process"]),
+    mutation("hsdp_replicas_averaged",
+             "HSDP averages the replicas' gradients instead of summing them",
+             [(FSDP, "            yield\n            work.wait()\n        shard = self.shards[unit]",
+               "            yield\n            work.wait()\n"
+               "            out /= dist.get_world_size(self.replicate_group)\n        shard = self.shards[unit]")],
+             [f"{FSDP_TRAINING}[hsdp2x2]"]),
+    mutation("fsdp_prefetch_wrong_unit",
+             "FSDP's forward prefetch gathers the unit after the next one (the next unit is gathered late)",
+             [(FSDP, "self._start_all_gather(self.order[i + 1])",
+               "self._start_all_gather(self.order[min(i + 2, len(self.order) - 1)])")],
+             ["tests/test_fsdp.py::test_resharding_checkpoint_ranges_and_errors"]),
+    mutation("fsdp_backward_prefetch_wrong_direction",
+             "FSDP's backward prefetches the units after this one (already done) instead of the one before",
+             [(FSDP, "for earlier in reversed(self.order[:self._position[unit]]):",
+               "for earlier in self.order[self._position[unit] + 1:]:")],
+             ["tests/test_fsdp.py::test_resharding_checkpoint_ranges_and_errors"]),
+    mutation("fsdp_accumulated_grads_dropped",
+             "FSDP with fsdp_reduce_every_microbatch = false drops the earlier micro-batches' gradients",
+             [(FSDP, "            flat += self._unreduced.pop(unit)", "            self._unreduced.pop(unit)")],
+             [f"{FSDP_TRAINING}[no_reshard_reduce_last]"]),
+    # ---------------------------------------------------------------- data parallel, the step
+    mutation("dp_overlapping_rows",
+             "data-parallel ranks read overlapping rows of the global batch",
+             [("minititan/core/data.py", "    return x[data_rank * n:(data_rank + 1) * n]",
+               "    return x[data_rank:data_rank + n]")],
+             ["tests/test_train.py::test_dp_replicate_matches_one_process[2]"]),
+    mutation("ddp_reduces_the_first_microbatch",
+             "the gradient reductions start before the first micro-batch's backward instead of the last's",
+             [("minititan/layout/microbatches.py", "        if backward and i == n_micro - 1:",
+               "        if backward and i == 0:")],
+             ["tests/test_train.py::test_dp_replicate_matches_one_process[2]"]),
+    mutation("loss_scaled_by_local_tokens",
+             "each rank scales its loss by its own tokens (the logged loss averaged back): gradients x data ranks",
+             [("minititan/layout/parallelize.py", "loss_scale=1.0 / (t.global_batch_size * t.seq_len),",
+               "loss_scale=1.0 / (t.global_batch_size // mesh.size(\"dp_replicate\", \"dp_shard\") * t.seq_len),"),
+              ("minititan/train.py", "    return loss.item()\n", "    return loss.item() / layout.facts.data_size\n")],
+             ["tests/test_train.py::test_dp_replicate_matches_one_process[2]"]),
+    mutation("grad_clip_one_rank_norm",
+             "the clipping norm is this rank's own, not summed over the ranks",
+             [("minititan/train.py", "    if dist.get_world_size() > 1:\n        dist.all_reduce(sq)",
+               "    if False:\n        dist.all_reduce(sq)")],
+             [f"{FSDP_TRAINING}[dp_shard2]"]),
+    mutation("adamw_bias_correction_off_by_one",
+             "AdamW's bias correction counts one step too many",
+             [("minititan/core/optim.py", "torch.full((), float(self.steps - 1), device=p[0].device)",
+               "torch.full((), float(self.steps), device=p[0].device)")],
+             ["tests/test_data_optim.py::test_adamw_clips_like_torch_clip_grad_norm"]),
+    mutation("lr_warmup_one_step_late",
+             "the warmup starts one step late (lr 0 at step 1)",
+             [("minititan/core/optim.py", "        return base_lr * step / max(cfg.warmup_steps, 1)",
+               "        return base_lr * (step - 1) / max(cfg.warmup_steps, 1)")],
+             ["tests/test_data_optim.py::test_lr_schedule"]),
+    # ---------------------------------------------------------------- checkpoints
+    mutation("resume_without_optimizer_moments",
+             "resume restores the parameters but not AdamW's moments",
+             [("minititan/train.py", "view.copy_(c.read(f\"optim.{kind}.{name}\", s))", "view.zero_()")],
+             ["tests/test_train.py::test_resume_is_bitwise"]),
+    mutation("tp_checkpoint_slice_wrong_offset",
+             "checkpoint chunks of a tp slice are written at the mirrored offset (rank r's at tp-1-r's place)",
+             [("minititan/layout/data_parallel.py",
+               "slices = {name: Slice(shape=list(shapes[name]), box=box, owner=owners[name])",
+               "slices = {name: Slice(shape=list(shapes[name]), box=[[s - b, s - a] for (a, b), s in "
+               "zip(box, shapes[name])], owner=owners[name])")],
+             ["tests/test_layouts.py::test_tp_2"]),
+    # ---------------------------------------------------------------- tensor parallel, sequence parallel, async TP
+    mutation("tp_entry_backward_without_all_reduce",
+             "TP: the entry of the column-parallel matmuls (Megatron's f) skips its backward all-reduce",
+             [("minititan/collectives/tensor_parallel.py",
+               "        return _all_reduce(grad, ctx.group), None\n\n\nclass _ReduceFromTP",
+               "        return grad, None\n\n\nclass _ReduceFromTP")],
+             ["tests/test_layouts.py::test_tp_2"]),
+    mutation("tp_replicated_tensors_counted_per_tp_rank",
+             "tensors tp does not split (the norms) are owned by every tp rank: counted tp times in the grad norm",
+             [("minititan/layout/contract.py", "    if model.tp_shard_dim(name) is None:\n        replicated_over",
+               "    if False:\n        replicated_over")],
+             ["tests/test_layouts.py::test_tp_2"]),
+    mutation("sp_gather_wrong_dim",
+             "sequence parallel's all-gather interleaves the shards along the sequence instead of concatenating them",
+             [("minititan/collectives/sequence_parallel.py", "return stacked.movedim(0, 1).flatten(1, 2)",
+               "return stacked.movedim(0, 2).flatten(1, 2)")],
+             [f"{LAYOUTS}[tp2_sp]"]),
+    mutation("sp_norm_grads_not_summed",
+             "sequence parallel: the norms' gradients are not summed over tp",
+             [("minititan/layout/tensor_parallel.py",
+               "        layout.finish_grads.append(functools.partial(sum_replicated_grads, storage, group))",
+               "        pass")],
+             [f"{LAYOUTS}[tp2_sp]"]),
+    mutation("async_tp_drops_gathered_input_grad",
+             "async TP: the gradient of the gathered input from the region's other matmuls is dropped",
+             [("minititan/collectives/async_tp.py", "            if gx_parts is not None:\n",
+               "            if False:\n")],
+             [f"{LAYOUTS}[tp2_sp_async]"]),
+    # ---------------------------------------------------------------- context parallel
+    mutation("ring_chunk_order_swapped",
+             "CP: a rank's two load-balanced chunks in swapped order (tail chunk first)",
+             [(RING, "    return cp_rank, 2 * cp_size - 1 - cp_rank", "    return 2 * cp_size - 1 - cp_rank, cp_rank")],
+             [f"{LAYOUTS}[cp2]"]),
+    mutation("ring_causal_mask_off_by_one_chunk",
+             "ring attention: the visiting shard of the previous rank is masked as if it came after",
+             [(RING, "    if source < rank:\n", "    if source < rank - 1:\n")],
+             [f"{LAYOUTS}[cp2]"]),
+    mutation("cp_without_kv_head_grouping",
+             "CP: K/V heads repeated as a block (query head i reads kv head i % kv_heads), not grouped",
+             [(RING, "x.repeat_interleave(rep, dim=1)", "x.repeat(1, rep, 1, 1)")],
+             [f"{LAYOUTS}[cp2]"]),
+    mutation("cp_positions_of_rank_0",
+             "CP: every rank's RoPE positions are rank 0's",
+             [("minititan/layout/context_parallel.py", "shard_positions(seq_len, cp_rank, cp, device)",
+               "shard_positions(seq_len, 0, cp, device)")],
+             [f"{LAYOUTS}[cp2]"]),
+    mutation("cp_allgather_kv_grads_to_wrong_rank",
+             "CP all-gather: each rank receives another rank's K/V gradient in the reduce-scatter",
+             [(RING, "shard_sequence(dkv, r, size, dim=3) for r in range(size)",
+               "shard_sequence(dkv, r, size, dim=3) for r in reversed(range(size))")],
+             [f"{LAYOUTS}[dp2_cp2_allgather]"]),
+    # ---------------------------------------------------------------- pipeline parallel
+    mutation("pp_microbatches_swapped",
+             "PP: the activations of microbatches 0 and 1 (2 and 3, ...) swapped between stages",
+             [("minititan/schedules/runtime.py", "        y = self.stages[s](x, mb)\n",
+               "        y = self.stages[s](x, mb if s == 0 else mb ^ 1)\n")],
+             [PIPELINE_PP2]),
+    mutation("zero_bubble_last_w_dropped",
+             "zero bubble: the weight-gradient step (W) of the last microbatch is dropped",
+             [("minititan/schedules/schedule.py", "[Action(W, r, i) for i in range(max(m - r, 0), m)]",
+               "[Action(W, r, i) for i in range(max(m - r, 0), m - 1)]")],
+             ["tests/test_schedules.py::test_every_microbatch_goes_forward_and_backward_once_per_stage", PIPELINE_PP2]),
+    mutation("interleaved_stages_assigned_contiguously",
+             "interleaved 1F1B: a rank's virtual stages are consecutive (r*v + c) instead of round-robin (c*pp + r)",
+             [("minititan/schedules/schedule.py", "return [chunk * pp_size + pp_rank for chunk in range(n_virtual)]",
+               "return [pp_rank * n_virtual + chunk for chunk in range(n_virtual)]")],
+             ["tests/test_schedules.py::test_every_microbatch_goes_forward_and_backward_once_per_stage", PIPELINE_PP2]),
+    mutation("pp_loss_group_without_pp",
+             "PP: the logged loss is summed over the data ranks only (the first stage's zero counts)",
+             [("minititan/layout/parallelize.py",
+               "loss_group = mesh.group(\"pp\", *DATA_DIMS) if mesh.size(\"pp\") > 1 else mesh.group(*DATA_DIMS)",
+               "loss_group = mesh.group(*DATA_DIMS)")],
+             [PIPELINE_PP2]),
+    # ---------------------------------------------------------------- MoE, expert parallel
+    mutation("ep_rows_not_regrouped_by_expert",
+             "EP: received rows left in (source rank, expert) order: the transpose to (expert, source) skipped",
+             [("minititan/collectives/expert_parallel.py",
+               "to_expert_order = ((block % per_rank) * ep + block // per_rank).argsort(stable=True)",
+               "to_expert_order = block.argsort(stable=True)")],
+             [MOE_TWO_RANKS, "tests/test_moe.py::test_expert_parallel_matches_single_process"]),
+    mutation("moe_bias_update_applied_twice",
+             "the aux-loss-free expert-bias update is applied twice per step",
+             [("minititan/core/moe.py", "            bias += (step - step.mean()).to(bias.dtype)\n",
+               "            bias += (step - step.mean()).to(bias.dtype)\n"
+               "            bias += (step - step.mean()).to(bias.dtype)\n")],
+             ["tests/test_moe.py::test_update_expert_bias"]),
+    mutation("moe_loads_not_summed_over_tp_under_sp",
+             "MoE under sequence parallel: the expert loads (the bias update's input) are not summed over tp",
+             [("minititan/layout/moe.py", "bias_dims = DATA_DIMS + ((\"tp\",) if facts.sequence_parallel else ())",
+               "bias_dims = DATA_DIMS")],
+             [MOE_TWO_RANKS]),
+    mutation("moe_expert_grads_skip_dp_replicate_under_sp",
+             "EP under sequence parallel: whole experts' grads summed over tp only, not dp_replicate x tp",
+             [("minititan/layout/moe.py", "dims = (\"dp_replicate\", \"tp\") if facts.sequence_parallel else",
+               "dims = (\"tp\",) if facts.sequence_parallel else")],
+             ["tests/test_moe_training.py::test_four_rank_layouts_and_resume_from_ep_4_in_one_process",
+              "tests/test_moe_training.py::test_expert_fsdp_compositions"]),
+    # ---------------------------------------------------------------- Float8
+    mutation("float8_scale_inverted_on_one_operand",
+             "Float8: the first operand's scale is not inverted when the GEMM undoes it",
+             [("minititan/core/float8.py", "a_inv, bt_inv = a_scale.reciprocal(), bt_scale.reciprocal()",
+               "a_inv, bt_inv = a_scale, bt_scale.reciprocal()")],
+             ["tests/test_float8.py::test_linear_forward_and_grads_close_to_high_precision"]),
+]
+
+
+# ---------------------------------------------------------------- applying one
+
+
+class PatternError(Exception):
+    """A mutation's text no longer occurs exactly once: the code moved; update the mutation."""
+
+
+def copy_repository(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+
+
+def patched(text: str, edit: Edit, mutation_name: str) -> str:
+    count = text.count(edit.old)
+    if count != 1:
+        raise PatternError(f"{mutation_name}: {edit.file}: the text to replace occurs {count} times, not once: "
+                           f"{edit.old!r}")
+    return text.replace(edit.old, edit.new)
+
+
+def apply(m: Mutation, tree: Path) -> list[str]:
+    """Patch the copy; returns the modules the mutation changed."""
+    modules = []
+    for edit in m.edits:
+        path = tree / edit.file
+        if not path.is_file():
+            raise PatternError(f"{m.name}: {edit.file} does not exist")
+        text = patched(path.read_text(), edit, m.name)
+        compile(text, str(path), "exec")  # a mutation must be a bug that runs, never a syntax error
+        path.write_text(text)
+        modules.append(edit.file.removesuffix(".py").replace("/", "."))
+    return modules
+
+
+def environment(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def imports_from_copy(tree: Path, modules: list[str]) -> str | None:
+    """None if the patched modules import, from the copy; else what went wrong."""
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "import minititan; print(minititan.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tree, env=environment(tree), capture_output=True, text=True)
+    if r.returncode:
+        return f"the mutant does not import: {r.stderr.strip().splitlines()[-1]}"
+    if not r.stdout.strip().startswith(str(tree)):
+        return f"minititan imports from {r.stdout.strip()}, not from the copy {tree}"
+    return None
+
+
+@dataclass
+class Outcome:
+    status: str  # CAUGHT, CRASH, MISSED, BROKEN
+    test: str = ""  # the first failing test
+    seconds: float = 0.0
+    detail: str = ""
+
+
+CHECK_FAILURES = ("AssertionError", "assert ", "Failed: DID NOT RAISE")
+
+
+def first_failure(report: Path) -> tuple[str, str] | None:
+    """(test id, failure message) of the first failed test in a junit report, None if none failed."""
+    if not report.is_file():
+        return None
+    for case in ET.parse(report).getroot().iter("testcase"):
+        for tag in ("failure", "error"):
+            node = case.find(tag)
+            if node is not None:
+                path = case.get("classname", "").replace(".", "/") + ".py"
+                return f"{path}::{case.get('name')}", (node.get("message") or node.text or "").strip()
+    return None
+
+
+def run_tests(tree: Path, tests: tuple[str, ...]) -> Outcome:
+    report = tree / "report.xml"
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+               f"--junitxml={report}", *tests]
+    start = time.perf_counter()
+    try:
+        r = subprocess.run(command, cwd=tree, env=environment(tree), capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return Outcome("CRASH", seconds=time.perf_counter() - start, detail=f"timed out after {TIMEOUT_S} s")
+    seconds = time.perf_counter() - start
+    failed = first_failure(report)
+    if r.returncode == 0:
+        return Outcome("MISSED", seconds=seconds, detail="every test passed")
+    if failed is None:
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        return Outcome("CRASH", seconds=seconds, detail=f"pytest exit {r.returncode}: {lines[-1] if lines else ''}")
+    test, message = failed
+    first_line = message.splitlines()[0] if message else ""
+    status = "CAUGHT" if message.startswith(CHECK_FAILURES) else "CRASH"
+    return Outcome(status, test, seconds, first_line[:160])
+
+
+def run_mutation(m: Mutation, baseline: bool = False) -> Outcome:
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+        tree = Path(tmp)
+        copy_repository(tree)
+        try:
+            modules = [] if baseline else apply(m, tree)
+        except (PatternError, SyntaxError) as e:
+            return Outcome("BROKEN", detail=str(e))
+        problem = imports_from_copy(tree, modules)
+        if problem:
+            return Outcome("BROKEN", detail=problem)
+        return run_tests(tree, m.tests)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def table(rows: list[tuple[Mutation, Outcome]]) -> str:
+    lines = ["| mutation | the bug | caught by | seconds | result |", "|---|---|---|---|---|"]
+    for m, o in rows:
+        lines.append(f"| `{m.name}` | {m.bug} | `{o.test or '-'}` | {o.seconds:.0f} | {o.status}: "
+                     f"{o.detail.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def check_patterns(mutations: list[Mutation]) -> list[str]:
+    """Every pattern against the real files (read only): the problems, none if all match once."""
+    problems = []
+    for m in mutations:
+        for edit in m.edits:
+            path = ROOT / edit.file
+            try:
+                if not path.is_file():
+                    raise PatternError(f"{m.name}: {edit.file} does not exist")
+                patched(path.read_text(), edit, m.name)
+            except PatternError as e:
+                problems.append(str(e))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__.splitlines()[0])
+    parser.add_argument("-k", dest="select", default="", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    parser.add_argument("--check", action="store_true", help="only check that every pattern matches once")
+    parser.add_argument("--baseline", action="store_true", help="run each mutation's tests on the unmutated copy")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    mutations = [m for m in MUTATIONS if args.select in m.name]
+    if args.list:
+        for m in mutations:
+            print(f"{m.name}: {m.bug}\n    " + "\n    ".join(m.tests))
+        return 0
+    problems = check_patterns(mutations)
+    for p in problems:
+        print(f"PATTERN: {p}", file=sys.stderr)
+    if args.check or problems:
+        print(f"{len(mutations) - len({p.split(':')[0] for p in problems})} of {len(mutations)} mutations match")
+        return 1 if problems else 0
+    if args.baseline:
+        failed = []
+        for test in dict.fromkeys(t for m in mutations for t in m.tests):
+            o = run_mutation(Mutation("baseline", "", (), (test,)), baseline=True)
+            print(f"{'ok' if o.status == 'MISSED' else 'FAILS'} {o.seconds:5.0f} s  {test}  {o.detail}", flush=True)
+            failed += [test] if o.status != "MISSED" else []
+        return 1 if failed else 0
+    rows = []
+    for m in mutations:
+        o = run_mutation(m)
+        rows.append((m, o))
+        print(f"{o.status:6} {o.seconds:5.0f} s  {m.name}  {o.test}  {o.detail}", flush=True)
+    out = table(rows)
+    print(out)
+    if args.markdown:
+        args.markdown.write_text(out + "\n")
+    caught = sum(o.status == "CAUGHT" for _, o in rows)
+    print(f"{caught} of {len(rows)} mutations caught")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
