@@ -1,7 +1,7 @@
 """Deliberate bugs the test suite must catch, one at a time, on a copy of the repository.
 
     python -m tests.mutations                  # every mutation; the table at the end
-    python -m tests.mutations -k ring          # those whose name contains "ring"
+    python -m tests.mutations -k ring -k cp    # those whose name contains "ring" or "cp"
     python -m tests.mutations --check          # only that every pattern still matches once
     python -m tests.mutations --baseline       # the named tests pass on the unmutated copy
     python -m tests.mutations --markdown FILE  # also write the table as Markdown
@@ -64,6 +64,7 @@ LAYOUTS = "tests/test_layouts.py::test_layout_matches_one_process"
 FSDP_TRAINING = "tests/test_fsdp_training.py::test_layout_matches_one_process"
 PIPELINE_PP2 = "tests/test_pipeline_training.py::test_every_schedule_at_pp_2_validation_and_resume_at_pp_1"
 MOE_TWO_RANKS = "tests/test_moe_training.py::test_two_rank_layouts"
+RING_ATTENTION = "tests/test_ring_attention.py::test_context_parallel_matches_single_process"
 
 MUTATIONS = [
     # ---------------------------------------------------------------- FSDP / HSDP
@@ -99,10 +100,12 @@ MUTATIONS = [
                "    return x[data_rank:data_rank + n]")],
              ["tests/test_train.py::test_dp_replicate_matches_one_process[2]"]),
     mutation("ddp_reduces_the_first_microbatch",
-             "the gradient reductions start before the first micro-batch's backward instead of the last's",
+             "DDP starts its bucket all-reduces in the first micro-batch's backward, not the last's (the "
+             "values stay right: finish() reduces the buckets again; one extra all-reduce of every gradient)",
              [("minititan/layout/microbatches.py", "        if backward and i == n_micro - 1:",
                "        if backward and i == 0:")],
-             ["tests/test_train.py::test_dp_replicate_matches_one_process[2]"]),
+             ["tests/test_train.py::test_dp_replicate_matches_one_process[2]",
+              "tests/test_debugging.py::test_comm_trace_dp_replicate"]),
     mutation("loss_scaled_by_local_tokens",
              "each rank scales its loss by its own tokens (the logged loss averaged back): gradients x data ranks",
              [("minititan/layout/parallelize.py", "loss_scale=1.0 / (t.global_batch_size * t.seq_len),",
@@ -163,30 +166,30 @@ MUTATIONS = [
              "async TP: the gradient of the gathered input from the region's other matmuls is dropped",
              [("minititan/collectives/async_tp.py", "            if gx_parts is not None:\n",
                "            if False:\n")],
-             [f"{LAYOUTS}[tp2_sp_async]"]),
+             ["tests/test_tensor_parallel.py::test_matches_single_process", f"{LAYOUTS}[tp2_sp_async]"]),
     # ---------------------------------------------------------------- context parallel
     mutation("ring_chunk_order_swapped",
              "CP: a rank's two load-balanced chunks in swapped order (tail chunk first)",
              [(RING, "    return cp_rank, 2 * cp_size - 1 - cp_rank", "    return 2 * cp_size - 1 - cp_rank, cp_rank")],
-             [f"{LAYOUTS}[cp2]"]),
+             [RING_ATTENTION, f"{LAYOUTS}[cp2]"]),
     mutation("ring_causal_mask_off_by_one_chunk",
              "ring attention: the visiting shard of the previous rank is masked as if it came after",
              [(RING, "    if source < rank:\n", "    if source < rank - 1:\n")],
-             [f"{LAYOUTS}[cp2]"]),
+             [RING_ATTENTION, f"{LAYOUTS}[cp2]"]),
     mutation("cp_without_kv_head_grouping",
              "CP: K/V heads repeated as a block (query head i reads kv head i % kv_heads), not grouped",
              [(RING, "x.repeat_interleave(rep, dim=1)", "x.repeat(1, rep, 1, 1)")],
-             [f"{LAYOUTS}[cp2]"]),
+             [RING_ATTENTION, f"{LAYOUTS}[cp2]"]),
     mutation("cp_positions_of_rank_0",
              "CP: every rank's RoPE positions are rank 0's",
              [("minititan/layout/context_parallel.py", "shard_positions(seq_len, cp_rank, cp, device)",
                "shard_positions(seq_len, 0, cp, device)")],
-             [f"{LAYOUTS}[cp2]"]),
+             ["tests/test_layouts.py::test_cp_ranks_get_their_tokens_with_their_positions", f"{LAYOUTS}[cp2]"]),
     mutation("cp_allgather_kv_grads_to_wrong_rank",
              "CP all-gather: each rank receives another rank's K/V gradient in the reduce-scatter",
              [(RING, "shard_sequence(dkv, r, size, dim=3) for r in range(size)",
                "shard_sequence(dkv, r, size, dim=3) for r in reversed(range(size))")],
-             [f"{LAYOUTS}[dp2_cp2_allgather]"]),
+             [RING_ATTENTION, f"{LAYOUTS}[dp2_cp2_allgather]"]),
     # ---------------------------------------------------------------- pipeline parallel
     mutation("pp_microbatches_swapped",
              "PP: the activations of microbatches 0 and 1 (2 and 3, ...) swapped between stages",
@@ -215,7 +218,7 @@ MUTATIONS = [
              [("minititan/collectives/expert_parallel.py",
                "to_expert_order = ((block % per_rank) * ep + block // per_rank).argsort(stable=True)",
                "to_expert_order = block.argsort(stable=True)")],
-             [MOE_TWO_RANKS, "tests/test_moe.py::test_expert_parallel_matches_single_process"]),
+             ["tests/test_moe.py::test_expert_parallel_matches_single_process", MOE_TWO_RANKS]),
     mutation("moe_bias_update_applied_twice",
              "the aux-loss-free expert-bias update is applied twice per step",
              [("minititan/core/moe.py", "            bias += (step - step.mean()).to(bias.dtype)\n",
@@ -231,8 +234,7 @@ MUTATIONS = [
              "EP under sequence parallel: whole experts' grads summed over tp only, not dp_replicate x tp",
              [("minititan/layout/moe.py", "dims = (\"dp_replicate\", \"tp\") if facts.sequence_parallel else",
                "dims = (\"tp\",) if facts.sequence_parallel else")],
-             ["tests/test_moe_training.py::test_four_rank_layouts_and_resume_from_ep_4_in_one_process",
-              "tests/test_moe_training.py::test_expert_fsdp_compositions"]),
+             ["tests/test_moe_training.py::test_expert_fsdp_compositions"]),
     # ---------------------------------------------------------------- Float8
     mutation("float8_scale_inverted_on_one_operand",
              "Float8: the first operand's scale is not inverted when the GEMM undoes it",
@@ -386,13 +388,14 @@ def check_patterns(mutations: list[Mutation]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__.splitlines()[0])
-    parser.add_argument("-k", dest="select", default="", help="only mutations whose name contains this")
+    parser.add_argument("-k", dest="select", action="append", default=[],
+                        help="only mutations whose name contains this (repeat for several)")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
     parser.add_argument("--check", action="store_true", help="only check that every pattern matches once")
     parser.add_argument("--baseline", action="store_true", help="run each mutation's tests on the unmutated copy")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    mutations = [m for m in MUTATIONS if args.select in m.name]
+    mutations = [m for m in MUTATIONS if not args.select or any(k in m.name for k in args.select)]
     if args.list:
         for m in mutations:
             print(f"{m.name}: {m.bug}\n    " + "\n    ".join(m.tests))
