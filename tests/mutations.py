@@ -337,6 +337,9 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> Outcome:
     failed = first_failure(report)
     if r.returncode == 0:
         return Outcome("MISSED", seconds=seconds, detail="every test passed")
+    if r.returncode in (4, 5):  # a usage error, or no test collected: a node id that no longer exists
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        return Outcome("BROKEN", seconds=seconds, detail=f"pytest exit {r.returncode}: {lines[-1] if lines else ''}")
     if failed is None:
         lines = (r.stdout + r.stderr).strip().splitlines()
         return Outcome("CRASH", seconds=seconds, detail=f"pytest exit {r.returncode}: {lines[-1] if lines else ''}")
@@ -410,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         for test in dict.fromkeys(t for m in mutations for t in m.tests):
             o = run_mutation(Mutation("baseline", "", (), (test,)), baseline=True)
-            print(f"{'ok' if o.status == 'MISSED' else 'FAILS'} {o.seconds:5.0f} s  {test}  {o.detail}", flush=True)
-            failed += [test] if o.status != "MISSED" else []
+            passed = o.status == "MISSED"  # what a mutation's outcome would be: every test passed
+            print(f"{'passes' if passed else 'FAILS '} {o.seconds:5.0f} s  {test}  {'' if passed else o.detail}",
+                  flush=True)
+            failed += [] if passed else [test]
         return 1 if failed else 0
     rows = []
     for m in mutations:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from minititan.core import checkpoint as ckpt
 from minititan.core.config import load_config
 from minititan.train import train
 from tests.distributed import run_ranks
-from tests.harness import TINY, assert_same_losses, assert_same_params
+from tests.harness import TINY, assert_same_losses, assert_same_params, finished_run
 
 LOSS_RTOL = 1e-6  # measured: at most 8.5e-8, one float32 ulp of the loss
 PARAM_RTOL = 1e-5
@@ -57,17 +56,12 @@ def _save_then_resume(rank, world, saves, resumes, folders):
     return saved, [train(load_config(None, overrides)) for overrides in resumes]
 
 
-def _final_params(folder: Path) -> dict:
-    c = ckpt.Checkpoint(ckpt.latest(folder / "checkpoints"))
-    return {n: c.read(n) for n in c.names() if not n.startswith("optim.")}
-
-
 def _run_all_pairs(base: Path) -> dict:
     """name -> (reference rows and params, rows of the saving run (None: the reference saved),
     rows and params after the resume, the checkpoints folder)."""
-    ref_rows = run_ranks(1, _train_all, [TINY + AT_3 + extra + [f"job.dump_folder={base / ref}"]
-                                         for ref, extra in REFERENCES.items()])[0]
-    refs = {ref: (rows, _final_params(base / ref)) for ref, rows in zip(REFERENCES, ref_rows)}
+    ref_runs = [TINY + AT_3 + extra + [f"job.dump_folder={base / ref}"] for ref, extra in REFERENCES.items()]
+    ref_rows = run_ranks(1, _train_all, ref_runs)[0]
+    refs = {ref: finished_run(o, rows) for ref, o, rows in zip(REFERENCES, ref_runs, ref_rows)}
     saves, resumes = [], []
     for name, (ref, save_layout, resume_layout) in PAIRS.items():
         common = TINY + AT_3 + REFERENCES[ref] + [f"job.dump_folder={base / name}"]
@@ -78,9 +72,9 @@ def _run_all_pairs(base: Path) -> dict:
         resumes.append(common + resume_layout)
     saved, resumed = run_ranks(4, _save_then_resume, saves, resumes, [str(base / name) for name in PAIRS])[0]
     saved = iter(saved)
-    return {name: (refs[ref], None if save_layout is None else next(saved), rows, _final_params(base / name),
+    return {name: (refs[ref], None if save_layout is None else next(saved), *finished_run(overrides, rows),
                    base / name / "checkpoints")
-            for (name, (ref, save_layout, _)), rows in zip(PAIRS.items(), resumed)}
+            for (name, (ref, save_layout, _)), overrides, rows in zip(PAIRS.items(), resumes, resumed)}
 
 
 def _check_pair(ref, saved_rows, rows, params, folder) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_ranks
-from tests.harness import TINY, assert_layout_refused, assert_same_losses, assert_same_params, train_runs
-from tests.test_checkpoint_layouts import _final_params
+from tests.harness import (TINY, assert_layout_refused, assert_same_losses, assert_same_params, finished_run,
+                           train_runs)
 
 MOE = ["model.name=moe", "model.n_experts=4", "model.top_k=2", "model.moe_hidden_dim=64", "model.n_shared_experts=1",
        "model.aux_loss_coef=0.01", "model.bias_update_rate=0.01"]
@@ -180,7 +180,7 @@ def test_expert_fsdp_holds_half_a_slice_and_resumes_the_one_process_checkpoint(t
             assert 2 * numel == slice_numel
     rows = results[0][2]
     assert [r["step"] for r in rows] == [4, 5, 6]
-    assert_matches((rows, _final_params(tmp_path)), (reference[0][3:], reference[1]), "one process -> dp_shard4_ep2")
+    assert_matches(finished_run(overrides, rows), (reference[0][3:], reference[1]), "one process -> dp_shard4_ep2")
 
 
 QWEN_FEATURES = ["model.qk_norm=true", "model.qkv_bias=true", "model.head_dim=32", "model.shared_expert_gate=true",
