@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -308,11 +309,13 @@ class Outcome:
     detail: str = ""
 
 
-CHECK_FAILURES = ("AssertionError", "assert ", "Failed: DID NOT RAISE")
+CHECKS = ("AssertionError", "Failed")  # an assert; a pytest.raises that did not raise (pytest.fail)
 
 
-def first_failure(report: Path) -> tuple[str, str] | None:
-    """(test id, failure message) of the first failed test in a junit report, None if none failed."""
+def first_failure(report: Path) -> tuple[str, str, bool] | None:
+    """(test id, failure message, whether it failed on a check of the suite) of the first failed
+    test in a junit report; None if none failed. A check of the suite: the traceback ends in a file
+    of tests/ with an AssertionError or pytest's Failed, not with an exception from the library."""
     if not report.is_file():
         return None
     for case in ET.parse(report).getroot().iter("testcase"):
@@ -320,7 +323,10 @@ def first_failure(report: Path) -> tuple[str, str] | None:
             node = case.find(tag)
             if node is not None:
                 path = case.get("classname", "").replace(".", "/") + ".py"
-                return f"{path}::{case.get('name')}", (node.get("message") or node.text or "").strip()
+                lines = (node.text or "").strip().splitlines()
+                where = re.fullmatch(r"(.+?):\d+: (\w+)", lines[-1]) if lines else None  # tests/x.py:12: Error
+                check = tag == "failure" and bool(where) and where[1].startswith("tests/") and where[2] in CHECKS
+                return f"{path}::{case.get('name')}", (node.get("message") or "").strip(), check
     return None
 
 
@@ -343,10 +349,9 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> Outcome:
     if failed is None:
         lines = (r.stdout + r.stderr).strip().splitlines()
         return Outcome("CRASH", seconds=seconds, detail=f"pytest exit {r.returncode}: {lines[-1] if lines else ''}")
-    test, message = failed
+    test, message, check = failed
     first_line = message.splitlines()[0] if message else ""
-    status = "CAUGHT" if message.startswith(CHECK_FAILURES) else "CRASH"
-    return Outcome(status, test, seconds, first_line[:160])
+    return Outcome("CAUGHT" if check else "CRASH", test, seconds, first_line[:160])
 
 
 def run_mutation(m: Mutation, baseline: bool = False) -> Outcome:
