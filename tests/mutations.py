@@ -97,8 +97,8 @@ MUTATIONS = [
     # ---------------------------------------------------------------- data parallel, the step
     mutation("dp_overlapping_rows",
              "data-parallel ranks read overlapping rows of the global batch",
-             [("minititan/core/data.py", "    return x[data_rank * n:(data_rank + 1) * n]",
-               "    return x[data_rank:data_rank + n]")],
+             [("minititan/core/data.py", "    return slice(data_rank * n, (data_rank + 1) * n)",
+               "    return slice(data_rank, data_rank + n)")],
              ["tests/test_train.py::test_dp_replicate_matches_one_process[2]"]),
     mutation("ddp_reduces_the_first_microbatch",
              "DDP starts its bucket all-reduces in the first micro-batch's backward, not the last's (the "
