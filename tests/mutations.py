@@ -191,6 +191,19 @@ MUTATIONS = [
              [(RING, "shard_sequence(dkv, r, size, dim=3) for r in range(size)",
                "shard_sequence(dkv, r, size, dim=3) for r in reversed(range(size))")],
              [RING_ATTENTION, f"{LAYOUTS}[dp2_cp2_allgather]"]),
+    mutation("cp_document_mask_of_own_tokens",
+             "CP with document masking: ring attention masks each visiting K/V block with this rank's own "
+             "document indices, not the visitor's",
+             [(RING, "ring_block(rank, (rank - step) % size, half)\n"
+                     "            block_out, block_lse, rng = block_attention(\n"
+                     "                rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part), causal,\n"
+                     "                allowed_keys(part(docs, q_part), part(kv_docs, kv_part)))",
+               "ring_block(rank, (rank - step) % size, half)\n"
+               "            block_out, block_lse, rng = block_attention(\n"
+               "                rows(q, q_part), rows(kv[0], kv_part), rows(kv[1], kv_part), causal,\n"
+               "                allowed_keys(part(docs, q_part), part(docs, kv_part)))")],
+             ["tests/test_document_masking.py::test_ring_attention_respects_document_boundaries",
+              "tests/test_document_masking.py::test_document_masked_training_matches_one_process_under_cp_tp_pp"]),
     # ---------------------------------------------------------------- pipeline parallel
     mutation("pp_microbatches_swapped",
              "PP: the activations of microbatches 0 and 1 (2 and 3, ...) swapped between stages",
