@@ -76,7 +76,9 @@ def test_cp_ranks_get_their_tokens_with_their_positions():
     seq_len = 32
     seen = []
     for inputs, labels, positions in run_ranks(2, _cp_parts):
-        assert torch.equal(inputs % seq_len, positions.expand_as(inputs)) and torch.equal(labels, inputs + 1)
+        held = (inputs % seq_len)[0].tolist()
+        assert torch.equal(inputs % seq_len, positions.expand_as(inputs)), f"tokens at {held}, positions {positions}"
+        assert torch.equal(labels, inputs + 1)
         seen += positions.tolist()
     assert sorted(seen) == list(range(seq_len))
 
