@@ -6,7 +6,7 @@
     python -m tests.mutations --baseline       # the named tests pass on the unmutated copy
     python -m tests.mutations --markdown FILE  # also write the table as Markdown
 
-On demand, not in CI (pytest does not collect this file): all of them take 4 to 8 minutes
+On demand, not in CI (pytest does not collect this file): all of them take 3 to 8 minutes
 on 2 shared cores.
 
 Each mutation is a bug that matters in distributed training, written as exact text replacements
