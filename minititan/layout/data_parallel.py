@@ -1,5 +1,5 @@
-"""Data parallel glue (parallelism.dp_replicate, and cp without FSDP): tensors kept whole, their
-gradients summed by collectives/data_parallel.py's bucketed all-reduce.
+"""Data parallel glue (parallelism.dp_replicate without dp_shard or cp, which shard: fsdp.py): tensors
+kept whole, their gradients summed by collectives/data_parallel.py's bucketed all-reduce.
 
 Ranks that differ only along the data dims hold the same tensors and sum their gradients, because
 each saw different tokens. The sum starts during the backward of a step's last micro-batch
@@ -43,12 +43,12 @@ def whole_tensors(facts: Facts, boxes: dict[str, list[list[int]]], shapes: dict[
 
 def apply(layout: Layout, boxes: dict[str, list[list[int]]], shapes: dict[str, tuple[int, ...]], mesh: Mesh,
           device: torch.device) -> WholeTensors:
-    """The layout's main storage: each box whole on every rank of the data dims, summed over
-    dp_replicate x cp (without FSDP, cp ranks are data-parallel replicas)."""
+    """The layout's main storage without FSDP (dp_shard = cp = 1): each box whole on every rank of
+    dp_replicate, its grads summed over it."""
     main = whole_tensors(layout.facts, boxes, shapes, {name: owns(mesh, name) for name in boxes}, device)
     layout.hold(main)
-    if mesh.size("dp_replicate", "cp") > 1:
-        sum_grads(layout, main.params, mesh.group("dp_replicate", "cp"), layout.facts.reduce_dtype)
+    if mesh.size("dp_replicate") > 1:
+        sum_grads(layout, main.params, mesh.group("dp_replicate"), layout.facts.reduce_dtype)
     return main
 
 
