@@ -74,7 +74,8 @@ EIGHT_RANKS = {
 LOAD = "moe/max_load_over_mean"
 
 
-def assert_matches(run, reference, name, params_rtol=1e-5):
+def assert_matches(run, reference, name, loose_biases=False):
+    """Loads, losses, grad norms and params as one process (rel. 1e-5); loose_biases: the q/k/v biases at 1e-4."""
     try:
         assert len(run[0]) == len(reference[0])
         for a, b in zip(run[0], reference[0]):  # the expert loads first: they show a routing bug at step 1
@@ -82,7 +83,11 @@ def assert_matches(run, reference, name, params_rtol=1e-5):
                 assert math.isfinite(a[key]) and abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), \
                     f"step {a['step']}: {key} {a[key]} vs {b[key]}"
         assert_same_losses(run[0], reference[0])  # and the grad norms
-        assert_same_params(run[1], reference[1], rtol=params_rtol)
+        biases = {n for n in reference[1] if loose_biases and n.rsplit(".", 1)[-1] in ("bq", "bk", "bv")}
+        assert_same_params({n: t for n, t in run[1].items() if n not in biases},
+                           {n: t for n, t in reference[1].items() if n not in biases})
+        if biases:
+            assert_same_params({n: run[1][n] for n in biases}, {n: reference[1][n] for n in biases}, rtol=1e-4)
     except AssertionError as e:
         raise AssertionError(f"{name}: {e}") from None
 
@@ -197,8 +202,9 @@ def test_qwen_and_deepseek_features_match_one_process(tmp_path):
     for name, run in train_runs(tmp_path, 2, layouts, common=MOE + QWEN_FEATURES).items():
         # the q/k/v biases start at zero and move by sums that mostly cancel, so summation order shows
         # in them more than in any weight: 1.7e-5 relative with training.seed=1 even before the data
-        # scheme changed. 1e-4 still catches a wrong tp split or a missing sum (errors of order 1).
-        assert_matches(run, reference, name, params_rtol=1e-4)
+        # scheme changed. 1e-4 for them alone still catches a wrong tp split or a missing sum (errors
+        # of order 1); every other tensor is held to 1e-5.
+        assert_matches(run, reference, name, loose_biases=True)
 
 
 @pytest.mark.parametrize("world, overrides, words", [
