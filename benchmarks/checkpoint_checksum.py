@@ -98,11 +98,13 @@ def main():
     gb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
     times = {k: [] for k in ("save", "save_no_crc", "read_verify", "read_no_verify", "crc_alone")}
     path = args.out / "ckpt" / "step-00000001"
-    for _ in range(args.repeats):
-        times["save_no_crc"].append(save(args.out / "ckpt", tensors, checksums=False))
-        times["save"].append(save(args.out / "ckpt", tensors, checksums=True))
-        times["read_no_verify"].append(read(path, verify=False))
-        times["read_verify"].append(read(path, verify=True))
+    for i in range(args.repeats):  # each pair in alternating order: the first save of a pair also deletes the last read's files
+        for crc in (False, True) if i % 2 == 0 else (True, False):
+            times["save" if crc else "save_no_crc"].append(save(args.out / "ckpt", tensors, checksums=crc))
+        if not crc:  # the reads verify: they need the files of a save with checksums
+            save(args.out / "ckpt", tensors, checksums=True)
+        for verify in (False, True) if i % 2 == 0 else (True, False):
+            times["read_verify" if verify else "read_no_verify"].append(read(path, verify=verify))
         times["crc_alone"].append(crc_alone(tensors))
     shutil.rmtree(args.out / "ckpt", ignore_errors=True)
     m = {k: statistics.median(v) for k, v in times.items()}
