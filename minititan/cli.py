@@ -118,15 +118,43 @@ def train(config_path, nproc, overrides):
     from minititan.train import train as run_training
     try:
         run_training(cfg)
-    except BaseException as e:
-        close_distributed(clean=False)
-        if is_out_of_memory(e):  # while setting up (the loop names the step itself)
-            raise UserError(f"out of memory while setting up the model and optimizer ({str(e).splitlines()[0]}): "
-                            f"train a smaller model, or shard it over more ranks (parallelism.dp_shard, tp, pp)") from None
+    except AgreedError:
+        close_distributed()  # every rank raised it at the same point, past every collective: close as usual
         raise
+    except Exception as e:
+        if is_out_of_memory(e):  # while setting up (the loop names the step itself)
+            e = UserError(f"out of memory while setting up the model and optimizer ({str(e).splitlines()[0]}): "
+                          f"train a smaller model, or shard it over more ranks (parallelism.dp_shard, tp, pp)")
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            close_distributed()
+            raise e from None
+        leave_alone(e)
     close_distributed()
     if _is_rank0() and cfg.data.tokenizer == "byte" and cfg.data.dataset == "shakespeare" and cfg.checkpoint.enable:
         print_sample(cfg)
+
+
+def leave_alone(e: Exception) -> None:
+    """A rank failing on its own: the others may be inside a collective, which destroying the
+    process group would wait on, and leaving it to the interpreter's exit can abort the process
+    (gloo's threads still hold tensors while Python shuts down: SIGABRT, and the launcher would
+    report a crash instead of the error). So: the message, then exit at once, as the launcher
+    stops the other ranks anyway. A UserError is one line and code 2; a collective whose peer went
+    away, one line (the peer's own error says why); anything else, its traceback and code 1."""
+    import traceback
+    if isinstance(e, UserError):
+        click.echo(f"error: {e}", err=True)
+    elif any(words in str(e) for words in PEER_GONE):
+        click.echo(f"error: rank {os.environ.get('RANK', '?')}: another rank left the job during a collective "
+                   f"(its own error, above or below, says why)", err=True)
+    else:
+        traceback.print_exception(e)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2 if isinstance(e, UserError) else 1)
+
+
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")  # gloo's words for it
 
 
 def check_before_start(cfg, world: int, in_rank: bool) -> None:
@@ -190,7 +218,8 @@ def launch(nproc: int, config_path, overrides) -> None:
     try:
         torchrun(args + list(overrides))
     except ChildFailedError as e:  # the rank already printed its error; don't add the launcher's traceback
-        rank, failure = next(iter(e.failures.items()))
+        # a rank's UserError first: the others' failures (a collective whose peer left) follow from it
+        rank, failure = next(((r, f) for r, f in e.failures.items() if f.exitcode == 2), e.get_first_failure())
         if failure.exitcode == 2:  # a UserError: rank 0 printed its one line
             sys.exit(2)
         if failure.exitcode < 0:

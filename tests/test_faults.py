@@ -2,7 +2,8 @@
 `--nproc` launcher with steps slow enough that agreeing only on logging steps would miss the grace
 time) checkpoints the last finished step and exits 0; a kill -9 of the launcher leaves no rank
 behind; a killed rank ends the job and a rerun resumes; a diverging run stops naming the step and
-saves nothing non-finite; out of memory names the fixes."""
+saves nothing non-finite; a rank failing alone ends the job with its own line; out of memory names the
+fixes."""
 import os
 import re
 import signal
@@ -139,3 +140,17 @@ def test_a_diverging_job_says_so_in_one_line(tmp_path):
                                                       "--training.max_norm=0", "--lr_scheduler.warmup_steps=0"),
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not finite" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("fail", ["1:3", "0:2"])
+def test_a_rank_failing_alone_ends_the_job_with_its_one_line(tmp_path, fail):
+    """A UserError of one rank (as a bad file read by it alone would raise): its line, code 2. The
+    other rank, left inside a collective, says so in one line; no traceback, no SIGABRT at exit."""
+    env = dict(os.environ, MINITITAN_TEST_FAIL=fail,
+               PYTHONPATH=os.pathsep.join([SLOW_STEPS, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(CLI + ["--nproc", "2"] + _args(tmp_path, "--training.steps=6", "--parallelism.dp_shard=2"),
+                       capture_output=True, text=True, timeout=180, env=env)
+    rank, step = fail.split(":")
+    assert r.returncode == 2, r.stderr
+    assert f"error: rank {rank} alone failed at step {step} (a test)" in r.stderr.splitlines(), r.stderr
+    assert "Traceback" not in r.stderr and "SIGABRT" not in r.stderr and r.stderr.count("\n") <= 2, r.stderr

@@ -55,10 +55,10 @@ def adopt_slurm_env() -> None:
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
 
 
-def close_distributed(clean: bool = True) -> None:
-    """Destroy the default process group (NCCL warns at exit about one left open). After an error
-    (clean=False) only a lone rank's: the others may be inside a collective a destroy would wait on."""
-    if dist.is_initialized() and (clean or dist.get_world_size() == 1):
+def close_distributed() -> None:
+    """Destroy the default process group (NCCL warns at exit about one left open). Only where every
+    rank gets here alike: after an error of one rank alone, see cli.leave_alone."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
