@@ -1,0 +1,193 @@
+"""A dry run: one rank of an N-rank job runs its real setup and one real training step, on fake
+tensors and a fake process group (plan/fake.py), while its memory (plan/memory.py) and its ops
+and collectives (plan/trace.py) are recorded.
+
+    run = dry_run(cfg, world_size=512, rank=0)
+    run.peak_bytes, run.at_peak, run.trace
+
+This is the one place that knows how the trainer sets a rank up and steps it (the layout, the
+optimizer, `train.train_step`), so it is what follows the trainer when that moves.
+
+What differs from a real run, and why:
+  * compile.enable is off: torch.compile cannot run without a device. The time model
+    (plan/timing.py) and the memory (plan/compiled.py) account for what compile changes.
+  * the data is synthetic: values do not change shapes.
+  * the optimizer update is the fused kernel's (the compiled one holds the same memory).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import itertools
+import sys
+
+import msgspec
+import torch
+from torch._C._distributed_c10d import FakeWork
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from minititan import parallelize
+from minititan.collectives import expert_parallel
+from minititan.collectives.mesh import DIMS, Mesh
+from minititan.core.config import Config
+from minititan.core.data import TokenSource
+from minititan.core.optim import AdamW
+from minititan.plan.fake import fake_tensors, fake_world
+from minititan.plan.memory import MemoryTracker
+from minititan.plan.trace import StepTrace
+
+DEVICE = torch.device("cuda", 0)  # what the layout is told; the tensors are fake CPU ones posing as CUDA
+
+
+@dataclasses.dataclass
+class RankRun:
+    """What one rank's dry run measured."""
+    rank: int
+    mesh_sizes: dict[str, int]
+    coords: dict[str, int]
+    peak_bytes: int  # the step's peak of live bytes
+    start_bytes: int  # live bytes when the step starts (params, optimizer moments, anything the layout keeps)
+    setup_peak_bytes: int  # the peak while the layout was built (init fills one unit at a time)
+    at_peak: dict[str, int]  # bytes by category at the step's peak
+    state_bytes: dict[str, int]  # fp32 masters, gradients, optimizer moments after the step's backward
+    n_micro: int  # optimizer micro-batches per step
+    trace: StepTrace
+
+
+def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int] | None = (9, 0)) -> RankRun:
+    """Build rank `rank`'s layout of a `world_size`-rank job and run one training step, faked, as
+    on a GPU of this compute capability (None: as on the CPU, whose code paths differ in places)."""
+    from minititan import train  # the trainer imports the layout code; imported here, as late as it can be
+    cfg = msgspec.structs.replace(cfg, compile=msgspec.structs.replace(cfg.compile, enable=False))
+    device = DEVICE if capability is not None else torch.device("cpu")
+    memory, trace = MemoryTracker(block=512 if capability is not None else 1), StepTrace()
+    recorder = Recorder(memory, trace)
+    with fake_world(world_size, rank), _fresh_caches(), fake_tensors(capability) as gpu, recorder, _quiet():
+        gpu.topk_experts = cfg.model.n_experts if cfg.model.name == "moe" else None
+        mesh = Mesh(train.mesh_sizes(cfg, world_size), rank)
+        layout = parallelize.build(cfg, mesh, device)
+        optimizer = AdamW(layout.params, cfg.optimizer)
+        for p in layout.params.values():
+            memory.relabel(p, "fp32 masters")
+        for t in itertools.chain(optimizer.exp_avg.values(), optimizer.exp_avg_sq.values()):
+            memory.relabel(t, "optimizer moments")
+        memory.count_grads(lambda: [p.grad for p in layout.params.values() if p.grad is not None])
+        trace.name_groups(group_names(cfg, mesh))
+        n_micro = train.microbatches(cfg, layout.data_size)
+        setup_peak, start = memory.peak, memory.live
+        memory.reset_peak()
+        recorder.stepping = True
+        state = {}
+        finish_grads = layout.finish_grads
+
+        def finish_grads_then_step():  # the gradients are complete: what follows is the "step" phase
+            finish_grads()
+            trace.phase = "step"
+            state.update(count_state(layout, optimizer))
+
+        layout.finish_grads = finish_grads_then_step
+        data = TokenSource("synthetic", cfg.model.vocab_size)
+        train.train_step(cfg, layout, optimizer, data, 1, n_micro, device)
+        return RankRun(rank, dict(mesh.sizes), dict(mesh.coords), memory.peak, start, setup_peak, dict(memory.at_peak),
+                       state, n_micro, trace)
+
+
+def count_state(layout, optimizer: AdamW) -> dict[str, int]:
+    """Bytes of the params, their grads and the optimizer moments this rank holds."""
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return {"fp32 masters": size(layout.params.values()),
+            "gradients": size(p.grad for p in layout.params.values()),
+            "optimizer moments": size(itertools.chain(optimizer.exp_avg.values(), optimizer.exp_avg_sq.values()))}
+
+
+def group_names(cfg: Config, mesh: Mesh) -> dict[tuple[int, ...], str]:
+    """The ranks of each group this rank may talk to -> the mesh dims (or ep group) it spans."""
+    names: dict[tuple[int, ...], str] = {}
+    for n in range(len(DIMS), 0, -1):  # wider combinations first, so the narrowest name wins a tie
+        for dims in itertools.combinations(DIMS, n):
+            if mesh.size(*dims) > 1:
+                names[tuple(mesh.ranks(*dims))] = "+".join(dims)
+    if cfg.model.name == "moe" and cfg.parallelism.ep > 1:
+        ep_lists, expert_dp_lists = expert_parallel.ep_layout(mesh, cfg.parallelism.ep)
+        for lists, name in ((expert_dp_lists, "expert_dp"), (ep_lists, "ep")):
+            for ranks in lists:
+                if mesh.rank in ranks and len(ranks) > 1:
+                    names[tuple(ranks)] = name
+    return names
+
+
+class Recorder(TorchDispatchMode):
+    """Every op of the dry run, to the memory tracker and the trace; and every wait on a collective."""
+
+    def __init__(self, memory: MemoryTracker, trace: StepTrace):
+        super().__init__()
+        self.memory, self.trace = memory, trace
+        self.stepping = False  # setup until the dry run says the step starts
+
+    def __enter__(self):
+        self._wait = FakeWork.wait
+        trace = self.trace
+
+        def wait(work, *args, **kwargs):
+            trace.on_wait(work)
+            return self._wait(work, *args, **kwargs)
+
+        FakeWork.wait = wait
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        FakeWork.wait = self._wait
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        memory = self.memory
+        phase = self.trace.current_phase()
+        memory.category_now = ("other" if not self.stepping else "activations" if phase == "forward" else "transient")
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        memory.on_op(outputs)
+        self.trace.on_op(func, args, kwargs, out)
+        if func.namespace == "c10d":
+            self._label_communication(func, args)
+        elif func is torch.ops.aten._to_copy.default and memory.category_of(args[0]) == "fp32 masters":
+            memory.relabel(outputs[0], "gathered weights")  # a weight cast to the compute dtype
+        return out
+
+    def _label_communication(self, func, args) -> None:
+        """A collective's buffers are communication; FSDP's gathered units (the only 1-D all-gathers
+        outside tensor parallel) are gathered weights."""
+        tensors = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        last = self.trace.events[-1][1] if self.trace.events and self.trace.events[-1][0] == "issue" else None
+        gathers_weights = (last is not None and last.kind == "all_gather" and tensors[0].dim() == 1
+                           and last.what != "tp")
+        for t in tensors:
+            if self.memory.category_of(t) not in ("fp32 masters", "gradients", "optimizer moments"):
+                self.memory.relabel(t, "gathered weights" if gathers_weights else "communication")
+
+
+@contextlib.contextmanager
+def _fresh_caches():
+    """minititan's function caches (functools.cache) emptied on the way in and out: what a dry run
+    computes and caches (RoPE frequencies, kernel probes) is fake, and a real run must not reuse it."""
+    def clear():
+        for name, module in list(sys.modules.items()):
+            if name.startswith("minititan.") and module is not None:
+                for value in list(vars(module).values()):
+                    if callable(getattr(value, "cache_clear", None)):
+                        value.cache_clear()
+    clear()
+    try:
+        yield
+    finally:
+        clear()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The layout says what it built (pipeline: ...) on rank 0; a dry run keeps that to itself."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
