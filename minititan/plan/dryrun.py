@@ -9,8 +9,9 @@ This is the one place that knows how the trainer sets a rank up and steps it (th
 optimizer, `train.train_step`), so it is what follows the trainer when that moves.
 
 What differs from a real run, and why:
-  * compile.enable is off: torch.compile cannot run without a device. The time model
-    (plan/timing.py) and the memory (plan/compiled.py) account for what compile changes.
+  * torch.compile cannot run without a device: with compile.enable, plan/compiled.py stands in
+    for it (the graphs and saved tensors compile makes, run op by op), and the time model
+    (plan/timing.py) counts the element-wise work as fused.
   * the data is synthetic: values do not change shapes.
   * the optimizer update is the fused kernel's (the compiled one holds the same memory).
 """
@@ -22,7 +23,6 @@ import io
 import itertools
 import sys
 
-import msgspec
 import torch
 from torch._C._distributed_c10d import FakeWork
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,6 +34,7 @@ from minititan.collectives.mesh import DIMS, Mesh
 from minititan.core.config import Config
 from minititan.core.data import TokenSource
 from minititan.core.optim import AdamW
+from minititan.plan.compiled import stand_in_for_compile
 from minititan.plan.fake import fake_tensors, fake_world
 from minititan.plan.memory import MemoryTracker
 from minititan.plan.trace import StepTrace
@@ -54,17 +55,21 @@ class RankRun:
     state_bytes: dict[str, int]  # fp32 masters, gradients, optimizer moments after the step's backward
     n_micro: int  # optimizer micro-batches per step
     trace: StepTrace
+    eager_under_compile: list[str]  # functions the compile stand-in could not trace (they ran eagerly)
 
 
 def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int] | None = (9, 0)) -> RankRun:
     """Build rank `rank`'s layout of a `world_size`-rank job and run one training step, faked, as
     on a GPU of this compute capability (None: as on the CPU, whose code paths differ in places)."""
     from minititan import train  # the trainer imports the layout code; imported here, as late as it can be
-    cfg = msgspec.structs.replace(cfg, compile=msgspec.structs.replace(cfg.compile, enable=False))
     device = DEVICE if capability is not None else torch.device("cpu")
     memory, trace = MemoryTracker(block=512 if capability is not None else 1), StepTrace()
     recorder = Recorder(memory, trace)
-    with fake_world(world_size, rank), _fresh_caches(), fake_tensors(capability) as gpu, recorder, _quiet():
+    fallbacks: list[str] = []
+    compile_stand_in = (stand_in_for_compile(recorder.paused, recorder.fused, fallbacks) if cfg.compile.enable
+                        else contextlib.nullcontext())
+    with fake_world(world_size, rank), _fresh_caches(), fake_tensors(capability) as gpu, recorder, \
+            compile_stand_in, _quiet():
         gpu.topk_experts = cfg.model.n_experts if cfg.model.name == "moe" else None
         mesh = Mesh(train.mesh_sizes(cfg, world_size), rank)
         layout = parallelize.build(cfg, mesh, device)
@@ -78,6 +83,7 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
         n_micro = train.microbatches(cfg, layout.data_size)
         setup_peak, start = memory.peak, memory.live
         memory.reset_peak()
+        trace.start()
         recorder.stepping = True
         state = {}
         finish_grads = layout.finish_grads
@@ -91,7 +97,7 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
         data = TokenSource("synthetic", cfg.model.vocab_size)
         train.train_step(cfg, layout, optimizer, data, 1, n_micro, device)
         return RankRun(rank, dict(mesh.sizes), dict(mesh.coords), memory.peak, start, setup_peak, dict(memory.at_peak),
-                       state, n_micro, trace)
+                       state, n_micro, trace, sorted(set(fallbacks)))
 
 
 def count_state(layout, optimizer: AdamW) -> dict[str, int]:
@@ -126,6 +132,7 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.memory, self.trace = memory, trace
         self.stepping = False  # setup until the dry run says the step starts
+        self._paused = self._fusing = False
 
     def __enter__(self):
         self._wait = FakeWork.wait
@@ -142,14 +149,35 @@ class Recorder(TorchDispatchMode):
         FakeWork.wait = self._wait
         return super().__exit__(*exc)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Ops that are not the step's (compile's tracing) go by unrecorded."""
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
+
+    @contextlib.contextmanager
+    def fused(self):
+        """The outputs of ops run here are not written (a fusing compiler keeps them in registers)."""
+        was, self._fusing = self._fusing, True
+        try:
+            yield
+        finally:
+            self._fusing = was
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self._paused:
+            return out
         memory = self.memory
         phase = self.trace.current_phase()
         memory.category_now = ("other" if not self.stepping else "activations" if phase == "forward" else "transient")
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        memory.on_op(outputs)
+        if not self._fusing:
+            memory.on_op(outputs)
         self.trace.on_op(func, args, kwargs, out)
         if func.namespace == "c10d":
             self._label_communication(func, args)
@@ -162,8 +190,7 @@ class Recorder(TorchDispatchMode):
         outside tensor parallel) are gathered weights."""
         tensors = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
         last = self.trace.events[-1][1] if self.trace.events and self.trace.events[-1][0] == "issue" else None
-        gathers_weights = (last is not None and last.kind == "all_gather" and tensors[0].dim() == 1
-                           and last.what != "tp")
+        gathers_weights = last is not None and last.kind == "all_gather" and last.flat and last.dims != "tp"
         for t in tensors:
             if self.memory.category_of(t) not in ("fp32 masters", "gradients", "optimizer moments"):
                 self.memory.relabel(t, "gathered weights" if gathers_weights else "communication")

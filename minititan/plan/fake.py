@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 
 from torch.testing._internal.distributed import fake_pg  # noqa: F401  registers the "fake" backend
@@ -107,9 +107,9 @@ class FakeGPU(TorchDispatchMode):
     @staticmethod
     def shadow(t):
         """The real values of an integer tensor, or None. A real tensor is its own."""
-        if not isinstance(t, FakeTensor):
-            return t if isinstance(t, torch.Tensor) else None
-        return getattr(t, "_host_values", None)
+        if type(t) is torch.Tensor:
+            return t
+        return getattr(t, "_host_values", None) if isinstance(t, FakeTensor) else None  # (not a tracer's wrapper)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -121,21 +121,22 @@ class FakeGPU(TorchDispatchMode):
             if value is None:
                 raise RuntimeError("the dry run reads a tensor's value on the host, which a fake tensor does not "
                                    "have: the training step should not read device values (see plan/fake.py)")
-            return value.item()
+            with _disable_current_modes():  # fake tensor mode would take the real value for a fake one
+                return value.item()
         out = func(*args, **kwargs)
         self._propagate(func, args, kwargs, out)
         return out
 
     def _propagate(self, func, args, kwargs, out) -> None:
         """Give the integer outputs of this op real values, if its integer inputs have them."""
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if func in (aten.topk.default,):
+        if func.namespace == "c10d":  # a collective of integers: every rank is alike, so they receive what they send
+            return self._collective(func, args)
+        if func is aten.topk.default:
             return self._balanced_choice(out)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         mutated = _mutated_int_input(func, args)
         if not any(_is_int(t) and t.numel() <= self.max_shadow_numel for t in outputs) and mutated is None:
             return
-        if func.namespace == "c10d":  # a collective of integers: every rank is alike, so they receive what they send
-            return self._collective(func, args)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if any(not _is_int(t) for t in inputs) or any(self.shadow(t) is None for t in inputs):
             if mutated is not None:
@@ -143,7 +144,7 @@ class FakeGPU(TorchDispatchMode):
             return
         real_args, real_kwargs = tree_map(lambda t: self.shadow(t) if isinstance(t, torch.Tensor) else t,
                                           (args, kwargs))
-        with torch.utils._python_dispatch._disable_current_modes():
+        with _disable_current_modes():
             real_out = func(*real_args, **real_kwargs)
         for fake, real in zip(tree_flatten(out)[0], tree_flatten(real_out)[0]):
             if isinstance(fake, FakeTensor) and isinstance(real, torch.Tensor):
@@ -155,15 +156,16 @@ class FakeGPU(TorchDispatchMode):
         if self.topk_experts is None or indices.numel() > self.max_shadow_numel:
             return
         k = indices.shape[-1]
-        with torch.utils._python_dispatch._disable_current_modes():
+        with _disable_current_modes():
             flat = torch.arange(indices.numel(), dtype=indices.dtype) % self.topk_experts
             real = flat.view(-1, k).view(indices.shape).clone()
         indices._host_values = real
 
     def _collective(self, func, args) -> None:
         tensors = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
-        if len(tensors) >= 2 and self.shadow(tensors[1]) is not None and tensors[0].shape == tensors[1].shape:
-            with torch.utils._python_dispatch._disable_current_modes():
+        if len(tensors) >= 2 and _is_int(tensors[0]) and self.shadow(tensors[1]) is not None \
+                and tensors[0].shape == tensors[1].shape:
+            with _disable_current_modes():
                 tensors[0]._host_values = self.shadow(tensors[1]).clone()
 
 

@@ -8,7 +8,7 @@ it (`on_wait`, from the FakeWork handle), because that is where the compute stre
 GPU. So the trace holds the overlap the code really has: a prefetched FSDP all-gather is issued
 one unit before it is waited for; a tensor-parallel all-reduce is waited for at once.
 
-    events  [("op", phase, kind, flops, bytes, gemm_shape), ("issue", Collective), ("wait", id), ...]
+    events  [("op", phase, kind, flops, bytes, fp8), ("issue", Collective), ("wait", id), ...]
 
 phase is "forward", "backward" (an autograd node is running: includes activation recompute)
 or "step" (after the gradients are complete: grad norm, clipping, the optimizer).
@@ -16,7 +16,6 @@ or "step" (after the gradients are complete: grad norm, clipping, the optimizer)
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,8 @@ class Collective:
     nbytes: int  # what this rank sends or receives: the gathered output, the scattered input, the tensor
     ranks: tuple[int, ...]  # global ranks of its group
     phase: str
-    what: str = ""  # which parallelism issued it, named by its group (StepTrace.name_groups)
+    dims: str = ""  # the mesh dims its group spans ("dp_shard+cp", "tp", "ep" ...: StepTrace.name_groups)
+    flat: bool = False  # 1-D buffers: FSDP's flat units (tensor and sequence collectives are n-D)
 
 
 COLLECTIVE_KINDS = {
@@ -55,8 +55,13 @@ ATTENTION_BACKWARD = {aten._scaled_dot_product_flash_attention_backward.default,
                       aten._scaled_dot_product_efficient_attention_backward.default,
                       aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
 FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default, aten.new_empty_strided.default,
-        aten.detach.default, aten.alias.default, aten.lift_fresh.default, aten._local_scalar_dense.default,
-        aten.set_.source_Storage_storage_offset, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
+        aten.empty_like.default, aten.detach.default, aten.alias.default, aten.lift_fresh.default,
+        aten._unsafe_view.default, aten._local_scalar_dense.default, aten.set_.source_Storage_storage_offset,
+        aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
+WRITE_ONLY = {aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.new_zeros.default,
+              aten.new_ones.default, aten.new_full.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default,
+              aten.zeros.default, aten.ones.default, aten.full.default, aten.arange.default, aten.arange.start,
+              aten.arange.start_step, aten.scalar_tensor.default}  # they read no tensor data
 
 
 def _optional(name: str):
@@ -65,6 +70,7 @@ def _optional(name: str):
 
 
 GROUPED_GEMMS = {op for op in (_optional("_grouped_mm"), _optional("_scaled_grouped_mm")) if op is not None}
+FP8_GEMMS = {op for op in (aten._scaled_mm.default, _optional("_scaled_grouped_mm")) if op is not None}
 
 
 class StepTrace:
@@ -75,8 +81,15 @@ class StepTrace:
         self._work_ids: dict[int, tuple[int, object]] = {}  # id(work handle) -> (collective id, handle)
         self._group_names: dict[tuple[int, ...], str] = {}
 
+    def start(self) -> None:
+        """Forget what setup did: the trace is the step's."""
+        self.events.clear()
+        self.collectives.clear()
+        self._work_ids.clear()
+        self.phase = "forward"
+
     def name_groups(self, names: dict[tuple[int, ...], str]) -> None:
-        """Ranks of a group -> the parallelism it serves ("fsdp", "tp", "cp", "pp", "ep", "dp" ...)."""
+        """Ranks of a group -> the mesh dims it spans ("dp_shard+cp", "tp", "ep", "expert_dp" ...)."""
         self._group_names = names
 
     # ------------------------------------------------------------ compute
@@ -90,20 +103,16 @@ class StepTrace:
         if func in FREE or func.is_view or func.namespace not in ("aten", "prims"):
             return
         phase = self.current_phase()
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        nbytes = sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
+        nbytes = _bytes_moved(func, args, kwargs, out)
         if func in GEMMS or func in GROUPED_GEMMS or func.overloadpacket is aten.mm:
-            flops, shape = _gemm(func, args, kwargs, out)
-            self.events.append(("op", phase, "gemm", flops, nbytes, shape))
+            self.events.append(("op", phase, "gemm", _gemm_flops(func, args, kwargs, out), nbytes, func in FP8_GEMMS))
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
-            flops = _attention_flops(func, args, kwargs)
-            self.events.append(("op", phase, "attention", flops, nbytes, None))
+            self.events.append(("op", phase, "attention", _attention_flops(func, args, kwargs), nbytes, False))
         elif func.overloadpacket in (aten._fused_adamw_, aten._fused_adam_) or (
                 phase == "step" and func.name().startswith("aten::_foreach")):
-            self.events.append(("op", phase, "optimizer", 0.0, nbytes, None))
+            self.events.append(("op", phase, "optimizer", 0.0, nbytes, False))
         elif nbytes:
-            self.events.append(("op", phase, "elementwise", 0.0, nbytes, None))
+            self.events.append(("op", phase, "elementwise", 0.0, nbytes, False))
 
     # ------------------------------------------------------------ communication
 
@@ -123,7 +132,7 @@ class StepTrace:
         else:
             nbytes = sum(_nbytes(t) for t in tensors)
         c = Collective(len(self.collectives), kind, nbytes, ranks, self.current_phase(),
-                       self._group_names.get(ranks, "other"))
+                       self._group_names.get(ranks, ""), bool(tensors) and tensors[0].dim() == 1)
         self.collectives[c.id] = c
         self.events.append(("issue", c))
         work = out[1] if isinstance(out, tuple) and len(out) == 2 else out
@@ -141,21 +150,24 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _gemm(func, args, kwargs, out) -> tuple[float, tuple[int, int, int]]:
-    """FLOPs and (m, n, k) of a matmul; a batched or grouped one as one (m summed) GEMM."""
-    a, b = args[0], args[1] if func is not aten.addmm.default else args[2]
-    if func is aten.addmm.default:
-        a = args[1]
-    if func in GROUPED_GEMMS:  # a [rows, k] against w [groups, k, n]: each row meets one group
-        m, k = a.shape[-2], a.shape[-1]
-        n = b.shape[-1]
-        return 2.0 * m * n * k, (m, n, k)
-    if func in flop_registry:
-        flops = float(flop_registry[func.overloadpacket](*args, out_val=out, **kwargs))
-    else:
-        flops = 2.0 * a.shape[-2] * b.shape[-1] * a.shape[-1] * math.prod(a.shape[:-2])
-    m = math.prod(a.shape[:-1])
-    return flops, (m, b.shape[-1], a.shape[-1])
+def _bytes_moved(func, args, kwargs, out) -> int:
+    """Bytes an op reads (its tensor arguments) and writes (its outputs and the arguments it
+    mutates), each tensor once."""
+    read = [] if func in WRITE_ONLY else [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    written = {id(t): t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+    for i, arg in enumerate(func._schema.arguments[:len(args)]):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            written |= {id(t): t for t in tree_flatten(args[i])[0] if isinstance(t, torch.Tensor)}
+    return sum(_nbytes(t) for t in read) + sum(_nbytes(t) for t in written.values())
+
+
+def _gemm_flops(func, args, kwargs, out) -> float:
+    """FLOPs of a matmul (torch's own formula where it has one); a grouped one as one GEMM:
+    a [rows, k] against w [groups, k, n], each row meeting one group."""
+    if func in GROUPED_GEMMS:
+        a, b = args[0], args[1]
+        return 2.0 * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    return float(flop_registry[func.overloadpacket](*args, out_val=out, **kwargs))
 
 
 def _attention_flops(func, args, kwargs) -> float:

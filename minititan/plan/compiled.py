@@ -1,0 +1,199 @@
+"""torch.compile in a dry run: the graphs and the saved tensors compile makes, without a compiler.
+
+Compile changes memory in two ways, and a dry run cannot run inductor (no GPU; Triton):
+  * what a compiled block keeps for backward: AOTAutograd's min-cut partitioner decides it,
+    recomputing cheap element-wise results in backward instead of keeping them (a SwiGLU's silu
+    output, a norm's output) and keeping what is dear to recompute;
+  * what exists at once inside a block: inductor fuses chains of element-wise ops into one
+    kernel, so their intermediates are never written (the loss's fp32 copy of the logits).
+
+So in a dry run with compile.enable, `torch.compile(fn)` is replaced by `AotFunction(fn)`: on
+the first call with given shapes it traces fn into forward and backward graphs with torch's
+AOTAutograd and the same partitioner and decompositions inductor uses; every call then runs
+those graphs op by op (the dry run records their ops and memory), and an intermediate of a
+fusible op (element-wise or a reduction) whose users are all fusible too is not counted:
+inductor would not write it. A function the tracer cannot take (collectives inside, such as
+tensor parallel's; code under torch.compiler.disable) runs eagerly instead, as the part of the
+model dynamo would leave out of its graphs, and `fallbacks` names it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+aten = torch.ops.aten
+REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.amax.default, aten.amin.default,
+              aten.max.dim, aten.logsumexp.default, aten._log_softmax.default, aten._softmax.default,
+              aten.var_mean.correction, aten.prod.dim_int, aten.argmax.default, aten.log_softmax.int,
+              aten.gather.default, aten.scatter.value, aten.scatter.src, aten.scatter_add.default}
+FREE_TO_MAKE = {aten.full.default, aten.zeros.default, aten.ones.default, aten.scalar_tensor.default,
+                aten.empty.memory_format, aten.arange.default, aten.arange.start}
+
+
+def fusible(node) -> bool:
+    """Element-wise ops, reductions and factories fuse; views go with what they view."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return (torch.Tag.pointwise in target.tags or target in REDUCTIONS or target in FREE_TO_MAKE or target.is_view
+            or target in (aten._to_copy.default, aten.clone.default, aten.where.self, aten.copy.default,
+                          aten._unsafe_view.default, aten.view.default, aten.reshape.default))
+
+
+def materialized(gm: torch.fx.GraphModule) -> set[str]:
+    """Nodes whose outputs a fusing compiler writes to memory: all but fusible ops feeding only
+    fusible ops (views keep what they view)."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if not fusible(node) or any(u.op == "output" or not fusible(u) for u in node.users):
+            out.add(node.name)
+    return out
+
+
+class FusedRun(torch.fx.Interpreter):
+    """Run a graph op by op, telling the dry run which outputs are not written (fused)."""
+
+    def __init__(self, gm, keep: set[str], fused_outputs: contextlib.AbstractContextManager):
+        super().__init__(gm)
+        self.keep, self.fused_outputs = keep, fused_outputs
+
+    def run_node(self, n):
+        if n.op == "call_function" and n.name not in self.keep:
+            with self.fused_outputs():
+                return super().run_node(n)
+        return super().run_node(n)
+
+
+class AotFunction:
+    """What torch.compile(fn) returns, in a dry run."""
+
+    def __init__(self, fn, paused, fused_outputs, fallbacks: list[str]):
+        self.fn, self.paused, self.fused_outputs, self.fallbacks = fn, paused, fused_outputs, fallbacks
+        self.compiled: dict = {}
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        tensors = [leaves[i] for i in where]
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+            return self.fn(*args, **kwargs)  # no backward: the saved tensors do not matter
+        key = (spec, tuple(id(x) if not isinstance(x, (int, float, str, bool, type(None))) else x
+                           for i, x in enumerate(leaves) if i not in where),
+               tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors))
+        if key not in self.compiled:
+            self.compiled[key] = self._trace(leaves, where, spec, tensors)
+        compiled = self.compiled[key]
+        if compiled is None:
+            return self.fn(*args, **kwargs)
+        return compiled(*tensors)
+
+    def _trace(self, leaves, where, spec, tensors):
+        from torch._functorch.aot_autograd import aot_function
+        from torch._functorch.partitioners import min_cut_rematerialization_partition  # what inductor partitions with
+
+        def flat_fn(*ts):
+            filled = list(leaves)
+            for i, t in zip(where, ts):
+                filled[i] = t
+            args, kwargs = tree_unflatten(filled, spec)
+            return self.fn(*args, **kwargs)
+
+        def run_fused(gm, example_inputs):
+            keep = materialized(gm)
+
+            def run(*args):
+                return FusedRun(gm, keep, self.fused_outputs).run(*args)
+            run._boxed_call = False
+            return run
+
+        recompute_all = _is_full_checkpoint(self.fn)
+
+        def partition(joint, inputs, **kwargs):
+            if recompute_all:  # what dynamo tags a checkpointed region with: recompute every op of the forward
+                output = next(n for n in joint.graph.nodes if n.op == "output")
+                for node in _ancestors(output.args[0][:kwargs["num_fwd_outputs"]]):
+                    node.meta.setdefault("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
+            for node in joint.graph.nodes:  # activation checkpointing's tags, one region per graph (dynamo
+                if "recompute" in node.meta and node.meta.get("ac_graph_id") is None:  # numbers them)
+                    node.meta["ac_graph_id"] = 0
+            return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+        traced = aot_function(flat_fn, fw_compiler=run_fused, bw_compiler=run_fused, partition_fn=partition,
+                              decompositions=_decompositions())
+        try:
+            with self.paused(), _compiling():  # tracing is not the step: the dry run records nothing
+                traced(*[t.detach().requires_grad_(t.requires_grad) for t in tensors])
+        except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
+            import os, traceback
+            if os.environ.get("PLAN_DEBUG"):
+                traceback.print_exc()
+            self.fallbacks.append(f"{_name(self.fn)}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            return None
+        return traced
+
+
+def _is_full_checkpoint(fn) -> bool:
+    """activation_checkpoint.block_runner's checkpoint of a whole block (no selective policy)."""
+    return (isinstance(fn, functools.partial) and fn.func.__name__ == "_checkpointed"
+            and not fn.args[1].get("context_fn"))
+
+
+def _ancestors(nodes) -> list:
+    seen, stack = {}, [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node.name not in seen:
+            seen[node.name] = node
+            stack += node.all_input_nodes
+    return [n for n in seen.values() if n.op == "call_function"]
+
+
+def _name(fn) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.args[0] if fn.func.__name__ == "_checkpointed" else fn.func
+    return getattr(fn, "__name__", str(fn))
+
+
+@functools.cache
+def _decompositions():
+    try:
+        from torch._inductor.decomposition import select_decomp_table
+        return select_decomp_table()
+    except Exception:  # noqa: BLE001  an inductor-less build traces without them
+        return {}
+
+
+@contextlib.contextmanager
+def _compiling():
+    """torch.compiler.is_compiling() answers True while tracing, as under dynamo (the model's
+    compiled branches: the fused loss, RoPE in real arithmetic)."""
+    is_compiling = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        yield
+    finally:
+        torch.compiler.is_compiling = is_compiling
+
+
+@contextlib.contextmanager
+def stand_in_for_compile(paused, fused_outputs, fallbacks: list[str]):
+    """torch.compile -> AotFunction inside the block (scoped: restored on exit)."""
+    real = torch.compile
+
+    def compile(fn=None, **options):
+        if fn is None:  # used as @torch.compile(...)
+            return lambda f: AotFunction(f, paused, fused_outputs, fallbacks)
+        return AotFunction(fn, paused, fused_outputs, fallbacks)
+
+    torch.compile = compile
+    try:
+        yield
+    finally:
+        torch.compile = real

@@ -1,0 +1,178 @@
+"""One layout's estimate: the worst rank's memory and the step's time, from dry runs.
+
+    est = estimate(cfg, world=64, device=devices.load("h100"), gpus_per_node=8)
+    est.peak_gib, est.tokens_per_s, est.step.exposed
+
+Which ranks: every rank of a layout holds the same shapes except along pp (the first stage
+holds the embedding, the last the output layer and the loss, and under 1F1B the first keeps
+the most microbatches in flight), so rank 0 and the first rank of the last pipeline stage are
+dry-run, and the worse of the two is reported.
+
+Fewer layers, then a straight line. A dry run costs about a millisecond per op on this CPU, and
+a rank of Llama 3.1 405B runs thousands of ops per layer, so a layout is dry-run twice with the
+same shapes but fewer layers (u and 2u per pipeline stage, u = 1, or the period of layers that
+differ: MoE every N-th block, activation checkpointing every N-th), and every measured
+quantity, bytes and seconds alike, is extended along the line through the two to the real
+number of layers. Every layer is the same code on the same shapes, so the line is exact for
+what is held per layer and for per-layer times; `exact=True` dry-runs the real model instead
+(tests/test_plan.py checks the two agree).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import msgspec
+
+from minititan import pipeline
+from minititan.core import model
+from minititan.core.config import Config
+from minititan.core.optim import pick_implementation
+from minititan.plan.devices import Device
+from minititan.plan.dryrun import RankRun, dry_run
+from minititan.plan.timing import StepTime, pipeline_bubble, step_time
+
+GiB = 2**30
+
+
+@dataclasses.dataclass
+class RankEstimate:
+    rank: int
+    pp_rank: int
+    peak_bytes: float  # allocated peak of the step
+    setup_peak_bytes: float
+    at_peak: dict[str, float]
+    state_bytes: dict[str, float]
+    step: StepTime
+    forward_s: float  # one forward of one stage on one microbatch (pipeline costs)
+    backward_s: float
+
+
+@dataclasses.dataclass
+class Estimate:
+    world: int
+    gpus_per_node: int
+    device: str
+    ranks: list[RankEstimate]
+    worst: RankEstimate  # the most memory
+    peak_bytes: float  # the worst rank's allocated peak (step or setup, whichever is higher)
+    reserved_bytes: float  # the caching allocator's reserve for it (x fragmentation)
+    fits: bool
+    over_gib: float  # how much more than the device holds (negative: headroom)
+    step: StepTime  # the slowest rank's step, with the pipeline bubble
+    tokens_per_s: float  # per GPU
+    mfu: float  # percent, as metrics.jsonl counts it (the fp8 peak under float8)
+
+
+def ranks_to_run(cfg: Config, world: int) -> list[int]:
+    """Rank 0, and under pp the first rank of the last stage (pp is the outermost mesh dim)."""
+    pp = cfg.parallelism.pp
+    return [0] if pp <= 1 else [0, (pp - 1) * (world // pp)]
+
+
+def layer_period(cfg: Config) -> int:
+    """The fewest consecutive layers that repeat exactly (MoE frequency, AC every N-th block)."""
+    period = cfg.model.moe_frequency if cfg.model.name == "moe" else 1
+    ac = cfg.activation_checkpoint
+    if ac.mode == "selective" and ac.selective != "op":
+        period = math.lcm(period, int(ac.selective))
+    return period
+
+
+def with_layers_per_stage(cfg: Config, per_stage: int) -> Config:
+    """cfg with every pipeline stage (or the whole model, without pp) holding per_stage layers."""
+    n_stages = cfg.parallelism.pp * pipeline.virtual_stages(cfg)
+    par = cfg.parallelism
+    if par.pp > 1:
+        par = msgspec.structs.replace(par, pp_layers_per_stage=[per_stage] * n_stages)
+    return msgspec.structs.replace(cfg, model=msgspec.structs.replace(cfg.model, n_layers=per_stage * n_stages),
+                                   parallelism=par)
+
+
+def rank_layers_per_stage(cfg: Config, world: int, rank: int) -> float:
+    pp = cfg.parallelism.pp
+    if pp <= 1:
+        return cfg.model.n_layers
+    layers = pipeline.rank_layers(cfg, rank // (world // pp))
+    return sum(len(r) for r in layers.values()) / len(layers)
+
+
+def dry_runs_needed(cfg: Config, world: int, exact: bool = False) -> list[tuple[Config, int]]:
+    """The (config, rank) dry runs an estimate takes."""
+    ranks = ranks_to_run(cfg, world)
+    u = layer_period(cfg)
+    if exact or max(rank_layers_per_stage(cfg, world, r) for r in ranks) <= 2 * u:
+        return [(cfg, r) for r in ranks]
+    return [(with_layers_per_stage(cfg, n), r) for r in ranks for n in (u, 2 * u)]
+
+
+def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact: bool = False,
+             runs: dict | None = None) -> Estimate:
+    """The estimate of one layout. `runs` maps (config, rank) -> RankRun for runs already made
+    (by a pool of workers, say); the ones missing are dry-run here."""
+    needed = dry_runs_needed(cfg, world, exact)
+    runs = dict(runs or {})
+    for key in needed:
+        if _key(*key) not in runs:
+            runs[_key(*key)] = dry_run(key[0], world, key[1], tuple(device.capability))
+    results = [runs[_key(*key)] for key in needed]
+    ranks = ranks_to_run(cfg, world)
+    u = layer_period(cfg)
+    if len(results) == len(ranks):
+        per_rank = [_rank_estimate(cfg, r, device, gpus_per_node) for r in results]
+    else:
+        per_rank = []
+        for i, rank in enumerate(ranks):
+            low, high = (_rank_estimate(c, results[2 * i + j], device, gpus_per_node)
+                         for j, c in enumerate((needed[2 * i][0], needed[2 * i + 1][0])))
+            s = rank_layers_per_stage(cfg, world, rank)
+            per_rank.append(_extend(low, high, (s - u) / u))
+    return _combine(cfg, world, device, gpus_per_node, per_rank)
+
+
+def _key(cfg: Config, rank: int) -> tuple[bytes, int]:
+    return msgspec.json.encode(cfg), rank
+
+
+def _rank_estimate(cfg: Config, run: RankRun, device: Device, gpus_per_node: int) -> RankEstimate:
+    par = cfg.parallelism
+    optimizer = pick_implementation(cfg.optimizer.implementation, cfg.compile.enable, on_gpu=True)
+    step = step_time(run.trace.events, device, gpus_per_node, cfg.compile.enable, optimizer)
+    passes = run.n_micro * (pipeline.n_microbatches(cfg) * pipeline.virtual_stages(cfg) if par.pp > 1 else 1)
+    return RankEstimate(run.rank, run.coords["pp"], run.peak_bytes, run.setup_peak_bytes, dict(run.at_peak),
+                        dict(run.state_bytes), step, step.phases.get("forward", 0.0) / passes,
+                        step.phases.get("backward", 0.0) / passes)
+
+
+def _extend(low: RankEstimate, high: RankEstimate, steps: float) -> RankEstimate:
+    """The point `steps` periods past `high` on the line through low and high (each a field of numbers)."""
+    def line(a, b):
+        if isinstance(a, dict):
+            return {k: line(a.get(k, 0.0), b.get(k, 0.0)) for k in a.keys() | b.keys()}
+        if isinstance(a, StepTime):
+            return StepTime(**{f.name: line(getattr(a, f.name), getattr(b, f.name))
+                               for f in dataclasses.fields(StepTime)})
+        return b + (b - a) * (steps - 1)
+    return RankEstimate(high.rank, high.pp_rank, **{f.name: line(getattr(low, f.name), getattr(high, f.name))
+                                                     for f in dataclasses.fields(RankEstimate)
+                                                     if f.name not in ("rank", "pp_rank")})
+
+
+def _combine(cfg: Config, world: int, device: Device, gpus_per_node: int, ranks: list[RankEstimate]) -> Estimate:
+    par, t = cfg.parallelism, cfg.training
+    worst = max(ranks, key=lambda r: max(r.peak_bytes, r.setup_peak_bytes))
+    slowest = max(ranks, key=lambda r: r.step.total)
+    step = dataclasses.replace(slowest.step)
+    if par.pp > 1:  # every rank waits for the pipeline to fill and drain, at its slowest stage's pace
+        forward, backward = max(r.forward_s for r in ranks), max(r.backward_s for r in ranks)
+        n_pipelines = t.global_batch_size // (world // (par.pp * par.tp * par.cp)) // t.local_batch_size
+        step.bubble = n_pipelines * pipeline_bubble(par.pp_schedule, par.pp, pipeline.n_microbatches(cfg),
+                                                    pipeline.virtual_stages(cfg), forward, backward)
+        step.total += step.bubble
+    peak = max(worst.peak_bytes, worst.setup_peak_bytes)
+    reserved = peak * device.fragmentation
+    over = (reserved / GiB + device.reserved_gib) - device.memory_gib
+    tokens = t.global_batch_size * t.seq_len / world / step.total
+    peak_flops = device.peak_bf16_tflops * 1e12 * (2 if cfg.float8.enable else 1)
+    mfu = 100 * tokens * model.flops_per_token(cfg.model, t.seq_len) / peak_flops
+    return Estimate(world, gpus_per_node, device.name, ranks, worst, peak, reserved, over <= 0, over, step, tokens, mfu)
