@@ -59,22 +59,20 @@ def materialized(gm: torch.fx.GraphModule) -> set[str]:
 class FusedRun(torch.fx.Interpreter):
     """Run a graph op by op, telling the dry run which outputs are not written (fused)."""
 
-    def __init__(self, gm, keep: set[str], fused_outputs: contextlib.AbstractContextManager):
+    def __init__(self, gm, keep: set[str], in_graph):
         super().__init__(gm)
-        self.keep, self.fused_outputs = keep, fused_outputs
+        self.keep, self.in_graph = keep, in_graph
 
     def run_node(self, n):
-        if n.op == "call_function" and n.name not in self.keep:
-            with self.fused_outputs():
-                return super().run_node(n)
-        return super().run_node(n)
+        with self.in_graph(fused=n.op == "call_function" and n.name not in self.keep):
+            return super().run_node(n)
 
 
 class AotFunction:
     """What torch.compile(fn) returns, in a dry run."""
 
-    def __init__(self, fn, paused, fused_outputs, fallbacks: list[str]):
-        self.fn, self.paused, self.fused_outputs, self.fallbacks = fn, paused, fused_outputs, fallbacks
+    def __init__(self, fn, paused, in_graph, fallbacks: list[str]):
+        self.fn, self.paused, self.in_graph, self.fallbacks = fn, paused, in_graph, fallbacks
         self.compiled: dict = {}
         functools.update_wrapper(self, fn)
 
@@ -109,7 +107,7 @@ class AotFunction:
             keep = materialized(gm)
 
             def run(*args):
-                return FusedRun(gm, keep, self.fused_outputs).run(*args)
+                return FusedRun(gm, keep, self.in_graph).run(*args)
             run._boxed_call = False
             return run
 
@@ -183,14 +181,14 @@ def _compiling():
 
 
 @contextlib.contextmanager
-def stand_in_for_compile(paused, fused_outputs, fallbacks: list[str]):
+def stand_in_for_compile(paused, in_graph, fallbacks: list[str]):
     """torch.compile -> AotFunction inside the block (scoped: restored on exit)."""
     real = torch.compile
 
     def compile(fn=None, **options):
         if fn is None:  # used as @torch.compile(...)
-            return lambda f: AotFunction(f, paused, fused_outputs, fallbacks)
-        return AotFunction(fn, paused, fused_outputs, fallbacks)
+            return lambda f: AotFunction(f, paused, in_graph, fallbacks)
+        return AotFunction(fn, paused, in_graph, fallbacks)
 
     torch.compile = compile
     try:

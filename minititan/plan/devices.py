@@ -24,7 +24,6 @@ class Device(msgspec.Struct, forbid_unknown_fields=True):
     kernel_us: float
     host_op_us: float
     compiled_host_fraction: float
-    compiled_elementwise_fraction: float
     nvlink_gbs: float
     network_gbs: float
     nvlink_latency_us: float

@@ -66,7 +66,7 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
     memory, trace = MemoryTracker(block=512 if capability is not None else 1), StepTrace()
     recorder = Recorder(memory, trace)
     fallbacks: list[str] = []
-    compile_stand_in = (stand_in_for_compile(recorder.paused, recorder.fused, fallbacks) if cfg.compile.enable
+    compile_stand_in = (stand_in_for_compile(recorder.paused, recorder.in_graph, fallbacks) if cfg.compile.enable
                         else contextlib.nullcontext())
     with fake_world(world_size, rank), _fresh_caches(), fake_tensors(capability) as gpu, recorder, \
             compile_stand_in, _quiet():
@@ -132,7 +132,7 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.memory, self.trace = memory, trace
         self.stepping = False  # setup until the dry run says the step starts
-        self._paused = self._fusing = False
+        self._paused = self._fusing = self._in_graph = False
 
     def __enter__(self):
         self._wait = FakeWork.wait
@@ -159,13 +159,15 @@ class Recorder(TorchDispatchMode):
             self._paused = was
 
     @contextlib.contextmanager
-    def fused(self):
-        """The outputs of ops run here are not written (a fusing compiler keeps them in registers)."""
-        was, self._fusing = self._fusing, True
+    def in_graph(self, fused: bool):
+        """Ops of a compiled graph run here; fused: their outputs are not written (a fusing
+        compiler keeps them in registers), so they are not counted."""
+        was = self._in_graph, self._fusing
+        self._in_graph, self._fusing = True, fused
         try:
             yield
         finally:
-            self._fusing = was
+            self._in_graph, self._fusing = was
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -178,7 +180,7 @@ class Recorder(TorchDispatchMode):
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not self._fusing:
             memory.on_op(outputs)
-        self.trace.on_op(func, args, kwargs, out)
+        self.trace.on_op(func, args, kwargs, out, "fused" if self._fusing else "graph" if self._in_graph else "eager")
         if func.namespace == "c10d":
             self._label_communication(func, args)
         elif func is torch.ops.aten._to_copy.default and memory.category_of(args[0]) == "fp32 masters":

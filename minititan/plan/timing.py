@@ -4,12 +4,13 @@ Each recorded op costs, on the device (constants from plan/devices.toml):
   GEMM          flops / gemm_tflops (gemm_fp8_tflops for _scaled_mm), or its bytes / hbm_gbs
                 if that is longer (skinny GEMMs are memory-bound), + kernel_us
   attention     flops / attention_tflops (causal flash attention, plan/trace.py's count) + kernel_us
-  element-wise  bytes read and written / (hbm_gbs x elementwise_efficiency) + kernel_us; under
-                compile.enable the forward and backward's element-wise work is fused:
-                compiled_elementwise_fraction of those bytes, and a kernel per fused group
+  element-wise  bytes read and written / (hbm_gbs x elementwise_efficiency) + kernel_us; inside a
+                compiled graph only what a fused kernel reads from memory and writes back counts
+                (plan/compiled.py), with a kernel_us per written output
   optimizer     its bytes / (hbm_gbs x optimizer_efficiency of the AdamW implementation)
-and the host must have issued it: eager ops cost host_op_us each on the host, and the device
-cannot start an op the host has not reached (small models are host-bound).
+and the host must have issued it: eager ops cost host_op_us each on the host (a compiled graph's
+kernels compiled_host_fraction of that), and the device cannot start an op the host has not
+reached (small models are host-bound).
 
 A collective costs latency + bytes on the wire / bandwidth of the link it crosses (nvlink_gbs
 when all its ranks are on one node of gpus_per_node, network_gbs otherwise), with the ring
@@ -81,10 +82,11 @@ def collective_seconds(c: Collective, device: Device, gpus_per_node: int) -> flo
     return latency * 1e-6 + share * c.nbytes / (gbs * 1e9)
 
 
-def op_seconds(kind: str, flops: float, nbytes: float, fp8: bool, device: Device, fused: bool,
+def op_seconds(kind: str, flops: float, nbytes: float, fp8: bool, device: Device, where: str,
                optimizer: str = "fused") -> float:
-    """Device time of one op (fused: element-wise work inside compiled blocks; optimizer: the
-    AdamW implementation, whose kernels reach different fractions of the copy bandwidth)."""
+    """Device time of one op (where: eager, or in a compiled graph, fused into the kernel after
+    it; optimizer: the AdamW implementation, whose kernels reach different fractions of the copy
+    bandwidth)."""
     hbm = device.hbm_gbs * 1e9
     if kind == "gemm":
         rate = (device.gemm_fp8_tflops if fp8 else device.gemm_tflops) * 1e12
@@ -93,13 +95,11 @@ def op_seconds(kind: str, flops: float, nbytes: float, fp8: bool, device: Device
         return flops / (device.attention_tflops * 1e12) + device.kernel_us * 1e-6
     if kind == "optimizer":
         return nbytes / (hbm * device.optimizer_efficiency[optimizer]) + device.kernel_us * 1e-6
-    if fused:
-        return nbytes * device.compiled_elementwise_fraction / (hbm * device.elementwise_efficiency)
-    return nbytes / (hbm * device.elementwise_efficiency) + device.kernel_us * 1e-6
+    kernel = 0.0 if where == "fused" else device.kernel_us * 1e-6
+    return nbytes / (hbm * device.elementwise_efficiency) + kernel
 
 
-def step_time(events: list[tuple], device: Device, gpus_per_node: int, compiled: bool,
-              optimizer: str = "fused") -> StepTime:
+def step_time(events: list[tuple], device: Device, gpus_per_node: int, optimizer: str = "fused") -> StepTime:
     """Replay a rank's trace on the device: a compute stream, one stream per process group, the host."""
     compute, exposed, comm, phases = Counter(), Counter(), Counter(), Counter()
     t = host = host_wait = 0.0
@@ -107,17 +107,17 @@ def step_time(events: list[tuple], device: Device, gpus_per_node: int, compiled:
     stream_free: dict[tuple[int, ...], float] = {}
     pending: dict[int, tuple[float, str]] = {}  # collective id -> (end, kind)
     busy_until = 0.0  # the last end of a collective in flight (compute beside it is slower)
-    host_op = device.host_op_us * 1e-6 * (device.compiled_host_fraction if compiled else 1.0)
+    host_op = {"eager": device.host_op_us * 1e-6, "graph": device.host_op_us * 1e-6 * device.compiled_host_fraction,
+               "fused": 0.0}
     for event in events:
         if event[0] == "op":
-            _, phase, kind, flops, nbytes, fp8 = event
-            fused = compiled and phase != "step"
-            host += host_op
+            _, phase, kind, flops, nbytes, fp8, where = event
+            host += host_op[where]
             before = t
             if host > t:
                 host_wait += host - t
                 t = host
-            seconds = op_seconds(kind, flops, nbytes, fp8, device, fused, optimizer)
+            seconds = op_seconds(kind, flops, nbytes, fp8, device, where, optimizer)
             if t < busy_until:
                 seconds *= 1 + device.comm_compute_slowdown
             t += seconds
@@ -125,7 +125,7 @@ def step_time(events: list[tuple], device: Device, gpus_per_node: int, compiled:
             phases[phase] += t - before
         elif event[0] == "issue":
             c = event[1]
-            host += host_op
+            host += host_op["eager"]
             seconds = collective_seconds(c, device, gpus_per_node)
             start = max(t, host, stream_free.get(c.ranks, 0.0))
             end = start + seconds

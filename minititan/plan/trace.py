@@ -8,7 +8,11 @@ it (`on_wait`, from the FakeWork handle), because that is where the compute stre
 GPU. So the trace holds the overlap the code really has: a prefetched FSDP all-gather is issued
 one unit before it is waited for; a tensor-parallel all-reduce is waited for at once.
 
-    events  [("op", phase, kind, flops, bytes, fp8), ("issue", Collective), ("wait", id), ...]
+    events  [("op", phase, kind, flops, bytes, fp8, where), ("issue", Collective), ("wait", id), ...]
+
+where is "eager", or under compile "graph" (an op of a compiled graph that writes its output)
+or "fused" (one whose output a fusing compiler keeps in registers, plan/compiled.py): their
+bytes count only what a fused kernel reads from memory and writes back.
 
 phase is "forward", "backward" (an autograd node is running: includes activation recompute)
 or "step" (after the gradients are complete: grad norm, clipping, the optimizer).
@@ -16,6 +20,7 @@ or "step" (after the gradients are complete: grad norm, clipping, the optimizer)
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -80,6 +85,7 @@ class StepTrace:
         self.phase = "forward"
         self._work_ids: dict[int, tuple[int, object]] = {}  # id(work handle) -> (collective id, handle)
         self._group_names: dict[tuple[int, ...], str] = {}
+        self._fused = weakref.WeakSet()  # storages of fused intermediates (never written to memory)
 
     def start(self) -> None:
         """Forget what setup did: the trace is the step's."""
@@ -97,22 +103,40 @@ class StepTrace:
     def current_phase(self) -> str:
         return "backward" if torch._C._current_autograd_node() is not None else self.phase
 
-    def on_op(self, func, args, kwargs, out) -> None:
+    def on_op(self, func, args, kwargs, out, where: str = "eager") -> None:
         if func.namespace == "c10d":
             return self._issue(func, args, out)
         if func in FREE or func.is_view or func.namespace not in ("aten", "prims"):
             return
         phase = self.current_phase()
-        nbytes = _bytes_moved(func, args, kwargs, out)
+        nbytes = self._bytes_moved(func, args, kwargs, out, where)
         if func in GEMMS or func in GROUPED_GEMMS or func.overloadpacket is aten.mm:
-            self.events.append(("op", phase, "gemm", _gemm_flops(func, args, kwargs, out), nbytes, func in FP8_GEMMS))
+            flops = _gemm_flops(func, args, kwargs, out)
+            self.events.append(("op", phase, "gemm", flops, nbytes, func in FP8_GEMMS, where))
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
-            self.events.append(("op", phase, "attention", _attention_flops(func, args, kwargs), nbytes, False))
+            self.events.append(("op", phase, "attention", _attention_flops(func, args, kwargs), nbytes, False, where))
         elif func.overloadpacket in (aten._fused_adamw_, aten._fused_adam_) or (
                 phase == "step" and func.name().startswith("aten::_foreach")):
-            self.events.append(("op", phase, "optimizer", 0.0, nbytes, False))
+            self.events.append(("op", phase, "optimizer", 0.0, nbytes, False, where))
         elif nbytes:
-            self.events.append(("op", phase, "elementwise", 0.0, nbytes, False))
+            self.events.append(("op", phase, "elementwise", 0.0, nbytes, False, where))
+
+    def _bytes_moved(self, func, args, kwargs, out, where: str) -> int:
+        """Bytes an op reads (its tensor arguments) and writes (its outputs and the arguments it
+        mutates), each tensor once; inside a compiled graph, a fused intermediate is neither
+        written nor read back."""
+        read = [] if func in WRITE_ONLY else [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        written = {id(t): t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        for i, arg in enumerate(func._schema.arguments[:len(args)]):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                written |= {id(t): t for t in tree_flatten(args[i])[0] if isinstance(t, torch.Tensor)}
+        if where != "eager":
+            read = [t for t in read if t.untyped_storage() not in self._fused]
+        if where == "fused":
+            for t in written.values():
+                self._fused.add(t.untyped_storage())
+            written = {}
+        return sum(_nbytes(t) for t in read) + sum(_nbytes(t) for t in written.values())
 
     # ------------------------------------------------------------ communication
 
@@ -148,17 +172,6 @@ class StepTrace:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _bytes_moved(func, args, kwargs, out) -> int:
-    """Bytes an op reads (its tensor arguments) and writes (its outputs and the arguments it
-    mutates), each tensor once."""
-    read = [] if func in WRITE_ONLY else [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    written = {id(t): t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
-    for i, arg in enumerate(func._schema.arguments[:len(args)]):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            written |= {id(t): t for t in tree_flatten(args[i])[0] if isinstance(t, torch.Tensor)}
-    return sum(_nbytes(t) for t in read) + sum(_nbytes(t) for t in written.values())
 
 
 def _gemm_flops(func, args, kwargs, out) -> float:
