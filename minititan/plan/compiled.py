@@ -19,6 +19,7 @@ model dynamo would leave out of its graphs, and `fallbacks` names it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -68,12 +69,15 @@ class FusedRun(torch.fx.Interpreter):
             return super().run_node(n)
 
 
+_TRACED: dict = {}  # structural key -> traced graphs (or None: runs eagerly), shared by the dry runs of a process
+_current: dict = {}  # the running dry run's hooks: paused, in_graph
+
+
 class AotFunction:
     """What torch.compile(fn) returns, in a dry run."""
 
-    def __init__(self, fn, paused, in_graph, fallbacks: list[str]):
-        self.fn, self.paused, self.in_graph, self.fallbacks = fn, paused, in_graph, fallbacks
-        self.compiled: dict = {}
+    def __init__(self, fn, fallbacks: list[str]):
+        self.fn, self.fallbacks = fn, fallbacks
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
@@ -82,22 +86,24 @@ class AotFunction:
         tensors = [leaves[i] for i in where]
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
             return self.fn(*args, **kwargs)  # no backward: the saved tensors do not matter
-        key = (spec, tuple(id(x) if not isinstance(x, (int, float, str, bool, type(None))) else x
-                           for i, x in enumerate(leaves) if i not in where),
-               tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors))
-        if key not in self.compiled:
-            self.compiled[key] = self._trace(leaves, where, spec, tensors)
-        compiled = self.compiled[key]
+        key = (_describe(self.fn), spec, tuple(_describe(x) for i, x in enumerate(leaves) if i not in where),
+               tuple((tuple(t.shape), t.dtype, t.requires_grad, t.is_cuda) for t in tensors))
+        if key not in _TRACED:
+            _TRACED[key] = self._trace(key, leaves, where, spec, tensors)
+        compiled = _TRACED[key]
         if compiled is None:
+            self.fallbacks.append(_FAILED[key])
             return self.fn(*args, **kwargs)
         return compiled(*tensors)
 
-    def _trace(self, leaves, where, spec, tensors):
+    def _trace(self, key, leaves, where, spec, tensors):
         from torch._functorch.aot_autograd import aot_function
         from torch._functorch.partitioners import min_cut_rematerialization_partition  # what inductor partitions with
 
+        template = [None if i in where else x for i, x in enumerate(leaves)]  # no tensors: the trace is kept
+
         def flat_fn(*ts):
-            filled = list(leaves)
+            filled = list(template)
             for i, t in zip(where, ts):
                 filled[i] = t
             args, kwargs = tree_unflatten(filled, spec)
@@ -107,7 +113,7 @@ class AotFunction:
             keep = materialized(gm)
 
             def run(*args):
-                return FusedRun(gm, keep, self.in_graph).run(*args)
+                return FusedRun(gm, keep, _current["in_graph"]).run(*args)
             run._boxed_call = False
             return run
 
@@ -126,15 +132,49 @@ class AotFunction:
         traced = aot_function(flat_fn, fw_compiler=run_fused, bw_compiler=run_fused, partition_fn=partition,
                               decompositions=_decompositions())
         try:
-            with self.paused(), _compiling():  # tracing is not the step: the dry run records nothing
-                traced(*[t.detach().requires_grad_(t.requires_grad) for t in tensors])
+            with _current["paused"](), _compiling():  # tracing is not the step: the dry run records nothing
+                # on stand-ins of the inputs: the traced function keeps its example inputs alive
+                traced(*[torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                         .requires_grad_(t.requires_grad) for t in tensors])
         except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
-            import os, traceback
-            if os.environ.get("PLAN_DEBUG"):
-                traceback.print_exc()
-            self.fallbacks.append(f"{_name(self.fn)}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            _FAILED[key] = f"{_name(self.fn)} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
             return None
         return traced
+
+
+_FAILED: dict = {}  # structural key -> why it runs eagerly
+
+
+def _describe(x):
+    """What of a non-tensor argument shapes the traced graph: values of plain data, the code of
+    functions (a partial: its function and arguments), the size of a process group, the fields
+    of a dataclass such as model.Ops; not object identities, which differ from one dry run to the next."""
+    if isinstance(x, (int, float, str, bool, type(None), torch.dtype)):
+        return x
+    if isinstance(x, functools.partial):
+        return ("partial", _describe(x.func), tuple(_describe(a) for a in x.args),
+                tuple(sorted((k, _describe(v)) for k, v in x.keywords.items())))
+    if isinstance(x, (tuple, list)):
+        return tuple(_describe(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((str(k), _describe(v)) for k, v in x.items()))
+    if isinstance(x, torch.distributed.ProcessGroup):
+        return ("group", x.size())
+    if dataclasses.is_dataclass(x):
+        return (type(x).__qualname__, tuple((f.name, _describe(getattr(x, f.name))) for f in dataclasses.fields(x)))
+    code = getattr(x, "__code__", None)
+    if code is not None:  # a function or closure: its code and what it closes over
+        cells = tuple(_describe(c.cell_contents) for c in (x.__closure__ or ()) if _is_plain(c))
+        return (code.co_filename, code.co_firstlineno, cells)
+    return (type(x).__qualname__, getattr(x, "__qualname__", None))
+
+
+def _is_plain(cell) -> bool:
+    try:
+        value = cell.cell_contents
+    except ValueError:
+        return False
+    return isinstance(value, (int, float, str, bool, type(None), torch.dtype, tuple, functools.partial)) or callable(value)
 
 
 def _is_full_checkpoint(fn) -> bool:
@@ -187,11 +227,13 @@ def stand_in_for_compile(paused, in_graph, fallbacks: list[str]):
 
     def compile(fn=None, **options):
         if fn is None:  # used as @torch.compile(...)
-            return lambda f: AotFunction(f, paused, in_graph, fallbacks)
-        return AotFunction(fn, paused, in_graph, fallbacks)
+            return lambda f: AotFunction(f, fallbacks)
+        return AotFunction(fn, fallbacks)
 
     torch.compile = compile
+    _current.update(paused=paused, in_graph=in_graph)
     try:
         yield
     finally:
         torch.compile = real
+        _current.clear()

@@ -54,7 +54,7 @@ class RankRun:
     at_peak: dict[str, int]  # bytes by category at the step's peak
     state_bytes: dict[str, int]  # fp32 masters, gradients, optimizer moments after the step's backward
     n_micro: int  # optimizer micro-batches per step
-    trace: StepTrace
+    events: list[tuple]  # the step's ops and collectives (plan/trace.py)
     eager_under_compile: list[str]  # functions the compile stand-in could not trace (they ran eagerly)
 
 
@@ -97,7 +97,7 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
         data = TokenSource("synthetic", cfg.model.vocab_size)
         train.train_step(cfg, layout, optimizer, data, 1, n_micro, device)
         return RankRun(rank, dict(mesh.sizes), dict(mesh.coords), memory.peak, start, setup_peak, dict(memory.at_peak),
-                       state, n_micro, trace, sorted(set(fallbacks)))
+                       state, n_micro, trace.events, sorted(set(fallbacks)))
 
 
 def count_state(layout, optimizer: AdamW) -> dict[str, int]:

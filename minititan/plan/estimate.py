@@ -137,7 +137,7 @@ def _key(cfg: Config, rank: int) -> tuple[bytes, int]:
 def _rank_estimate(cfg: Config, run: RankRun, device: Device, gpus_per_node: int) -> RankEstimate:
     par = cfg.parallelism
     optimizer = pick_implementation(cfg.optimizer.implementation, cfg.compile.enable, on_gpu=True)
-    step = step_time(run.trace.events, device, gpus_per_node, optimizer)
+    step = step_time(run.events, device, gpus_per_node, optimizer)
     passes = run.n_micro * (pipeline.n_microbatches(cfg) * pipeline.virtual_stages(cfg) if par.pp > 1 else 1)
     return RankEstimate(run.rank, run.coords["pp"], run.peak_bytes, run.setup_peak_bytes, dict(run.at_peak),
                         dict(run.state_bytes), step, step.phases.get("forward", 0.0) / passes,
