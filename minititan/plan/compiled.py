@@ -68,6 +68,18 @@ class FusedRun(torch.fx.Interpreter):
         with self.in_graph(fused=n.op == "call_function" and n.name not in self.keep):
             return super().run_node(n)
 
+    def call_function(self, target, args, kwargs):
+        """Random ops recomputed in backward come wrapped in the rng-state operators, which need
+        their own rules under each dispatch mode; their state is no tensor a dry run must hold."""
+        from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+        if target is run_and_save_rng_state:
+            op, *rest = args
+            return torch.zeros((), device=rest[0].device), op(*rest, **kwargs)
+        if target is run_with_rng_state:
+            _, op, *rest = args
+            return op(*rest, **kwargs)
+        return super().call_function(target, args, kwargs)
+
 
 _TRACED: dict = {}  # structural key -> traced graphs (or None: runs eagerly), shared by the dry runs of a process
 _current: dict = {}  # the running dry run's hooks: paused, in_graph

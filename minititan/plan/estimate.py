@@ -8,13 +8,14 @@ holds the embedding, the last the output layer and the loss, and under 1F1B the 
 the most microbatches in flight), so rank 0 and the first rank of the last pipeline stage are
 dry-run, and the worse of the two is reported.
 
-Fewer layers, then a straight line. A dry run costs about a millisecond per op on this CPU, and
-a rank of Llama 3.1 405B runs thousands of ops per layer, so a layout is dry-run twice with the
-same shapes but fewer layers (u and 2u per pipeline stage, u = 1, or the period of layers that
-differ: MoE every N-th block, activation checkpointing every N-th), and every measured
-quantity, bytes and seconds alike, is extended along the line through the two to the real
-number of layers. Every layer is the same code on the same shapes, so the line is exact for
-what is held per layer and for per-layer times; `exact=True` dry-runs the real model instead
+Fewer layers and micro-batches, then straight lines. A dry run costs about a millisecond per op
+on this CPU, and a rank of Llama 3.1 405B runs thousands of ops per layer and micro-batch, so a
+layout is dry-run with the same shapes but fewer layers (u and 2u per pipeline stage, u = 1, or
+the period of layers that differ: MoE every N-th block, activation checkpointing every N-th)
+and fewer micro-batches (1 and 2), and every measured quantity, bytes and seconds alike, is
+extended along the lines through those runs to the real numbers. Every layer and every
+micro-batch is the same code on the same shapes, so the lines are exact for what is held per
+layer and for per-layer, per-micro-batch times; `exact=True` dry-runs the real model instead
 (tests/test_plan.py checks the two agree).
 """
 from __future__ import annotations
@@ -97,37 +98,79 @@ def rank_layers_per_stage(cfg: Config, world: int, rank: int) -> float:
     return sum(len(r) for r in layers.values()) / len(layers)
 
 
+def points(cfg: Config, world: int, exact: bool = False) -> tuple[list[float], list[int]]:
+    """The layers per stage and the micro-batches per step the dry runs take: the real ones, or
+    (u, 2u) and (1, 2) where the real ones are more."""
+    u = layer_period(cfg)
+    layers = max(rank_layers_per_stage(cfg, world, r) for r in ranks_to_run(cfg, world))
+    n_micro = microbatches(cfg, world)
+    reduce_layers, reduce_micro = not exact and layers > 2 * u, not exact and n_micro > 2
+    return ([u, 2 * u] if reduce_layers else [None]), ([1, 2] if reduce_micro else [None])
+
+
+def microbatches(cfg: Config, world: int) -> int:
+    p, t = cfg.parallelism, cfg.training
+    return t.global_batch_size // (world // (p.pp * p.tp * p.cp)) // t.local_batch_size
+
+
+def reduced(cfg: Config, world: int, layers: int | None, n_micro: int | None) -> Config:
+    """cfg with `layers` per stage and a global batch of `n_micro` micro-batches (None: as is)."""
+    if layers is not None:
+        cfg = with_layers_per_stage(cfg, layers)
+    if n_micro is not None:
+        p, t = cfg.parallelism, cfg.training
+        data = world // (p.pp * p.tp * p.cp)
+        cfg = msgspec.structs.replace(cfg, training=msgspec.structs.replace(
+            t, global_batch_size=data * t.local_batch_size * n_micro))
+    return cfg
+
+
 def dry_runs_needed(cfg: Config, world: int, exact: bool = False) -> list[tuple[Config, int]]:
     """The (config, rank) dry runs an estimate takes."""
-    ranks = ranks_to_run(cfg, world)
-    u = layer_period(cfg)
-    if exact or max(rank_layers_per_stage(cfg, world, r) for r in ranks) <= 2 * u:
-        return [(cfg, r) for r in ranks]
-    return [(with_layers_per_stage(cfg, n), r) for r in ranks for n in (u, 2 * u)]
+    layer_points, micro_points = points(cfg, world, exact)
+    return [(reduced(cfg, world, n, m), r) for r in ranks_to_run(cfg, world)
+            for n in layer_points for m in micro_points]
 
 
 def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact: bool = False,
              runs: dict | None = None) -> Estimate:
     """The estimate of one layout. `runs` maps (config, rank) -> RankRun for runs already made
-    (by a pool of workers, say); the ones missing are dry-run here."""
-    needed = dry_runs_needed(cfg, world, exact)
+    (by a pool of workers, say); the ones missing are dry-run here.
+
+    Each quantity is a line (or a plane) through the reduced runs: in layers per stage, and in
+    micro-batches (each does the same work on the same shapes), except the peak, which is the
+    same for every micro-batch after the first: it is read from the runs with two (or the real one)."""
     runs = dict(runs or {})
-    for key in needed:
+    for key in dry_runs_needed(cfg, world, exact):
         if _key(*key) not in runs:
             runs[_key(*key)] = dry_run(key[0], world, key[1], tuple(device.capability))
-    results = [runs[_key(*key)] for key in needed]
-    ranks = ranks_to_run(cfg, world)
-    u = layer_period(cfg)
-    if len(results) == len(ranks):
-        per_rank = [_rank_estimate(cfg, r, device, gpus_per_node) for r in results]
-    else:
-        per_rank = []
-        for i, rank in enumerate(ranks):
-            low, high = (_rank_estimate(c, results[2 * i + j], device, gpus_per_node)
-                         for j, c in enumerate((needed[2 * i][0], needed[2 * i + 1][0])))
-            s = rank_layers_per_stage(cfg, world, rank)
-            per_rank.append(_extend(low, high, (s - u) / u))
+    layer_points, micro_points = points(cfg, world, exact)
+    per_rank = []
+    for rank in ranks_to_run(cfg, world):
+        at = {(n, m): _rank_estimate(c, runs[_key(c, rank)], device, gpus_per_node)
+              for n in layer_points for m in micro_points for c in [reduced(cfg, world, n, m)]}
+        layers = rank_layers_per_stage(cfg, world, rank)
+        x = (layers - layer_points[0]) / layer_points[0] if layer_points[0] else 0.0
+        y = microbatches(cfg, world) - 1 if micro_points[0] else 0.0
+        one = _plane(at, layer_points, micro_points, x, y)
+        steady = _plane(at, layer_points, micro_points[-1:], x, 0.0)  # memory: the last micro-batch's
+        per_rank.append(dataclasses.replace(one, peak_bytes=steady.peak_bytes, at_peak=steady.at_peak,
+                                            setup_peak_bytes=steady.setup_peak_bytes, state_bytes=steady.state_bytes))
     return _combine(cfg, world, device, gpus_per_node, per_rank)
+
+
+def _plane(at: dict, layer_points: list, micro_points: list, x: float, y: float) -> RankEstimate:
+    """The point (x, y) of the plane through the runs: x steps of the layer line, y of the micro-batch line."""
+    n0, m0 = layer_points[0], micro_points[0]
+    base = at[(n0, m0)]
+    if len(layer_points) > 1:
+        base = _extend(base, at[(layer_points[1], m0)], x)
+    if len(micro_points) > 1:
+        other = at[(n0, micro_points[1])]
+        if len(layer_points) > 1:
+            other = _extend(other, at[(layer_points[1], micro_points[1])], x)
+        base = _extend(base, other, y)
+    return base
 
 
 def _key(cfg: Config, rank: int) -> tuple[bytes, int]:
@@ -144,18 +187,18 @@ def _rank_estimate(cfg: Config, run: RankRun, device: Device, gpus_per_node: int
                         step.phases.get("backward", 0.0) / passes)
 
 
-def _extend(low: RankEstimate, high: RankEstimate, steps: float) -> RankEstimate:
-    """The point `steps` periods past `high` on the line through low and high (each a field of numbers)."""
-    def line(a, b):
-        if isinstance(a, dict):
-            return {k: line(a.get(k, 0.0), b.get(k, 0.0)) for k in a.keys() | b.keys()}
-        if isinstance(a, StepTime):
-            return StepTime(**{f.name: line(getattr(a, f.name), getattr(b, f.name))
+def _extend(a: RankEstimate, b: RankEstimate, steps: float) -> RankEstimate:
+    """The point `steps` from a along the line a -> b (b is one step), for every number in them."""
+    def line(u, v):
+        if isinstance(u, dict):
+            return {k: line(u.get(k, 0.0), v.get(k, 0.0)) for k in u.keys() | v.keys()}
+        if isinstance(u, StepTime):
+            return StepTime(**{f.name: line(getattr(u, f.name), getattr(v, f.name))
                                for f in dataclasses.fields(StepTime)})
-        return b + (b - a) * (steps - 1)
-    return RankEstimate(high.rank, high.pp_rank, **{f.name: line(getattr(low, f.name), getattr(high, f.name))
-                                                     for f in dataclasses.fields(RankEstimate)
-                                                     if f.name not in ("rank", "pp_rank")})
+        return u + (v - u) * steps
+    return RankEstimate(b.rank, b.pp_rank, **{f.name: line(getattr(a, f.name), getattr(b, f.name))
+                                               for f in dataclasses.fields(RankEstimate)
+                                               if f.name not in ("rank", "pp_rank")})
 
 
 def _combine(cfg: Config, world: int, device: Device, gpus_per_node: int, ranks: list[RankEstimate]) -> Estimate:

@@ -14,8 +14,10 @@ every other setting stay the config's. A knob set on the command line stays fixe
                  (train would refuse it).
     round 1      each mesh at its lightest (full activation checkpointing, local batch 1, 1F1B):
                  a mesh that does not fit so is dropped, with by how much.
-    round 2      the meshes that fit, at every AC mode x schedule x local batch (growing the
-                 batch until it no longer fits: memory only grows with it).
+    round 2      the WIDTH fastest meshes of round 1, at every AC mode x schedule (1F1B,
+                 interleaved 1F1B, zero bubble; GPipe has 1F1B's bubble and holds more, so it is
+                 tried only when asked for) x local batch, growing the batch until it no longer
+                 fits (memory only grows with it).
 
 Every candidate is checked by the trainer's own refusals first (the same one-line messages
 `train` prints), and each dry run is done once, on a pool of worker processes.
@@ -36,7 +38,8 @@ from minititan.plan.estimate import Estimate, _key, dry_runs_needed, estimate
 
 LONG_SEQUENCE = 16384  # from here on context parallel is worth trying
 AC_MODES = ("full", "selective", "none")
-SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "gpipe")
+SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")  # gpipe: 1F1B's bubble with more memory (ask for it to get it)
+WIDTH = 6  # round 2 explores this many of the fastest meshes of round 1
 MESH_KEYS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
 
 
@@ -150,7 +153,7 @@ class Search:
 
 
 def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: dict[str, object],
-           workers: int | None = None, progress=None) -> Search:
+           workers: int | None = None, progress=None, width: int = WIDTH) -> Search:
     start = time.time()
     pool = DryRunPool(world, device, gpus_per_node, workers)
     refused: dict[str, int] = {}
@@ -178,7 +181,8 @@ def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: 
         first += more
         fit = [c for c in more if c.estimate and c.estimate.fits]
     second: list[Candidate] = []
-    for light in fit:
+    fit.sort(key=lambda c: -c.estimate.tokens_per_s)
+    for light in fit[:width]:
         mesh = {k: light.settings[f"parallelism.{k}"] for k in MESH_KEYS}
         schedules = [pinned["parallelism.pp_schedule"]] if "parallelism.pp_schedule" in pinned else (
             SCHEDULES if mesh["pp"] > 1 else ("1f1b",))
