@@ -55,7 +55,7 @@ def run_plan(cfg: Config, overridden: set[str], gpus: int, gpu: str, gpus_per_no
         print(json.dumps(report.as_dict(c), indent=1) if as_json else report.breakdown(c, header))
         return
     pinned = {key: _value(cfg, key) for key in overridden if key in _knobs()}
-    result = search(cfg, gpus, device, gpus_per_node, pinned, workers, progress=_progress())
+    result = search(cfg, gpus, device, gpus_per_node, pinned, workers, progress=_progress(), top=top)
     _progress_done()
     if as_json:
         print(json.dumps({"ranked": [report.as_dict(c) for c in result.ranked],

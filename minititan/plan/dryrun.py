@@ -188,14 +188,22 @@ class Recorder(TorchDispatchMode):
         return out
 
     def _label_communication(self, func, args) -> None:
-        """A collective's buffers are communication; FSDP's gathered units (the only 1-D all-gathers
-        outside tensor parallel) are gathered weights."""
-        tensors = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        """FSDP's gathered units (the only 1-D all-gathers outside tensor parallel) are gathered
+        weights; flat gradient buffers being reduced and pipeline messages are communication.
+        Activations gathered or exchanged by tensor, context or expert parallel stay activations."""
         last = self.trace.events[-1][1] if self.trace.events and self.trace.events[-1][0] == "issue" else None
-        gathers_weights = last is not None and last.kind == "all_gather" and last.flat and last.dims != "tp"
+        if last is None:
+            return
+        tensors = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        if last.kind == "all_gather" and last.flat and last.dims != "tp":
+            category = "gathered weights"
+        elif (last.kind in ("reduce_scatter", "all_reduce") and last.flat) or last.kind in ("send", "recv"):
+            category = "communication"
+        else:
+            return
         for t in tensors:
             if self.memory.category_of(t) not in ("fp32 masters", "gradients", "optimizer moments"):
-                self.memory.relabel(t, "gathered weights" if gathers_weights else "communication")
+                self.memory.relabel(t, category)
 
 
 @contextlib.contextmanager

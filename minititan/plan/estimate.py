@@ -98,14 +98,15 @@ def rank_layers_per_stage(cfg: Config, world: int, rank: int) -> float:
     return sum(len(r) for r in layers.values()) / len(layers)
 
 
-def points(cfg: Config, world: int, exact: bool = False) -> tuple[list[float], list[int]]:
+def points(cfg: Config, world: int, exact: bool = False, quick: bool = False) -> tuple[list, list]:
     """The layers per stage and the micro-batches per step the dry runs take: the real ones, or
-    (u, 2u) and (1, 2) where the real ones are more."""
+    (u, 2u) and (1, 2) where the real ones are more (quick: micro-batches 2 only, each taken
+    to cost half of those two: a first look, as the search's first round takes)."""
     u = layer_period(cfg)
     layers = max(rank_layers_per_stage(cfg, world, r) for r in ranks_to_run(cfg, world))
     n_micro = microbatches(cfg, world)
     reduce_layers, reduce_micro = not exact and layers > 2 * u, not exact and n_micro > 2
-    return ([u, 2 * u] if reduce_layers else [None]), ([1, 2] if reduce_micro else [None])
+    return ([u, 2 * u] if reduce_layers else [None]), ([2] if quick else [1, 2]) if reduce_micro else [None]
 
 
 def microbatches(cfg: Config, world: int) -> int:
@@ -125,15 +126,15 @@ def reduced(cfg: Config, world: int, layers: int | None, n_micro: int | None) ->
     return cfg
 
 
-def dry_runs_needed(cfg: Config, world: int, exact: bool = False) -> list[tuple[Config, int]]:
+def dry_runs_needed(cfg: Config, world: int, exact: bool = False, quick: bool = False) -> list[tuple[Config, int]]:
     """The (config, rank) dry runs an estimate takes."""
-    layer_points, micro_points = points(cfg, world, exact)
+    layer_points, micro_points = points(cfg, world, exact, quick)
     return [(reduced(cfg, world, n, m), r) for r in ranks_to_run(cfg, world)
             for n in layer_points for m in micro_points]
 
 
 def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact: bool = False,
-             runs: dict | None = None) -> Estimate:
+             runs: dict | None = None, quick: bool = False) -> Estimate:
     """The estimate of one layout. `runs` maps (config, rank) -> RankRun for runs already made
     (by a pool of workers, say); the ones missing are dry-run here.
 
@@ -141,22 +142,29 @@ def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact:
     micro-batches (each does the same work on the same shapes), except the peak, which is the
     same for every micro-batch after the first: it is read from the runs with two (or the real one)."""
     runs = dict(runs or {})
-    for key in dry_runs_needed(cfg, world, exact):
+    for key in dry_runs_needed(cfg, world, exact, quick):
         if _key(*key) not in runs:
             runs[_key(*key)] = dry_run(key[0], world, key[1], tuple(device.capability))
-    layer_points, micro_points = points(cfg, world, exact)
+    layer_points, micro_points = points(cfg, world, exact, quick)
     per_rank = []
     for rank in ranks_to_run(cfg, world):
         at = {(n, m): _rank_estimate(c, runs[_key(c, rank)], device, gpus_per_node)
               for n in layer_points for m in micro_points for c in [reduced(cfg, world, n, m)]}
         layers = rank_layers_per_stage(cfg, world, rank)
         x = (layers - layer_points[0]) / layer_points[0] if layer_points[0] else 0.0
-        y = microbatches(cfg, world) - 1 if micro_points[0] else 0.0
-        one = _plane(at, layer_points, micro_points, x, y)
+        one = _plane(at, layer_points, micro_points, x, microbatches(cfg, world) - 1 if micro_points[0] else 0.0)
+        if micro_points == [2]:  # quick: half of two micro-batches' time per micro-batch
+            one = _extend(dataclasses.replace(one, step=_zero(one.step)), one, microbatches(cfg, world) / 2)
         steady = _plane(at, layer_points, micro_points[-1:], x, 0.0)  # memory: the last micro-batch's
         per_rank.append(dataclasses.replace(one, peak_bytes=steady.peak_bytes, at_peak=steady.at_peak,
                                             setup_peak_bytes=steady.setup_peak_bytes, state_bytes=steady.state_bytes))
     return _combine(cfg, world, device, gpus_per_node, per_rank)
+
+
+def _zero(step: StepTime) -> StepTime:
+    def zero(v):
+        return {k: 0.0 for k in v} if isinstance(v, dict) else 0.0
+    return StepTime(**{f.name: zero(getattr(step, f.name)) for f in dataclasses.fields(StepTime)})
 
 
 def _plane(at: dict, layer_points: list, micro_points: list, x: float, y: float) -> RankEstimate:

@@ -12,12 +12,15 @@ every other setting stay the config's. A knob set on the command line stays fixe
                  a few nodes, or all of them; ep: the divisors of dp_shard x cp that divide
                  the experts. A mesh the global batch cannot be spread over is left out
                  (train would refuse it).
-    round 1      each mesh at its lightest (full activation checkpointing, local batch 1, 1F1B):
-                 a mesh that does not fit so is dropped, with by how much.
-    round 2      the WIDTH fastest meshes of round 1, at every AC mode x schedule (1F1B,
-                 interleaved 1F1B, zero bubble; GPipe has 1F1B's bubble and holds more, so it is
-                 tried only when asked for) x local batch, growing the batch until it no longer
-                 fits (memory only grows with it).
+    round 1      each mesh, most sharded (dp_replicate 1), at its lightest (full activation
+                 checkpointing, local batch 1, 1F1B): a mesh that does not fit so is dropped,
+                 with by how much.
+    round 2      the WIDTH fastest meshes of round 1: every AC mode, growing the local batch
+                 until it no longer fits (memory only grows with it); then, at each mesh's best,
+                 the other schedules (interleaved 1F1B, zero bubble; GPipe has 1F1B's bubble and
+                 holds more, so it is tried only when asked for) and the HSDP splits.
+    round 3      the best `top`, estimated again with every run the estimate takes (rounds 1
+                 and 2 take a micro-batch's time as half of two's).
 
 Every candidate is checked by the trainer's own refusals first (the same one-line messages
 `train` prints), and each dry run is done once, on a pool of worker processes.
@@ -153,7 +156,7 @@ class Search:
 
 
 def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: dict[str, object],
-           workers: int | None = None, progress=None, width: int = WIDTH) -> Search:
+           workers: int | None = None, progress=None, width: int = WIDTH, top: int = 10) -> Search:
     start = time.time()
     pool = DryRunPool(world, device, gpus_per_node, workers)
     refused: dict[str, int] = {}
@@ -163,6 +166,8 @@ def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: 
     def lightest(with_cp: bool) -> list[Candidate]:
         out = []
         for mesh in meshes(cfg, world, gpus_per_node, mesh_pins, with_cp):
+            if mesh["dp_replicate"] > 1 and "parallelism.dp_replicate" not in pinned:
+                continue  # round 1 takes the most sharded split; the others are round 2's
             batches = local_batches(cfg, mesh)
             schedule = pinned.get("parallelism.pp_schedule", "1f1b")
             c = make(cfg, world, settings_of(mesh, pinned.get("activation_checkpoint.mode", "full"),
@@ -173,33 +178,55 @@ def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: 
         return out
 
     first = lightest(long)
-    pool.run(first, progress, "round 1: each mesh at its lightest")
+    pool.run(first, progress, "round 1: each mesh at its lightest", quick=True)
     fit = [c for c in first if c.estimate and c.estimate.fits]
     if not fit and not long:  # nothing fits without context parallel: try it
         more = [c for c in lightest(True) if c.settings["parallelism.cp"] > 1]
-        pool.run(more, progress, "round 1: with context parallel")
+        pool.run(more, progress, "round 1: with context parallel", quick=True)
         first += more
         fit = [c for c in more if c.estimate and c.estimate.fits]
-    second: list[Candidate] = []
     fit.sort(key=lambda c: -c.estimate.tokens_per_s)
-    for light in fit[:width]:
-        mesh = {k: light.settings[f"parallelism.{k}"] for k in MESH_KEYS}
-        schedules = [pinned["parallelism.pp_schedule"]] if "parallelism.pp_schedule" in pinned else (
-            SCHEDULES if mesh["pp"] > 1 else ("1f1b",))
+    explored = fit[:width]
+
+    def variants(base: Candidate, **changes) -> Candidate | None:
+        mesh = {k: base.settings[f"parallelism.{k}"] for k in MESH_KEYS} | changes.pop("mesh", {})
+        s = {"ac": base.settings["activation_checkpoint.mode"], "batch": base.settings["training.local_batch_size"],
+             "schedule": base.settings["parallelism.pp_schedule"]} | changes
+        return make(cfg, world, settings_of(mesh, s["ac"], s["batch"], s["schedule"]), pinned, refused)
+
+    def best_of(group: list[Candidate]) -> Candidate:
+        return max((c for c in group if c.estimate and c.estimate.fits), key=lambda c: c.estimate.tokens_per_s)
+
+    # round 2a: every AC mode, growing the local batch until it no longer fits
+    grown = []
+    for light in explored:
         acs = [pinned["activation_checkpoint.mode"]] if "activation_checkpoint.mode" in pinned else AC_MODES
         batches = ([pinned["training.local_batch_size"]] if "training.local_batch_size" in pinned
-                   else local_batches(cfg, mesh))
-        for ac in acs:
-            for schedule in schedules:
-                for b in batches:
-                    c = make(cfg, world, settings_of(mesh, ac, b, schedule), pinned, refused)
-                    if c is not None:
-                        second.append(c)
-    pool.run(second, progress, "round 2: AC modes, schedules and batch sizes of the meshes that fit",
-             grow=lambda c: (c.settings["activation_checkpoint.mode"], c.settings["parallelism.pp_schedule"],
+                   else local_batches(cfg, {k: light.settings[f"parallelism.{k}"] for k in MESH_KEYS}))
+        grown += [c for ac in acs for b in batches if (c := variants(light, ac=ac, batch=b)) is not None]
+    pool.run(grown, progress, "round 2: AC modes and batch sizes", quick=True,
+             grow=lambda c: (c.settings["activation_checkpoint.mode"],
                              tuple(c.settings[f"parallelism.{k}"] for k in MESH_KEYS)))
-    done = {_identity(c): c for c in first + second if c.estimate is not None}
-    ranked = sorted((c for c in done.values() if c.estimate.fits), key=lambda c: -c.estimate.tokens_per_s)
+    # round 2b: the other schedules and the HSDP splits, each at its mesh's best so far
+    others = []
+    for light in explored:
+        mesh = {k: light.settings[f"parallelism.{k}"] for k in MESH_KEYS}
+        best = best_of([light] + [c for c in grown if _same_mesh(c, light)])
+        if mesh["pp"] > 1 and "parallelism.pp_schedule" not in pinned:
+            others += [c for sch in SCHEDULES if sch != best.settings["parallelism.pp_schedule"]
+                       if (c := variants(best, schedule=sch)) is not None]
+        if "parallelism.dp_shard" not in pinned and "parallelism.dp_replicate" not in pinned:
+            for split in meshes(cfg, world, gpus_per_node, {k: mesh[k] for k in ("pp", "cp", "tp", "ep")}, True):
+                if split["dp_shard"] != mesh["dp_shard"] and (c := variants(best, mesh=split)) is not None:
+                    others.append(c)
+    pool.run(others, progress, "round 2: schedules and HSDP splits", quick=True)
+    second = grown + others
+    # round 3: the best, estimated with both micro-batch points
+    quick_ranked = sorted((c for c in first + second if c.estimate and c.estimate.fits),
+                          key=lambda c: -c.estimate.tokens_per_s)
+    final = [Candidate(c.settings, c.cfg) for c in _unique(quick_ranked)[:top]]
+    pool.run(final, progress, "round 3: the best, in full")
+    ranked = sorted((c for c in final if c.estimate and c.estimate.fits), key=lambda c: -c.estimate.tokens_per_s)
     unfit = sorted((c for c in first if c.estimate and not c.estimate.fits), key=lambda c: c.estimate.over_gib)
     for c in first + second:
         if c.refusal:
@@ -227,6 +254,19 @@ def _identity(c: Candidate) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in c.settings.items()))
 
 
+def _unique(candidates: list[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for c in candidates:
+        if _identity(c) not in seen:
+            seen.add(_identity(c))
+            out.append(c)
+    return out
+
+
+def _same_mesh(a: Candidate, b: Candidate) -> bool:
+    return all(a.settings[f"parallelism.{k}"] == b.settings[f"parallelism.{k}"] for k in MESH_KEYS)
+
+
 # ---------------------------------------------------------------- the workers
 
 
@@ -250,7 +290,7 @@ class DryRunPool:
         self.count = 0
         self._pool = None
 
-    def run(self, candidates: list[Candidate], progress, what: str, grow=None) -> None:
+    def run(self, candidates: list[Candidate], progress, what: str, grow=None, quick: bool = False) -> None:
         """Estimate every candidate. With `grow`, candidates sharing grow(c) are taken in order of
         local batch and the rest of a group is skipped once one does not fit."""
         groups: dict = {}
@@ -262,9 +302,9 @@ class DryRunPool:
         total, done = len(candidates), 0
         for wave in range(waves):
             batch = [g[wave] for g in groups.values() if wave < len(g) and not _stopped(g, wave)]
-            self._run_dry_runs(batch)
+            self._run_dry_runs(batch, quick)
             for c in batch:
-                self._estimate(c)
+                self._estimate(c, quick)
                 done += 1
             if progress:
                 fit = [c for g in groups.values() for c in g if c.estimate and c.estimate.fits]
@@ -272,10 +312,10 @@ class DryRunPool:
                 progress(f"plan: {what}: {done}/{total} layouts, {len(fit)} fit, best {best:,.0f} tokens/s/GPU, "
                          f"{self.count} dry runs")
 
-    def _run_dry_runs(self, candidates: list[Candidate]) -> None:
+    def _run_dry_runs(self, candidates: list[Candidate], quick: bool) -> None:
         jobs = []
         for c in candidates:
-            for cfg, rank in dry_runs_needed(c.cfg, self.world):
+            for cfg, rank in dry_runs_needed(c.cfg, self.world, quick=quick):
                 if _key(cfg, rank) not in self.results and (cfg, rank) not in jobs:
                     jobs.append((cfg, rank))
         if not jobs:
@@ -291,13 +331,13 @@ class DryRunPool:
             self.results[_key(cfg, rank)] = out
         self.count += len(jobs)
 
-    def _estimate(self, c: Candidate) -> None:
-        needed = dry_runs_needed(c.cfg, self.world)
+    def _estimate(self, c: Candidate, quick: bool) -> None:
+        needed = dry_runs_needed(c.cfg, self.world, quick=quick)
         failed = [self.results[_key(*k)] for k in needed if isinstance(self.results[_key(*k)], str)]
         if failed:
             c.refusal = f"the dry run failed: {failed[0]}"
             return
-        c.estimate = estimate(c.cfg, self.world, self.device, self.gpus_per_node, runs=self.results)
+        c.estimate = estimate(c.cfg, self.world, self.device, self.gpus_per_node, runs=self.results, quick=quick)
 
     def close(self) -> None:
         if self._pool is not None:
