@@ -28,12 +28,12 @@ from torch._C._distributed_c10d import FakeWork
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from minititan import parallelize
 from minititan.collectives import expert_parallel
 from minititan.collectives.mesh import DIMS, Mesh
 from minititan.core.config import Config
-from minititan.core.data import TokenSource
+from minititan.core.data import TokenSource, rank_slice
 from minititan.core.optim import AdamW
+from minititan.layout import parallelize
 from minititan.plan.compiled import stand_in_for_compile
 from minititan.plan.fake import fake_tensors, fake_world
 from minititan.plan.memory import MemoryTracker
@@ -71,7 +71,7 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
     with fake_world(world_size, rank), _fresh_caches(), fake_tensors(capability) as gpu, recorder, \
             compile_stand_in, _quiet():
         gpu.topk_experts = cfg.model.n_experts if cfg.model.name == "moe" else None
-        mesh = Mesh(train.mesh_sizes(cfg, world_size), rank)
+        mesh = Mesh(parallelize.mesh_sizes(cfg, world_size), rank)
         layout = parallelize.build(cfg, mesh, device)
         optimizer = AdamW(layout.params, cfg.optimizer)
         for p in layout.params.values():
@@ -80,22 +80,24 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
             memory.relabel(t, "optimizer moments")
         memory.count_grads(lambda: [p.grad for p in layout.params.values() if p.grad is not None])
         trace.name_groups(group_names(cfg, mesh))
-        n_micro = train.microbatches(cfg, layout.data_size)
+        n_micro = layout.facts.n_micro
         setup_peak, start = memory.peak, memory.live
         memory.reset_peak()
         trace.start()
         recorder.stepping = True
         state = {}
-        finish_grads = layout.finish_grads
 
-        def finish_grads_then_step():  # the gradients are complete: what follows is the "step" phase
-            finish_grads()
+        def gradients_complete():  # the last of finish_grads: what follows is the "step" phase
             trace.phase = "step"
             state.update(count_state(layout, optimizer))
 
-        layout.finish_grads = finish_grads_then_step
-        data = TokenSource("synthetic", cfg.model.vocab_size)
-        train.train_step(cfg, layout, optimizer, data, 1, n_micro, device)
+        layout.finish_grads.append(gradients_complete)
+        t = cfg.training
+        batch = TokenSource("synthetic", cfg.model.vocab_size).read(
+            t.seed, 1, t.global_batch_size, t.seq_len, rows=rank_slice(layout.facts.data_rank, layout.facts.data_size,
+                                                                       t.global_batch_size),
+            documents=cfg.data.document_masking)
+        train.train_step(cfg, layout, optimizer, batch, 1, n_micro, device)
         return RankRun(rank, dict(mesh.sizes), dict(mesh.coords), memory.peak, start, setup_peak, dict(memory.at_peak),
                        state, n_micro, trace.events, sorted(set(fallbacks)))
 
@@ -171,6 +173,11 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self._paused and func.namespace not in ("aten", "prims", "c10d"):
+            body = _custom_op_body(func)
+            if body is not None:  # a torch.library op of ours: record the ops it runs, not one opaque call
+                with self:
+                    return body(*args, **kwargs)
         out = func(*args, **kwargs)
         if self._paused:
             return out
@@ -204,6 +211,13 @@ class Recorder(TorchDispatchMode):
         for t in tensors:
             if self.memory.category_of(t) not in ("fp32 masters", "gradients", "optimizer moments"):
                 self.memory.relabel(t, category)
+
+
+def _custom_op_body(func):
+    """The Python function behind a torch.library.custom_op (minititan::master_linear), or None."""
+    from torch._library.custom_ops import OPDEFS
+    opdef = OPDEFS.get(func._schema.name)
+    return opdef._init_fn if opdef is not None else None
 
 
 @contextlib.contextmanager

@@ -25,10 +25,10 @@ import math
 
 import msgspec
 
-from minititan import pipeline
 from minititan.core import model
 from minititan.core.config import Config
 from minititan.core.optim import pick_implementation
+from minititan.layout import pipeline
 from minititan.plan.devices import Device
 from minititan.plan.dryrun import RankRun, dry_run
 from minititan.plan.timing import StepTime, pipeline_bubble, step_time

@@ -24,7 +24,9 @@ Three pieces of torch make this possible, and this file adds what they leave out
       - the few ops whose CUDA kernel is one fused kernel but whose CPU version is a composite
         of smaller ops run as a stand-in with the CUDA kernel's outputs and saved tensors
         (F.rms_norm, whose CPU decomposition keeps three fp32 copies of its input for backward
-        where the CUDA kernel keeps the input and one fp32 number per row: _FusedRMSNorm below).
+        where the CUDA kernel keeps the input and one fp32 number per row: _FusedRMSNorm below);
+        FlexAttention (document masking), which has no CPU backward, runs as causal flash
+        attention, which keeps the same tensors (its block-sparse savings in time are not counted).
     The patches are undone on exit and exist only inside `fake_tensors()`.
 
 Host values. A fake tensor has no values, so reading one on the host (`.tolist()`, `.item()`)
@@ -74,8 +76,11 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
         torch.cuda.get_device_capability = lambda device=None: capability
         FakeTensor.is_cuda = property(lambda self: True)
     rms_norm = F.rms_norm
+    from torch.nn.attention import flex_attention as flex
+    flex_fns = flex.flex_attention, flex.create_block_mask
     if capability is not None:
         F.rms_norm = _fused_rms_norm
+        flex.flex_attention, flex.create_block_mask = _flex_as_flash, lambda *args, **kwargs: None
     gpu = FakeGPU()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), gpu:
@@ -85,6 +90,7 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
             del FakeTensor.is_cuda
             torch.cuda.get_device_capability = get_capability
             F.rms_norm = rms_norm
+            flex.flex_attention, flex.create_block_mask = flex_fns
 
 
 def _to_cpu(device):
@@ -172,6 +178,10 @@ class FakeGPU(TorchDispatchMode):
 def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):
     """F.rms_norm as it runs on CUDA (see _FusedRMSNorm)."""
     return _FusedRMSNorm.apply(input, tuple(normalized_shape), weight)
+
+
+def _flex_as_flash(q, k, v, block_mask=None, enable_gqa=False, **kwargs):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
 
 
 class _FusedRMSNorm(torch.autograd.Function):

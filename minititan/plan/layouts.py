@@ -76,9 +76,9 @@ def with_settings(cfg: Config, settings: dict[str, object]) -> Config:
 
 def refusal(cfg: Config, world: int) -> str | None:
     """The line `train` would refuse this layout with on `world` ranks, or None."""
-    from minititan.train import check_layout
+    from minititan.layout.parallelize import check
     try:
-        check_layout(cfg, world)
+        check(cfg, world)
     except UserError as e:
         return str(e)
     return None

@@ -50,7 +50,8 @@ COLLECTIVE_KINDS = {
     "send": "send", "recv_": "recv", "recv_any_source_": "recv", "broadcast_": "broadcast",
 }
 
-GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_mm.default}
+GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_mm.default, aten.linear.default,
+         aten.matmul.default}
 ATTENTION_FORWARD = {aten._scaled_dot_product_flash_attention.default,
                      aten._scaled_dot_product_cudnn_attention.default,
                      aten._scaled_dot_product_efficient_attention.default,
@@ -180,6 +181,12 @@ def _gemm_flops(func, args, kwargs, out) -> float:
     if func in GROUPED_GEMMS:
         a, b = args[0], args[1]
         return 2.0 * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    if func is aten.linear.default:  # x [..., k] @ w[n, k].T (inside a custom op's body)
+        x, w = args[0], args[1]
+        return 2.0 * x.numel() * w.shape[0]
+    if func is aten.matmul.default:
+        a, b = args[0], args[1]
+        return 2.0 * a.numel() * b.shape[-1]
     return float(flop_registry[func.overloadpacket](*args, out_val=out, **kwargs))
 
 
