@@ -10,7 +10,7 @@ dry-run, and the worse of the two is reported.
 
 Fewer layers and micro-batches, then straight lines. A dry run costs about a millisecond per op
 on this CPU, and a rank of Llama 3.1 405B runs thousands of ops per layer and micro-batch, so a
-layout is dry-run with the same shapes but fewer layers (u and 2u per pipeline stage, u = 1, or
+layout is dry-run with the same shapes but fewer layers (2u and 3u per pipeline stage, u = 1, or
 the period of layers that differ: MoE every N-th block, activation checkpointing every N-th)
 and fewer micro-batches (1 and 2), and every measured quantity, bytes and seconds alike, is
 extended along the lines through those runs to the real numbers. Every layer and every
@@ -100,13 +100,14 @@ def rank_layers_per_stage(cfg: Config, world: int, rank: int) -> float:
 
 def points(cfg: Config, world: int, exact: bool = False, quick: bool = False) -> tuple[list, list]:
     """The layers per stage and the micro-batches per step the dry runs take: the real ones, or
-    (u, 2u) and (1, 2) where the real ones are more (quick: micro-batches 2 only, each taken
-    to cost half of those two: a first look, as the search's first round takes)."""
+    (2u, 3u) and (1, 2) where the real ones are more (quick: micro-batches 2 only, each taken
+    to cost half of those two: a first look, as the search's first round takes). Two layers, not
+    one, at the first point: with one, the peak can sit elsewhere in the step (at the loss)."""
     u = layer_period(cfg)
     layers = max(rank_layers_per_stage(cfg, world, r) for r in ranks_to_run(cfg, world))
     n_micro = microbatches(cfg, world)
-    reduce_layers, reduce_micro = not exact and layers > 2 * u, not exact and n_micro > 2
-    return ([u, 2 * u] if reduce_layers else [None]), ([2] if quick else [1, 2]) if reduce_micro else [None]
+    reduce_layers, reduce_micro = not exact and layers > 3 * u, not exact and n_micro > 2
+    return ([2 * u, 3 * u] if reduce_layers else [None]), ([2] if quick else [1, 2]) if reduce_micro else [None]
 
 
 def microbatches(cfg: Config, world: int) -> int:
@@ -151,7 +152,7 @@ def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact:
         at = {(n, m): _rank_estimate(c, runs[_key(c, rank)], device, gpus_per_node)
               for n in layer_points for m in micro_points for c in [reduced(cfg, world, n, m)]}
         layers = rank_layers_per_stage(cfg, world, rank)
-        x = (layers - layer_points[0]) / layer_points[0] if layer_points[0] else 0.0
+        x = (layers - layer_points[0]) / (layer_points[1] - layer_points[0]) if layer_points[0] else 0.0
         one = _plane(at, layer_points, micro_points, x, microbatches(cfg, world) - 1 if micro_points[0] else 0.0)
         if micro_points == [2]:  # quick: half of two micro-batches' time per micro-batch
             one = _extend(dataclasses.replace(one, step=_zero(one.step)), one, microbatches(cfg, world) / 2)

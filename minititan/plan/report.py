@@ -14,6 +14,10 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.0f}"
 
 
+def size(nbytes: float) -> str:
+    return f"{nbytes / GiB:8.2f} GiB" if nbytes >= GiB / 100 else f"{nbytes / 2**20:8.2f} MiB"
+
+
 def knobs(c: Candidate) -> tuple[str, str]:
     s = c.settings
     ac = s["activation_checkpoint.mode"]
@@ -64,9 +68,9 @@ def breakdown(c: Candidate, header: str) -> str:
                  f"~{e.reserved_bytes / GiB:.2f} GiB ({fit})")
     for category in CATEGORIES:
         v = worst.at_peak.get(category, 0.0)
-        if v >= GiB / 1000:
-            lines.append(f"  {category:22s} {v / GiB:8.2f} GiB")
-    lines.append(f"  {'(setup peak: init)':22s} {worst.setup_peak_bytes / GiB:8.2f} GiB")
+        if v >= 1024:
+            lines.append(f"  {category:22s} {size(v)}")
+    lines.append(f"  {'(setup peak: init)':22s} {size(worst.setup_peak_bytes)}")
     for r in e.ranks:
         if r is not worst:
             lines.append(f"  other rank {r.rank} (stage {r.pp_rank}): peak {r.peak_bytes / GiB:.2f} GiB")
