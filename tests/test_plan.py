@@ -234,6 +234,19 @@ def test_collectives_cost_what_their_link_and_ring_say():
     assert collective_seconds(reduce, h100, 8) == pytest.approx(15e-6 + 2 * 7 / 8 * 2**30 / 360e9)
 
 
+def test_a_calibrated_profile_loads_as_a_gpu(tmp_path):
+    """What --calibrate writes is what --gpu PATH reads (the measuring itself needs a GPU)."""
+    from minititan.plan import devices
+    from minititan.plan.calibrate import _nearest_profile, write_profile
+    path = tmp_path / "mine.toml"
+    write_profile(str(path), "NVIDIA H100 80GB HBM3", {"gemm_tflops": 700.0, "optimizer_efficiency":
+                                                       {"fused": 0.7, "compiled": 0.99, "foreach": 0.3}},
+                  _nearest_profile("NVIDIA H100 80GB HBM3"))
+    device = devices.load(str(path))
+    assert device.gemm_tflops == 700.0 and device.name == "nvidia_h100_80gb_hbm3"
+    assert device.nvlink_gbs == devices.load("h100").nvlink_gbs
+
+
 def test_pipeline_bubble_is_the_schedules_idle_time():
     from minititan.plan.timing import pipeline_bubble
     from minititan.schedules.simulate import textbook_bubble
