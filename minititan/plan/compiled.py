@@ -124,9 +124,15 @@ class AotFunction:
         def run_fused(gm, example_inputs):
             keep = materialized(gm)
 
-            def run(*args):
-                return FusedRun(gm, keep, _current["in_graph"]).run(*args)
-            run._boxed_call = False
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+            def run(args: list):
+                """Boxed, as inductor's are: the graph takes the argument list over, so each input
+                (a saved activation, in backward) is freed after its last use, not at the end."""
+                env = dict(zip(placeholders, args))
+                args.clear()
+                return FusedRun(gm, keep, _current["in_graph"]).run(initial_env=env)
+            run._boxed_call = True
             return run
 
         recompute_all = _is_full_checkpoint(self.fn)

@@ -69,7 +69,7 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
     compile_stand_in = (stand_in_for_compile(recorder.paused, recorder.in_graph, fallbacks) if cfg.compile.enable
                         else contextlib.nullcontext())
     with fake_world(world_size, rank), _fresh_caches(), fake_tensors(capability) as gpu, recorder, \
-            compile_stand_in, _quiet():
+            _waits_recorded(trace), compile_stand_in, _quiet():
         gpu.topk_experts = cfg.model.n_experts if cfg.model.name == "moe" else None
         mesh = Mesh(parallelize.mesh_sizes(cfg, world_size), rank)
         layout = parallelize.build(cfg, mesh, device)
@@ -136,21 +136,6 @@ class Recorder(TorchDispatchMode):
         self.stepping = False  # setup until the dry run says the step starts
         self._paused = self._fusing = self._in_graph = False
 
-    def __enter__(self):
-        self._wait = FakeWork.wait
-        trace = self.trace
-
-        def wait(work, *args, **kwargs):
-            trace.on_wait(work)
-            return self._wait(work, *args, **kwargs)
-
-        FakeWork.wait = wait
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        FakeWork.wait = self._wait
-        return super().__exit__(*exc)
-
     @contextlib.contextmanager
     def paused(self):
         """Ops that are not the step's (compile's tracing) go by unrecorded."""
@@ -211,6 +196,22 @@ class Recorder(TorchDispatchMode):
         for t in tensors:
             if self.memory.category_of(t) not in ("fp32 masters", "gradients", "optimizer moments"):
                 self.memory.relabel(t, category)
+
+
+@contextlib.contextmanager
+def _waits_recorded(trace: StepTrace):
+    """Every wait() on a collective's handle reaches the trace (where the compute stream waits)."""
+    real_wait = FakeWork.wait
+
+    def wait(work, *args, **kwargs):
+        trace.on_wait(work)
+        return real_wait(work, *args, **kwargs)
+
+    FakeWork.wait = wait
+    try:
+        yield
+    finally:
+        FakeWork.wait = real_wait
 
 
 def _custom_op_body(func):

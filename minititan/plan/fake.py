@@ -41,6 +41,7 @@ group receives the same number of rows.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.distributed as dist
@@ -60,11 +61,13 @@ def fake_world(world_size: int, rank: int):
     """The default process group is a fake one of `world_size` ranks, this process being `rank`."""
     if dist.is_initialized():
         raise RuntimeError("a dry run needs a process without a process group: run it in its own process")
+    excepthook = sys.excepthook  # init_process_group wraps it to prefix [rankN]: one more layer per dry run
     dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = excepthook
 
 
 @contextlib.contextmanager
