@@ -10,7 +10,7 @@ dry-run, and the worse of the two is reported.
 
 Fewer layers and micro-batches, then straight lines. A dry run costs about a millisecond per op
 on this CPU, and a rank of Llama 3.1 405B runs thousands of ops per layer and micro-batch, so a
-layout is dry-run with the same shapes but fewer layers (2u and 3u per pipeline stage, u = 1, or
+layout is dry-run with the same shapes but fewer layers (3u and 4u per pipeline stage, u = 1, or
 the period of layers that differ: MoE every N-th block, activation checkpointing every N-th)
 and fewer micro-batches (1 and 2), and every measured quantity, bytes and seconds alike, is
 extended along the lines through those runs to the real numbers. Every layer and every
@@ -100,14 +100,16 @@ def rank_layers_per_stage(cfg: Config, world: int, rank: int) -> float:
 
 def points(cfg: Config, world: int, exact: bool = False, quick: bool = False) -> tuple[list, list]:
     """The layers per stage and the micro-batches per step the dry runs take: the real ones, or
-    (2u, 3u) and (1, 2) where the real ones are more (quick: micro-batches 2 only, each taken
-    to cost half of those two: a first look, as the search's first round takes). Two layers, not
-    one, at the first point: with one, the peak can sit elsewhere in the step (at the loss)."""
+    (3u, 4u) and (1, 2) where the real ones are more (quick, the search's first looks: (2u, 3u),
+    and micro-batches 2 only, each taken to cost half of those two). Not one and two layers: with
+    few, the peak sits elsewhere in the step (in backward, once the gradients outweigh the
+    activations), and the line through such points misses the real one by a few percent."""
     u = layer_period(cfg)
     layers = max(rank_layers_per_stage(cfg, world, r) for r in ranks_to_run(cfg, world))
     n_micro = microbatches(cfg, world)
-    reduce_layers, reduce_micro = not exact and layers > 3 * u, not exact and n_micro > 2
-    return ([2 * u, 3 * u] if reduce_layers else [None]), ([2] if quick else [1, 2]) if reduce_micro else [None]
+    first = 2 * u if quick else 3 * u
+    reduce_layers, reduce_micro = not exact and layers > first + u, not exact and n_micro > 2
+    return ([first, first + u] if reduce_layers else [None]), ([2] if quick else [1, 2]) if reduce_micro else [None]
 
 
 def microbatches(cfg: Config, world: int) -> int:
