@@ -43,6 +43,7 @@ def _real_step(rank, world, overrides, measure_peak):
     from minititan import train
     from minititan.core.config import load_config
     from minititan.core.data import TokenSource, rank_slice
+    from minititan.core.guard import StepGuard
     from minititan.core.optim import AdamW
     from minititan.plan.dryrun import count_state
     from minititan.plan.memory import MemoryTracker
@@ -57,7 +58,8 @@ def _real_step(rank, world, overrides, measure_peak):
                                                                     rows=rows) for step in (1, 2)]
     state = {}
     layout.finish_grads.append(lambda: state.update(count_state(layout, optimizer)))
-    train.train_step(cfg, layout, optimizer, batches[0], 1, layout.facts.n_micro, device)
+    guard = StepGuard(device, 0, lambda: False, str, rank)
+    train.train_step(cfg, layout, optimizer, batches[0], 1, layout.facts.n_micro, device, guard)
     if not measure_peak:
         return state, None
     memory = MemoryTracker(block=1)
@@ -74,7 +76,7 @@ def _real_step(rank, world, overrides, measure_peak):
 
     start = memory.live
     with Count():
-        train.train_step(cfg, layout, optimizer, batches[1], 2, layout.facts.n_micro, device)
+        train.train_step(cfg, layout, optimizer, batches[1], 2, layout.facts.n_micro, device, guard)
     return state, memory.peak - start
 
 

@@ -32,6 +32,7 @@ from minititan.collectives import expert_parallel
 from minititan.collectives.mesh import DIMS, Mesh
 from minititan.core.config import Config
 from minititan.core.data import TokenSource, rank_slice
+from minititan.core.guard import StepGuard
 from minititan.core.optim import AdamW
 from minititan.layout import parallelize
 from minititan.plan.compiled import stand_in_for_compile
@@ -97,7 +98,10 @@ def dry_run(cfg: Config, world_size: int, rank: int, capability: tuple[int, int]
             t.seed, 1, t.global_batch_size, t.seq_len, rows=rank_slice(layout.facts.data_rank, layout.facts.data_size,
                                                                        t.global_batch_size),
             documents=cfg.data.document_masking)
-        train.train_step(cfg, layout, optimizer, batch, 1, n_micro, device)
+        # the guard's host buffers and CUDA events are outside the step's memory: a CPU one (its one
+        # all-reduce of the norm and the stop flag is the same)
+        guard = StepGuard(torch.device("cpu"), t.skip_nonfinite_steps, lambda: False, str, rank)
+        train.train_step(cfg, layout, optimizer, batch, 1, n_micro, device, guard)
         return RankRun(rank, dict(mesh.sizes), dict(mesh.coords), memory.peak, start, setup_peak, dict(memory.at_peak),
                        state, n_micro, trace.events, sorted(set(fallbacks)))
 
