@@ -20,7 +20,8 @@ every other setting stay the config's. A knob set on the command line stays fixe
                  the other schedules (interleaved 1F1B, zero bubble; GPipe has 1F1B's bubble and
                  holds more, so it is tried only when asked for) and the HSDP splits.
     round 3      the best `top`, estimated again with every run the estimate takes (rounds 1
-                 and 2 take a micro-batch's time as half of two's).
+                 and 2 take a micro-batch's time as half of two's, and run compiled configs
+                 eagerly: see _looked_at).
 
 Every candidate is checked by the trainer's own refusals first (the same one-line messages
 `train` prints), and each dry run is done once, on a pool of worker processes.
@@ -42,7 +43,7 @@ from minititan.plan.estimate import Estimate, _key, dry_runs_needed, estimate
 LONG_SEQUENCE = 16384  # from here on context parallel is worth trying
 AC_MODES = ("full", "selective", "none")
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")  # gpipe: 1F1B's bubble with more memory (ask for it to get it)
-WIDTH = 6  # round 2 explores this many of the fastest meshes of round 1
+WIDTH = 4  # round 2 explores this many of the fastest meshes of round 1
 MESH_KEYS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
 
 
@@ -315,7 +316,7 @@ class DryRunPool:
     def _run_dry_runs(self, candidates: list[Candidate], quick: bool) -> None:
         jobs = []
         for c in candidates:
-            for cfg, rank in dry_runs_needed(c.cfg, self.world, quick=quick):
+            for cfg, rank in dry_runs_needed(_looked_at(c.cfg, quick), self.world, quick=quick):
                 if _key(cfg, rank) not in self.results and (cfg, rank) not in jobs:
                     jobs.append((cfg, rank))
         if not jobs:
@@ -332,18 +333,28 @@ class DryRunPool:
         self.count += len(jobs)
 
     def _estimate(self, c: Candidate, quick: bool) -> None:
-        needed = dry_runs_needed(c.cfg, self.world, quick=quick)
+        cfg = _looked_at(c.cfg, quick)
+        needed = dry_runs_needed(cfg, self.world, quick=quick)
         failed = [self.results[_key(*k)] for k in needed if isinstance(self.results[_key(*k)], str)]
         if failed:
             c.refusal = f"the dry run failed: {failed[0]}"
             return
-        c.estimate = estimate(c.cfg, self.world, self.device, self.gpus_per_node, runs=self.results, quick=quick)
+        c.estimate = estimate(cfg, self.world, self.device, self.gpus_per_node, runs=self.results, quick=quick)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool.join()
             self._pool = None
+
+
+def _looked_at(cfg: Config, quick: bool) -> Config:
+    """The config a first look dry-runs: eager, where compile is on (the compile stand-in traces
+    each new shape once per process, and a search meets many; compiled steps hold less and run
+    faster, so a layout that fits eager fits compiled): round 3 estimates the best compiled."""
+    if not quick or not cfg.compile.enable:
+        return cfg
+    return msgspec.structs.replace(cfg, compile=msgspec.structs.replace(cfg.compile, enable=False))
 
 
 def _run_here(job):
