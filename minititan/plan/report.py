@@ -44,6 +44,11 @@ def table(search: Search, top: int, header: str) -> str:
         lines += _columns(rows)
         lines.append("(mem: the worst rank's reserved peak, allocated x the allocator's fragmentation; compute, "
                      "optim, bubble and exposed communication add up to the step with the host's waits)")
+    if search.ranked:
+        best = search.ranked[0].estimate.step
+        if best.bubble > 0.3 * best.total:
+            lines.append(f"(the best spends {100 * best.bubble / best.total:.0f}% of its step in the pipeline bubble: "
+                         "more micro-batches per pipeline, from a larger training.global_batch_size, would hide it)")
     if search.unfit:
         lines += ["", "Did not fit even at their lightest (full activation checkpointing, the smallest local batch):"]
         for c in search.unfit[:top]:
