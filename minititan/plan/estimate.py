@@ -146,12 +146,12 @@ def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact:
     same for every micro-batch after the first: it is read from the runs with two (or the real one)."""
     runs = dict(runs or {})
     for key in dry_runs_needed(cfg, world, exact, quick):
-        if _key(*key) not in runs:
-            runs[_key(*key)] = dry_run(key[0], world, key[1], tuple(device.capability))
+        if run_key(*key) not in runs:
+            runs[run_key(*key)] = dry_run(key[0], world, key[1], tuple(device.capability))
     layer_points, micro_points = points(cfg, world, exact, quick)
     per_rank = []
     for rank in ranks_to_run(cfg, world):
-        at = {(n, m): _rank_estimate(c, runs[_key(c, rank)], device, gpus_per_node)
+        at = {(n, m): _rank_estimate(c, runs[run_key(c, rank)], device, gpus_per_node)
               for n in layer_points for m in micro_points for c in [reduced(cfg, world, n, m)]}
         layers = rank_layers_per_stage(cfg, world, rank)
         x = (layers - layer_points[0]) / (layer_points[1] - layer_points[0]) if layer_points[0] else 0.0
@@ -184,7 +184,8 @@ def _plane(at: dict, layer_points: list, micro_points: list, x: float, y: float)
     return base
 
 
-def _key(cfg: Config, rank: int) -> tuple[bytes, int]:
+def run_key(cfg: Config, rank: int) -> tuple[bytes, int]:
+    """What identifies a dry run: the config (as JSON) and the rank."""
     return msgspec.json.encode(cfg), rank
 
 

@@ -38,7 +38,7 @@ import msgspec
 from minititan.core.config import Config, UserError, hidden_dim
 from minititan.core import config as config_lib
 from minititan.plan.devices import Device
-from minititan.plan.estimate import Estimate, _key, dry_runs_needed, estimate
+from minititan.plan.estimate import Estimate, dry_runs_needed, estimate, run_key
 
 LONG_SEQUENCE = 16384  # from here on context parallel is worth trying
 AC_MODES = ("full", "selective", "none")
@@ -317,7 +317,7 @@ class DryRunPool:
         jobs = []
         for c in candidates:
             for cfg, rank in dry_runs_needed(_looked_at(c.cfg, quick), self.world, quick=quick):
-                if _key(cfg, rank) not in self.results and (cfg, rank) not in jobs:
+                if run_key(cfg, rank) not in self.results and (cfg, rank) not in jobs:
                     jobs.append((cfg, rank))
         if not jobs:
             return
@@ -329,13 +329,13 @@ class DryRunPool:
         else:
             outs = [_run_here(a) for a in args]
         for (cfg, rank), out in zip(jobs, outs):
-            self.results[_key(cfg, rank)] = out
+            self.results[run_key(cfg, rank)] = out
         self.count += len(jobs)
 
     def _estimate(self, c: Candidate, quick: bool) -> None:
         cfg = _looked_at(c.cfg, quick)
         needed = dry_runs_needed(cfg, self.world, quick=quick)
-        failed = [self.results[_key(*k)] for k in needed if isinstance(self.results[_key(*k)], str)]
+        failed = [self.results[run_key(*k)] for k in needed if isinstance(self.results[run_key(*k)], str)]
         if failed:
             c.refusal = f"the dry run failed: {failed[0]}"
             return
