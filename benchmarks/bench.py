@@ -87,6 +87,7 @@ def run(out: Path, name: str, args: list[str], timeout: int = TIMEOUT) -> dict:
         row |= {"tokens_per_sec": statistics.median(r["tokens_per_sec_per_device"] for r in late),
                 "mfu": statistics.median(r["mfu"] or 0 for r in late),
                 "mem_gib": max(r["mem_peak_gib"] for r in rows), "loss": rows[-1]["loss"],
+                "mem_alloc_gib": max((r.get("mem_allocated_peak_gib") or 0) for r in rows),  # what plan predicts
                 "gnorm_step1": rows[0]["grad_norm"]}  # same weights and data in every row: a sanity check
     return row
 
@@ -103,11 +104,12 @@ def main():
             results.append(run(out, name, shlex.split(args)))
         print(json.dumps(results[-1]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n| run | tokens/s/GPU | MFU | peak mem GiB | step-1 grad norm | wall s | rc |\n"
-          f"|---|---:|---:|---:|---:|---:|---|")
+    print(f"\n| run | tokens/s/GPU | MFU | peak mem GiB | allocated GiB | step-1 grad norm | wall s | rc |\n"
+          f"|---|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['name']} | {r.get('tokens_per_sec', 0):,.0f} | {r.get('mfu', 0):.1f}% | "
-              f"{r.get('mem_gib', 0):.1f} | {r.get('gnorm_step1', float('nan')):.3f} | {r['wall_s']} | {r['rc']} |")
+              f"{r.get('mem_gib', 0):.1f} | {r.get('mem_alloc_gib', 0):.1f} | {r.get('gnorm_step1', float('nan')):.3f} | "
+              f"{r['wall_s']} | {r['rc']} |")
 
 
 if __name__ == "__main__":

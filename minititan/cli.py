@@ -100,9 +100,15 @@ minititan/core/config.py.
               help="TOML config file, or a shipped config's name (default: the built-in debug config)")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="launch N local ranks with torch.distributed.run")
+@click.option("--dry-run", is_flag=True, help="set up and step the ranks on fake tensors (no device, no launch): "
+              "the job's errors and memory in seconds; the world is --nproc (or WORLD_SIZE)")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-def train(config_path, nproc, overrides):
+def train(config_path, nproc, dry_run, overrides):
     cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
+    if dry_run:
+        from minititan.plan.command import run_dry_train
+        run_dry_train(cfg, nproc or int(os.environ.get("WORLD_SIZE", "1")))
+        return
     if nproc and "WORLD_SIZE" not in os.environ:
         check_before_start(cfg, nproc, in_rank=False)
         launch(nproc, config_path, overrides)
@@ -347,6 +353,31 @@ def schedule(pp, microbatches, schedule, virtual, svg_path):
         viewer.main(pp, microbatches, schedule, virtual, svg_path)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+@main.command(**OVERRIDES)
+@click.option("-c", "--config", "config_path", default=None)
+@click.option("--gpus", type=int, default=None, help="GPUs in the job (the world size)")
+@click.option("--gpu", default="h100", help="h100 | h200 | b200, or a profile .toml (from --calibrate)")
+@click.option("--gpus-per-node", type=int, default=8, help="GPUs per node: NVLink inside one, the network across")
+@click.option("--layout", default=None, help="one layout's breakdown: dp_shard=8,tp=2,pp=2,pp_schedule=1f1b,ac=full,batch=2")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--top", type=int, default=10, help="layouts to list")
+@click.option("--workers", type=int, default=None, help="dry-run processes (default: one per core)")
+@click.option("--calibrate", "calibrate_out", default=None, help="measure this GPU and write its profile to this .toml")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def plan(config_path, gpus, gpu, gpus_per_node, layout, as_json, top, workers, calibrate_out, overrides):
+    """Memory and speed of every layout (or one) before launch, from dry runs on fake tensors."""
+    if calibrate_out:
+        from minititan.plan.calibrate import calibrate
+        calibrate(calibrate_out)
+        return
+    pairs = split_overrides(overrides)
+    cfg = load_config(config_path, pairs)
+    if gpus is None:
+        raise UserError("minititan plan needs --gpus N: the GPUs the job runs on")
+    from minititan.plan.command import run_plan
+    run_plan(cfg, {p.split("=", 1)[0] for p in pairs}, gpus, gpu, gpus_per_node, layout, as_json, top, workers)
 
 
 @main.group()

@@ -54,6 +54,7 @@ from typing import Iterator, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .mesh import all_gather_single, reduce_scatter_single
 
@@ -168,6 +169,7 @@ class _SavedSubclass:
 
 
 _DONE = object()
+_PLAIN_TENSORS = (Tensor, FakeTensor)  # not a subclass such as Float8Weight; FakeTensor: a dry run (minititan plan)
 _resharding_now: list["FSDP"] = []  # the FSDP objects inside resharding(), outermost first
 
 
@@ -317,10 +319,10 @@ class FSDP:
             inner = {name: self._pack(getattr(t, name)) for name in names}
             if any(isinstance(v, _SavedRef) for v in inner.values()):
                 return _SavedSubclass(type(t), inner, meta, tuple(t.shape), tuple(t.stride()))
-        if self._gathered and type(t) is Tensor and t.layout == torch.strided:
-            ptr = t.untyped_storage().data_ptr()
+        if self._gathered and type(t) in _PLAIN_TENSORS and t.layout == torch.strided:
+            storage = t.untyped_storage()._cdata  # the allocation (not data_ptr: a dry run's fake tensors have none)
             for unit, full in self._gathered.items():
-                if full.data_ptr() == ptr:
+                if full.untyped_storage()._cdata == storage:
                     self._awaiting_backward.add(unit)
                     return _SavedRef(unit, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
         return t  # activations (and anything else) are saved as usual

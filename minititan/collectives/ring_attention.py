@@ -95,7 +95,7 @@ def reduce_kv_grad(dx: Tensor, n_kv_heads: int) -> Tensor:
 
 
 def uses_cuda_flash(q: Tensor) -> bool:
-    return q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16)
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool,

@@ -37,6 +37,12 @@ def peak_flops(device: torch.device, fp8: bool) -> float | None:
     return None
 
 
+def allocated_peak_gib(device: torch.device) -> float | None:
+    """The most bytes tensors held at once (the caching allocator reserves more): what
+    `minititan plan` predicts. None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.memory_stats(device).get("reserved_bytes.all.peak", 0) / 2**30
@@ -68,7 +74,8 @@ class MetricsLogger:
         row = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                "tokens_per_sec_per_device": tps,
                "mfu": 100 * tps * self.flops_per_token / self.peak if self.peak else None,
-               "mem_peak_gib": peak_memory_gib(device), "step_time_s": seconds / steps}
+               "mem_peak_gib": peak_memory_gib(device), "mem_allocated_peak_gib": allocated_peak_gib(device),
+               "step_time_s": seconds / steps}
         row |= extra or {}
         if not self.enabled:
             return row

@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minititan.core import moe
@@ -146,8 +147,10 @@ def init_box(cfg: Model, seed: int, name: str, box: list[list[int]], device) -> 
 
 
 def init_param(cfg: Model, name: str, shape, seed: int, device, dtype) -> Tensor:
-    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     t = torch.empty(shape, device=device, dtype=torch.float32)
+    if isinstance(t, FakeTensor):  # a dry run (minititan plan): shapes without storage, no values to draw
+        return t.to(dtype)
+    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     leaf = name.rsplit(".", 1)[-1]
     if name.endswith("norm"):
         t.fill_(1.0)

@@ -253,9 +253,9 @@ def grouped_mm_ok(x: Tensor, w1: Tensor) -> bool:
     runs fp32 and bf16 exactly). Elsewhere (fp32 on CUDA, older GPUs, CPU under compile) the loop."""
     if x.dtype != w1.dtype or x.shape[-1] % 16 or w1.shape[1] % 16:
         return False
-    if x.device.type == "cpu" and torch.compiler.is_compiling():
+    if not x.is_cuda and torch.compiler.is_compiling():
         return False  # the compile-time shape check accepts bf16 only
-    return _grouped_mm_supported(x.device.type, x.dtype)
+    return _grouped_mm_supported("cuda" if x.is_cuda else x.device.type, x.dtype)  # is_cuda: a dry run's fakes answer it
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing, never traces into it

@@ -1,0 +1,257 @@
+"""torch.compile in a dry run: the graphs and the saved tensors compile makes, without a compiler.
+
+Compile changes memory in two ways, and a dry run cannot run inductor (no GPU; Triton):
+  * what a compiled block keeps for backward: AOTAutograd's min-cut partitioner decides it,
+    recomputing cheap element-wise results in backward instead of keeping them (a SwiGLU's silu
+    output, a norm's output) and keeping what is dear to recompute;
+  * what exists at once inside a block: inductor fuses chains of element-wise ops into one
+    kernel, so their intermediates are never written (the loss's fp32 copy of the logits).
+
+So in a dry run with compile.enable, `torch.compile(fn)` is replaced by `AotFunction(fn)`: on
+the first call with given shapes it traces fn into forward and backward graphs with torch's
+AOTAutograd and the same partitioner and decompositions inductor uses; every call then runs
+those graphs op by op (the dry run records their ops and memory), and an intermediate of a
+fusible op (element-wise or a reduction) whose users are all fusible too is not counted:
+inductor would not write it. A function the tracer cannot take (collectives inside, such as
+tensor parallel's; code under torch.compiler.disable) runs eagerly instead, as the part of the
+model dynamo would leave out of its graphs, and `fallbacks` names it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+aten = torch.ops.aten
+REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.amax.default, aten.amin.default,
+              aten.max.dim, aten.logsumexp.default, aten._log_softmax.default, aten._softmax.default,
+              aten.var_mean.correction, aten.prod.dim_int, aten.argmax.default, aten.log_softmax.int,
+              aten.gather.default, aten.scatter.value, aten.scatter.src, aten.scatter_add.default}
+FREE_TO_MAKE = {aten.full.default, aten.zeros.default, aten.ones.default, aten.scalar_tensor.default,
+                aten.empty.memory_format, aten.arange.default, aten.arange.start}
+
+
+def fusible(node) -> bool:
+    """Element-wise ops, reductions and factories fuse; views go with what they view."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return (torch.Tag.pointwise in target.tags or target in REDUCTIONS or target in FREE_TO_MAKE or target.is_view
+            or target in (aten._to_copy.default, aten.clone.default, aten.where.self, aten.copy.default,
+                          aten._unsafe_view.default, aten.view.default, aten.reshape.default))
+
+
+def materialized(gm: torch.fx.GraphModule) -> set[str]:
+    """Nodes whose outputs a fusing compiler writes to memory: all but fusible ops feeding only
+    fusible ops (views keep what they view)."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if not fusible(node) or any(u.op == "output" or not fusible(u) for u in node.users):
+            out.add(node.name)
+    return out
+
+
+class FusedRun(torch.fx.Interpreter):
+    """Run a graph op by op, telling the dry run which outputs are not written (fused)."""
+
+    def __init__(self, gm, keep: set[str], in_graph):
+        super().__init__(gm)
+        self.keep, self.in_graph = keep, in_graph
+
+    def run_node(self, n):
+        with self.in_graph(fused=n.op == "call_function" and n.name not in self.keep):
+            return super().run_node(n)
+
+    def call_function(self, target, args, kwargs):
+        """Random ops recomputed in backward come wrapped in the rng-state operators, which need
+        their own rules under each dispatch mode; their state is no tensor a dry run must hold."""
+        from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+        if target is run_and_save_rng_state:
+            op, *rest = args
+            return torch.zeros((), device=rest[0].device), op(*rest, **kwargs)
+        if target is run_with_rng_state:
+            _, op, *rest = args
+            return op(*rest, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
+_TRACED: dict = {}  # structural key -> traced graphs (or None: runs eagerly), shared by the dry runs of a process
+_current: dict = {}  # the running dry run's hooks: paused, in_graph
+
+
+class AotFunction:
+    """What torch.compile(fn) returns, in a dry run."""
+
+    def __init__(self, fn, fallbacks: list[str]):
+        self.fn, self.fallbacks = fn, fallbacks
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        tensors = [leaves[i] for i in where]
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+            return self.fn(*args, **kwargs)  # no backward: the saved tensors do not matter
+        key = (_describe(self.fn), spec, tuple(_describe(x) for i, x in enumerate(leaves) if i not in where),
+               tuple((tuple(t.shape), t.dtype, t.requires_grad, t.is_cuda) for t in tensors))
+        if key not in _TRACED:
+            _TRACED[key] = self._trace(key, leaves, where, spec, tensors)
+        compiled = _TRACED[key]
+        if compiled is None:
+            self.fallbacks.append(_FAILED[key])
+            return self.fn(*args, **kwargs)
+        return compiled(*tensors)
+
+    def _trace(self, key, leaves, where, spec, tensors):
+        from torch._functorch.aot_autograd import aot_function
+        from torch._functorch.partitioners import min_cut_rematerialization_partition  # what inductor partitions with
+
+        template = [None if i in where else x for i, x in enumerate(leaves)]  # no tensors: the trace is kept
+
+        def flat_fn(*ts):
+            filled = list(template)
+            for i, t in zip(where, ts):
+                filled[i] = t
+            args, kwargs = tree_unflatten(filled, spec)
+            return self.fn(*args, **kwargs)
+
+        def run_fused(gm, example_inputs):
+            keep = materialized(gm)
+
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+            def run(args: list):
+                """Boxed, as inductor's are: the graph takes the argument list over, so each input
+                (a saved activation, in backward) is freed after its last use, not at the end."""
+                env = dict(zip(placeholders, args))
+                args.clear()
+                return FusedRun(gm, keep, _current["in_graph"]).run(initial_env=env)
+            run._boxed_call = True
+            return run
+
+        recompute_all = _is_full_checkpoint(self.fn)
+
+        def partition(joint, inputs, **kwargs):
+            if recompute_all:  # what dynamo tags a checkpointed region with: recompute every op of the forward
+                output = next(n for n in joint.graph.nodes if n.op == "output")
+                for node in _ancestors(output.args[0][:kwargs["num_fwd_outputs"]]):
+                    node.meta.setdefault("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
+            for node in joint.graph.nodes:  # activation checkpointing's tags, one region per graph (dynamo
+                if "recompute" in node.meta and node.meta.get("ac_graph_id") is None:  # numbers them)
+                    node.meta["ac_graph_id"] = 0
+            return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+        traced = aot_function(flat_fn, fw_compiler=run_fused, bw_compiler=run_fused, partition_fn=partition,
+                              decompositions=_decompositions())
+        try:
+            with _current["paused"](), _compiling():  # tracing is not the step: the dry run records nothing
+                # on stand-ins of the inputs: the traced function keeps its example inputs alive
+                traced(*[torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                         .requires_grad_(t.requires_grad) for t in tensors])
+        except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
+            _FAILED[key] = f"{_name(self.fn)} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            return None
+        return traced
+
+
+_FAILED: dict = {}  # structural key -> why it runs eagerly
+
+
+def _describe(x):
+    """What of a non-tensor argument shapes the traced graph: values of plain data, the code of
+    functions (a partial: its function and arguments), the size of a process group, the fields
+    of a dataclass such as model.Ops; not object identities, which differ from one dry run to the next."""
+    if isinstance(x, (int, float, str, bool, type(None), torch.dtype)):
+        return x
+    if isinstance(x, functools.partial):
+        return ("partial", _describe(x.func), tuple(_describe(a) for a in x.args),
+                tuple(sorted((k, _describe(v)) for k, v in x.keywords.items())))
+    if isinstance(x, (tuple, list)):
+        return tuple(_describe(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((str(k), _describe(v)) for k, v in x.items()))
+    if isinstance(x, torch.distributed.ProcessGroup):
+        return ("group", x.size())
+    if dataclasses.is_dataclass(x):
+        return (type(x).__qualname__, tuple((f.name, _describe(getattr(x, f.name))) for f in dataclasses.fields(x)))
+    code = getattr(x, "__code__", None)
+    if code is not None:  # a function or closure: its code and what it closes over
+        cells = tuple(_describe(c.cell_contents) for c in (x.__closure__ or ()) if _is_plain(c))
+        return (code.co_filename, code.co_firstlineno, cells)
+    return (type(x).__qualname__, getattr(x, "__qualname__", None))
+
+
+def _is_plain(cell) -> bool:
+    try:
+        value = cell.cell_contents
+    except ValueError:
+        return False
+    return isinstance(value, (int, float, str, bool, type(None), torch.dtype, tuple, functools.partial)) or callable(value)
+
+
+def _is_full_checkpoint(fn) -> bool:
+    """activation_checkpoint.block_runner's checkpoint of a whole block (no selective policy)."""
+    return (isinstance(fn, functools.partial) and fn.func.__name__ == "_checkpointed"
+            and not fn.args[1].get("context_fn"))
+
+
+def _ancestors(nodes) -> list:
+    seen, stack = {}, [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node.name not in seen:
+            seen[node.name] = node
+            stack += node.all_input_nodes
+    return [n for n in seen.values() if n.op == "call_function"]
+
+
+def _name(fn) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.args[0] if fn.func.__name__ == "_checkpointed" else fn.func
+    return getattr(fn, "__name__", str(fn))
+
+
+@functools.cache
+def _decompositions():
+    try:
+        from torch._inductor.decomposition import select_decomp_table
+        return select_decomp_table()
+    except Exception:  # noqa: BLE001  an inductor-less build traces without them
+        return {}
+
+
+@contextlib.contextmanager
+def _compiling():
+    """torch.compiler.is_compiling() answers True while tracing, as under dynamo (the model's
+    compiled branches: the fused loss, RoPE in real arithmetic)."""
+    is_compiling = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        yield
+    finally:
+        torch.compiler.is_compiling = is_compiling
+
+
+@contextlib.contextmanager
+def stand_in_for_compile(paused, in_graph, fallbacks: list[str]):
+    """torch.compile -> AotFunction inside the block (scoped: restored on exit)."""
+    real = torch.compile
+
+    def compile(fn=None, **options):
+        if fn is None:  # used as @torch.compile(...)
+            return lambda f: AotFunction(f, fallbacks)
+        return AotFunction(fn, fallbacks)
+
+    torch.compile = compile
+    _current.update(paused=paused, in_graph=in_graph)
+    try:
+        yield
+    finally:
+        torch.compile = real
+        _current.clear()

@@ -1,0 +1,60 @@
+"""Device profiles: a GPU and its links in a few numbers (plan/devices.toml says what each means)."""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import msgspec
+
+from minititan.core.config import UserError
+
+
+class Device(msgspec.Struct, forbid_unknown_fields=True):
+    description: str
+    capability: list[int]
+    memory_gib: float
+    reserved_gib: float
+    fragmentation: float
+    peak_bf16_tflops: float
+    gemm_tflops: float
+    gemm_fp8_tflops: float
+    attention_tflops: float
+    hbm_gbs: float
+    elementwise_efficiency: float
+    kernel_us: float
+    host_op_us: float
+    compiled_host_fraction: float
+    nvlink_gbs: float
+    network_gbs: float
+    nvlink_latency_us: float
+    network_latency_us: float
+    comm_compute_slowdown: float
+    optimizer_efficiency: dict[str, float]
+    name: str = ""
+
+
+def shipped() -> dict[str, Device]:
+    text = importlib.resources.files("minititan").joinpath("plan/devices.toml").read_text()
+    return read_profiles(text, "minititan/plan/devices.toml")
+
+
+def read_profiles(text: str, where: str) -> dict[str, Device]:
+    try:
+        raw = msgspec.toml.decode(text)
+        return {name: msgspec.convert(body, Device) for name, body in raw.items()} | {}
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise UserError(f"{where}: not a device profile ({e}); see minititan/plan/devices.toml for the keys") from None
+
+
+def load(name_or_path: str) -> Device:
+    """A shipped profile by name (h100, h200, b200), or the first profile in a TOML file."""
+    profiles = shipped()
+    if name_or_path.lower() in profiles:
+        device = profiles[name_or_path.lower()]
+        return msgspec.structs.replace(device, name=name_or_path.lower())
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        name, device = next(iter(read_profiles(path.read_text(), str(path)).items()))
+        return msgspec.structs.replace(device, name=name)
+    raise UserError(f"--gpu {name_or_path!r} is neither a known GPU ({', '.join(profiles)}) nor a profile file: "
+                    f"pass one of those, or the .toml that `minititan plan --calibrate` wrote")

@@ -1,0 +1,321 @@
+"""minititan plan and train --dry-run: the dry run against real gloo runs, at scale, and the CLI.
+
+A dry run needs a process without a process group (it makes a fake one of the target world
+size), so every dry run here runs in a worker process of its own (`dry_runs`)."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.distributed import _CONTEXT, run_ranks
+from tests.harness import TINY
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _dry(job):
+    from minititan.core.config import load_config
+    from minititan.plan.dryrun import dry_run
+    path, overrides, world, rank, capability = job
+    return dry_run(load_config(path, overrides), world, rank, capability)
+
+
+def dry_runs(jobs: list[tuple]) -> list:
+    """(config path, overrides, world, rank, capability) -> RankRun, on two worker processes."""
+    with _CONTEXT.Pool(2) as pool:
+        return pool.map(_dry, jobs, chunksize=1)
+
+
+# ---------------------------------------------------------------- against real gloo runs
+
+
+def _real_step(rank, world, overrides, measure_peak):
+    """One real training step of this layout: the state bytes the rank holds when its gradients
+    are complete, and (measure_peak) the peak of live bytes during a second step above what was
+    alive when it began: every storage the step's ops make is a CPU allocation, counted from the
+    op that makes it until its last tensor dies (a dispatch mode with the dry run's counter, on
+    real tensors). torch.profiler's memory records cannot say this: they book an op's
+    allocations net of the frees inside it, and miss peaks within an op."""
+    from minititan import train
+    from minititan.core.config import load_config
+    from minititan.core.data import TokenSource, rank_slice
+    from minititan.core.guard import StepGuard
+    from minititan.core.optim import AdamW
+    from minititan.plan.dryrun import count_state
+    from minititan.plan.memory import MemoryTracker
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    cfg = load_config(None, overrides)
+    device, mesh, layout = train.setup(cfg)
+    optimizer = AdamW(layout.params, cfg.optimizer)
+    t = cfg.training
+    rows = rank_slice(layout.facts.data_rank, layout.facts.data_size, t.global_batch_size)
+    batches = [TokenSource("synthetic", cfg.model.vocab_size).read(t.seed, step, t.global_batch_size, t.seq_len,
+                                                                    rows=rows) for step in (1, 2)]
+    state = {}
+    layout.finish_grads.append(lambda: state.update(count_state(layout, optimizer)))
+    guard = StepGuard(device, 0, lambda: False, str, rank)
+    train.train_step(cfg, layout, optimizer, batches[0], 1, layout.facts.n_micro, device, guard)
+    if not measure_peak:
+        return state, None
+    memory = MemoryTracker(block=1)
+    for t_ in [*layout.params.values(), *optimizer.exp_avg.values(), *optimizer.exp_avg_sq.values(),
+               optimizer._step_on_device]:
+        memory.track(t_, "other")  # alive before the step
+    memory.reset_peak()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            memory.on_op(tree_flatten(out)[0])
+            return out
+
+    start = memory.live
+    with Count():
+        train.train_step(cfg, layout, optimizer, batches[1], 2, layout.facts.n_micro, device, guard)
+    return state, memory.peak - start
+
+
+STATE_LAYOUTS = [
+    (4, ["parallelism.dp_shard=4"]),
+    (4, ["parallelism.dp_replicate=2", "parallelism.dp_shard=2"]),
+    (4, ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.dp_shard=2"]),
+    (4, ["parallelism.pp=2", "parallelism.dp_shard=2"]),
+    (4, ["parallelism.cp=2", "parallelism.dp_replicate=2"]),
+    (4, ["model.name=moe", "model.n_experts=4", "model.top_k=2", "parallelism.dp_shard=4", "parallelism.ep=2",
+         "training.param_dtype=bfloat16"]),  # the grouped GEMM's meta kernel takes bf16 only
+]
+
+
+@pytest.mark.parametrize("world, overrides", STATE_LAYOUTS, ids=["fsdp4", "hsdp2x2", "tp2sp_fsdp2", "pp2_fsdp2",
+                                                                   "cp2_dp2", "moe_ep2_fsdp4"])
+def test_dry_run_holds_the_state_bytes_of_a_real_run(world, overrides):
+    """Every rank's params, grads and optimizer moments: the dry run's bytes are the real run's."""
+    overrides = TINY + overrides
+    real = run_ranks(world, _real_step, overrides, False)
+    dry = dry_runs([(None, overrides, world, rank, None) for rank in range(world)])
+    for rank in range(world):
+        assert dry[rank].state_bytes == real[rank][0], f"rank {rank}"
+
+
+@pytest.mark.parametrize("world, overrides, tolerance", [
+    (1, ["activation_checkpoint.mode=none"], 0.01),
+    (1, ["activation_checkpoint.mode=full"], 0.01),
+    (1, ["activation_checkpoint.mode=selective", "training.param_dtype=bfloat16"], 0.01),
+    (2, ["parallelism.tp=2", "parallelism.sequence_parallel=true"], 0.01),
+    # gloo's async work handles keep their tensors until the handle dies; NCCL's (and the fake
+    # group's) let go at wait(): FSDP's reduce-scatter buffer outlives its wait by one unit on gloo
+    (2, ["parallelism.dp_shard=2", "activation_checkpoint.mode=selective"], 0.10),
+], ids=["no_ac", "full_ac", "selective_ac_bf16", "tp2_sp", "fsdp2_selective"])
+def test_dry_run_peak_is_the_real_runs(world, overrides, tolerance):
+    """The step's peak of live bytes above what it starts with: the dry run (fake tensors, fake
+    process group) against the real run's allocations on gloo, every rank."""
+    overrides = TINY + ["model.dim=256", "model.n_heads=8", "training.seq_len=64", "model.max_seq_len=64"] + overrides
+    real = run_ranks(world, _real_step, overrides, True)
+    dry = dry_runs([(None, overrides, world, rank, None) for rank in range(world)])
+    for rank in range(world):
+        measured, predicted = real[rank][1], dry[rank].peak_bytes - dry[rank].start_bytes
+        assert abs(predicted - measured) / measured < tolerance, (rank, predicted, measured)
+
+
+# ---------------------------------------------------------------- every parity layout, at scale
+
+
+def parity_layouts() -> list[list[str]]:
+    """Every list of overrides in the parity tests that sets a parallelism key (read from the
+    test files, so a new parity test is covered without being listed here)."""
+    found = set()
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        if path.name == "test_plan.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.List) and node.elts and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
+                                                               for e in node.elts):
+                items = [e.value for e in node.elts]
+                if any(i.startswith("parallelism.") for i in items) and all("=" in i for i in items):
+                    found.add(tuple(i for i in items if i.split("=")[0].split(".")[0] in
+                                    ("parallelism", "activation_checkpoint", "float8")))
+    return [list(f) for f in sorted(found)]
+
+
+def at_scale(layout: list[str], world: int) -> list[str] | None:
+    """The layout with its data dims grown to fill `world` ranks (dp_shard, or dp_replicate for a
+    layout that replicates without sharding), a global batch to match, and the fewest layers and
+    a short sequence (the dims, heads and vocabulary stay the config's)."""
+    from minititan.core.config import load_config
+    p = load_config(None, layout).parallelism
+    fixed = p.pp * p.tp * p.cp
+    if p.dp_shard == 1 and p.dp_replicate > 1:
+        dp_replicate, dp_shard = world // fixed, 1
+    else:
+        dp_replicate, dp_shard = p.dp_replicate, world // (fixed * p.dp_replicate)
+    if dp_replicate * dp_shard * fixed != world:
+        return None
+    local = p.pp if p.pp_schedule == "interleaved_1f1b" else max(1, p.pp_microbatches)
+    layers = p.pp * (p.pp_virtual_stages if p.pp_schedule == "interleaved_1f1b" else 1) if p.pp > 1 else 1
+    degrees = {"dp_shard": dp_shard, "dp_replicate": dp_replicate, "pp": p.pp, "tp": p.tp, "cp": p.cp, "ep": p.ep}
+    kept = [o for o in layout if o.split("=")[0] not in [f"parallelism.{d}" for d in degrees]
+            + ["parallelism.pp_layers_per_stage"]]
+    return kept + [f"parallelism.{d}={n}" for d, n in degrees.items()] + [
+                   f"model.n_layers={layers}", f"training.local_batch_size={local}",
+                   f"training.global_batch_size={dp_replicate * dp_shard * local}", "training.seq_len=1024",
+                   "compile.enable=false"] + (  # the parity tests' AC unless the layout names one
+        [] if any(o.startswith("activation_checkpoint.") for o in layout) else ["activation_checkpoint.mode=none"])
+
+
+def test_every_parity_layout_dry_runs_at_64_and_512_ranks_of_the_shipped_llamas():
+    """Shapes, divisibility and layout errors of the real configs, at scale, in seconds: each
+    parity layout grown to 64 ranks (on 8B or 70B, taking turns) and to 512 ranks (70B or 405B;
+    expert-parallel layouts on moe_4b), rank 0. The layer count and sequence are cut to keep
+    this fast; the dims, heads and vocabulary are the configs'. A layout a config cannot take
+    (tp 3 of 8 kv heads) is refused by the trainer's own checks, not dry-run."""
+    from minititan.core.config import load_config
+    from minititan.plan.layouts import refusal
+    layouts = parity_layouts()
+    assert len(layouts) >= 15, layouts  # the reader found the parity tests' layouts
+    jobs, refused, seen = [], [], set()
+    for i, layout in enumerate(layouts):
+        moe = any(o.startswith("parallelism.ep=") and o != "parallelism.ep=1" for o in layout)
+        for world, configs in ((64, ("llama3_8b", "llama3_70b")), (512, ("llama3_70b", "llama3_405b"))):
+            scaled = at_scale(layout, world)
+            if scaled is None:
+                continue
+            for name in ("moe_4b",) if moe else configs[i % 2:i % 2 + 1]:  # the configs take turns
+                if (name, world, tuple(sorted(scaled))) in seen:
+                    continue
+                seen.add((name, world, tuple(sorted(scaled))))
+                why = refusal(load_config(str(CONFIGS / f"{name}.toml"), scaled), world)
+                if why is None:
+                    jobs.append((str(CONFIGS / f"{name}.toml"), scaled, world, 0, (9, 0)))
+                else:
+                    refused.append((name, world, layout, why))
+    assert len(jobs) > len(layouts), refused[:5]
+    assert {Path(j[0]).stem for j in jobs} >= {"llama3_8b", "llama3_70b", "llama3_405b", "moe_4b"}
+    runs = dry_runs(jobs)
+    assert all(r.peak_bytes > 0 for r in runs)
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def _estimate(job):
+    from minititan.core.config import load_config
+    from minititan.plan import devices
+    from minititan.plan.estimate import estimate
+    path, overrides, world, exact = job
+    return estimate(load_config(path, overrides), world, devices.load("h100"), 8, exact=exact)
+
+
+def test_the_lines_through_fewer_layers_and_micro_batches_give_the_full_runs_numbers():
+    """A pipelined layout with 5 layers per stage and 4 micro-batches: estimated from runs of 2 and
+    3 layers, 1 and 2 micro-batches, it matches the dry run of the whole thing (memory and time)."""
+    overrides = ["model.dim=256", "model.n_heads=8", "model.n_kv_heads=4", "model.n_layers=10", "training.seq_len=128",
+                 "training.global_batch_size=16", "training.local_batch_size=2", "training.param_dtype=bfloat16",
+                 "parallelism.pp=2", "parallelism.dp_shard=2", "activation_checkpoint.mode=selective"]
+    with _CONTEXT.Pool(2) as pool:
+        exact, line = pool.map(_estimate, [(None, overrides, 4, True), (None, overrides, 4, False)])
+    assert abs(line.peak_bytes - exact.peak_bytes) / exact.peak_bytes < 0.01
+    assert abs(line.step.total - exact.step.total) / exact.step.total < 0.01
+
+
+def test_collectives_cost_what_their_link_and_ring_say():
+    from minititan.plan import devices
+    from minititan.plan.timing import collective_seconds
+    from minititan.plan.trace import Collective
+    h100 = devices.load("h100")
+    inside = Collective(0, "all_gather", 2**30, tuple(range(8)), "forward")
+    across = Collective(1, "all_gather", 2**30, tuple(range(0, 64, 8)), "forward")
+    reduce = Collective(2, "all_reduce", 2**30, tuple(range(8)), "forward")
+    t_in, t_across = collective_seconds(inside, h100, 8), collective_seconds(across, h100, 8)
+    assert t_in == pytest.approx(15e-6 + 7 / 8 * 2**30 / 360e9)
+    assert t_across == pytest.approx(30e-6 + 7 / 8 * 2**30 / 45e9)
+    assert collective_seconds(reduce, h100, 8) == pytest.approx(15e-6 + 2 * 7 / 8 * 2**30 / 360e9)
+
+
+def test_a_calibrated_profile_loads_as_a_gpu(tmp_path):
+    """What --calibrate writes is what --gpu PATH reads (the measuring itself needs a GPU)."""
+    from minititan.plan import devices
+    from minititan.plan.calibrate import _nearest_profile, write_profile
+    path = tmp_path / "mine.toml"
+    write_profile(str(path), "NVIDIA H100 80GB HBM3", {"gemm_tflops": 700.0, "optimizer_efficiency":
+                                                       {"fused": 0.7, "compiled": 0.99, "foreach": 0.3}},
+                  _nearest_profile("NVIDIA H100 80GB HBM3"))
+    device = devices.load(str(path))
+    assert device.gemm_tflops == 700.0 and device.name == "nvidia_h100_80gb_hbm3"
+    assert device.nvlink_gbs == devices.load("h100").nvlink_gbs
+
+
+def test_pipeline_bubble_is_the_schedules_idle_time():
+    from minititan.plan.timing import pipeline_bubble
+    from minititan.schedules.simulate import textbook_bubble
+    # 1F1B with F = 1, B = 2: idle (p-1)(F+B) = 3 * 3 per pipeline of 8 microbatches
+    assert pipeline_bubble("1f1b", 4, 8, 1, 1.0, 2.0) == pytest.approx(9.0)
+    b = textbook_bubble("1f1b", 4, 8)
+    assert pipeline_bubble("1f1b", 4, 8, 1, 1.0, 2.0) / (8 * 3 + 9.0) == pytest.approx(b)
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def run_cli(*args):
+    from minititan.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _cli_in_a_fresh_process(args):
+    result = run_cli(*args)
+    return result.exit_code, result.stdout if "--json" in args else result.output
+
+
+def cli(*args):
+    with _CONTEXT.Pool(1) as pool:
+        return pool.apply(_cli_in_a_fresh_process, (args,))
+
+
+SMALL = ["--model.dim=128", "--model.n_heads=4", "--model.n_kv_heads=4", "--model.n_layers=4",
+         "--training.seq_len=128", "--training.global_batch_size=8", "--training.local_batch_size=2",
+         "--training.param_dtype=bfloat16"]
+
+
+def test_plan_one_layout_prints_its_breakdown_and_json():
+    code, out = cli("plan", "--gpus", 4, "--gpu", "h200", "--layout", "dp_shard=2,tp=2,ac=selective,batch=2", *SMALL)
+    assert code == 0, out
+    for words in ("memory of the worst rank", "fp32 masters", "optimizer moments", "activations", "tokens/s per GPU",
+                  "tp", "fsdp all-gather"):
+        assert words in out, out
+    code, out = cli("plan", "--gpus", 4, "--layout", "pp=2,dp_shard=2", "--json", *SMALL)
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["fits"] and result["memory_gib"]["worst_rank"] in (0, 2) and result["step_ms"]["bubble"] > 0
+
+
+def test_plan_refuses_a_layout_with_trains_line():
+    bad = ["--layout", "tp=3", *SMALL]
+    code, out = cli("plan", "--gpus", 3, *bad)
+    line = out.strip()
+    assert code == 2 and "\n" not in line and line.startswith("error:"), out
+    code, train_out = cli("train", "--dry-run", "--nproc", 3, "--parallelism.tp=3", *SMALL)
+    assert code == 2 and train_out.strip() == line
+
+
+def test_plan_ranks_the_layouts_that_fit():
+    code, out = cli("plan", "--gpus", 4, "--workers", 1, "--json", "--parallelism.pp=1",
+                    "--activation_checkpoint.mode=none", *SMALL)
+    assert code == 0, out
+    result = json.loads(out)
+    speeds = [r["tokens_per_sec_per_device"] for r in result["ranked"]]
+    assert len(speeds) >= 3 and speeds == sorted(speeds, reverse=True)
+    assert all(r["settings"]["parallelism.pp"] == 1 for r in result["ranked"])  # a knob set on the command line stays
+    assert all(r["fits"] for r in result["ranked"])
+
+
+def test_train_dry_run_of_the_405b_job_on_512_ranks():
+    code, out = cli("train", "-c", CONFIGS / "llama3_405b.toml", "--dry-run", "--nproc", 512,
+                    "--model.n_layers=8", "--parallelism.pp=4", "--parallelism.tp=8", "--parallelism.dp_shard=16",
+                    "--training.global_batch_size=64", "--training.local_batch_size=4", "--compile.enable=false")
+    assert code == 0, out
+    assert "dry run ok: 512 ranks" in out and "rank 384 of 512" in out, out
