@@ -106,9 +106,11 @@ def test_dry_run_holds_the_state_bytes_of_a_real_run(world, overrides):
     (1, ["activation_checkpoint.mode=none"], 0.01),
     (1, ["activation_checkpoint.mode=full"], 0.01),
     (1, ["activation_checkpoint.mode=selective", "training.param_dtype=bfloat16"], 0.01),
-    (2, ["parallelism.tp=2", "parallelism.sequence_parallel=true"], 0.01),
     # gloo's async work handles keep their tensors until the handle dies; NCCL's (and the fake
-    # group's) let go at wait(): FSDP's reduce-scatter buffer outlives its wait by one unit on gloo
+    # group's) let go at wait(). Under sequence parallel that is one activation-sized buffer (128 KiB
+    # here, 1.9% of the peak) alive or not at the peak depending on when gloo's thread drops it;
+    # FSDP's reduce-scatter buffer outlives its wait by one unit on gloo
+    (2, ["parallelism.tp=2", "parallelism.sequence_parallel=true"], 0.03),
     (2, ["parallelism.dp_shard=2", "activation_checkpoint.mode=selective"], 0.10),
 ], ids=["no_ac", "full_ac", "selective_ac_bf16", "tp2_sp", "fsdp2_selective"])
 def test_dry_run_peak_is_the_real_runs(world, overrides, tolerance):
