@@ -36,7 +36,7 @@ from minititan.core.guard import StepGuard
 from minititan.core.optim import AdamW
 from minititan.layout import parallelize
 from minititan.plan.compiled import stand_in_for_compile
-from minititan.plan.fake import fake_tensors, fake_world
+from minititan.plan.fake import DEVICE_QUERY, fake_tensors, fake_world, tensors_of
 from minititan.plan.memory import MemoryTracker
 from minititan.plan.trace import StepTrace
 
@@ -162,6 +162,8 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is DEVICE_QUERY:  # most ops of a step: nothing to record (and the quickest way through)
+            return func(*args, **kwargs)
         if not self._paused and func.namespace not in ("aten", "prims", "c10d"):
             body = _custom_op_body(func)
             if body is not None:  # a torch.library op of ours: record the ops it runs, not one opaque call
@@ -173,7 +175,7 @@ class Recorder(TorchDispatchMode):
         memory = self.memory
         phase = self.trace.current_phase()
         memory.category_now = ("other" if not self.stepping else "activations" if phase == "forward" else "transient")
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outputs = tensors_of(out)
         if not self._fusing:
             memory.on_op(outputs)
         self.trace.on_op(func, args, kwargs, out, "fused" if self._fusing else "graph" if self._in_graph else "eager")

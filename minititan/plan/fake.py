@@ -48,12 +48,13 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map
 
 from torch.testing._internal.distributed import fake_pg  # noqa: F401  registers the "fake" backend
 
 aten = torch.ops.aten
 CPU = torch.device("cpu")
+DEVICE_QUERY = torch.ops.prim.device.default
 
 
 @contextlib.contextmanager
@@ -122,9 +123,12 @@ class FakeGPU(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is DEVICE_QUERY:  # tensor.device asked from C++ (autograd...), most ops of a step: nothing to do
+            return func(*args, **kwargs)
         if kwargs.get("device") is not None:
             kwargs = dict(kwargs, device=_to_cpu(kwargs["device"]))
-        args = tree_map_only(torch.device, _to_cpu, args)
+        if any(type(a) is torch.device for a in args):  # no aten op takes a device nested deeper (a list)
+            args = tuple(_to_cpu(a) if type(a) is torch.device else a for a in args)
         if func is aten._local_scalar_dense.default:
             value = self.shadow(args[0])
             if value is None:
@@ -142,7 +146,7 @@ class FakeGPU(TorchDispatchMode):
             return self._collective(func, args)
         if func is aten.topk.default:
             return self._balanced_choice(out)
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outputs = tensors_of(out)
         mutated = _mutated_int_input(func, args)
         if not any(_is_int(t) and t.numel() <= self.max_shadow_numel for t in outputs) and mutated is None:
             return
@@ -207,10 +211,27 @@ class _FusedRMSNorm(torch.autograd.Function):
         return dx, None, dw
 
 
+def tensors_of(out) -> list[torch.Tensor]:
+    """The tensors an op returned. Every op of a dry run asks, and nearly all return a tensor or a
+    flat tuple of them: those skip the general (and slower) pytree walk."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple) and not any(isinstance(x, (tuple, list, dict)) for x in out):
+        return [x for x in out if isinstance(x, torch.Tensor)]
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+_WRITES_FIRST: dict = {}  # op -> whether it writes into its first argument (read from its schema once)
+
+
 def _mutated_int_input(func, args):
     """The integer tensor an in-place op writes into (its first argument), if any."""
-    schema = func._schema
-    if schema.arguments and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write:
+    writes = _WRITES_FIRST.get(func)
+    if writes is None:
+        first_arg = func._schema.arguments[:1]
+        writes = _WRITES_FIRST[func] = bool(first_arg) and first_arg[0].alias_info is not None \
+            and first_arg[0].alias_info.is_write
+    if writes:
         first = args[0] if args else None
         return first if _is_int(first) else None
     return None
