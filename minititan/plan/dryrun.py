@@ -118,10 +118,10 @@ def count_state(layout, optimizer: AdamW) -> dict[str, int]:
 def group_names(cfg: Config, mesh: Mesh) -> dict[tuple[int, ...], str]:
     """The ranks of each group this rank may talk to -> the mesh dims (or ep group) it spans."""
     names: dict[tuple[int, ...], str] = {}
-    for n in range(len(DIMS), 0, -1):  # wider combinations first, so the narrowest name wins a tie
-        for dims in itertools.combinations(DIMS, n):
-            if mesh.size(*dims) > 1:
-                names[tuple(mesh.ranks(*dims))] = "+".join(dims)
+    spread = [d for d in DIMS if mesh.sizes[d] > 1]  # a dim of size 1 adds no rank to a group, nor to its name
+    for n in range(len(spread), 0, -1):  # wider combinations first, so the narrowest name wins a tie
+        for dims in itertools.combinations(spread, n):
+            names[tuple(mesh.ranks(*dims))] = "+".join(dims)
     if cfg.model.name == "moe" and cfg.parallelism.ep > 1:
         ep_lists, expert_dp_lists = expert_parallel.ep_layout(mesh, cfg.parallelism.ep)
         for lists, name in ((expert_dp_lists, "expert_dp"), (ep_lists, "ep")):
