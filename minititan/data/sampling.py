@@ -98,7 +98,7 @@ class Sampler:
         total = sum(p.weight for p in parts)
         self.parts, self.seq_len, self.batch_size, self.seed, self.tag = parts, seq_len, batch_size, seed, tag
         self.weights = np.array([p.weight / total for p in parts])
-        self._block_totals: list[np.ndarray] = []  # samples per part in each whole block so far
+        self._served = [np.zeros(len(parts), dtype=np.int64)]  # [i]: samples per part in blocks 0..i-1
         self._block_cache: tuple[int, np.ndarray] | None = None
 
     def block_counts(self, block: int) -> np.ndarray:
@@ -113,11 +113,10 @@ class Sampler:
     def samples_before(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(samples each part served in steps 0..step-1, its rows in this step)."""
         block, within = divmod(step, MIX_BLOCK)
-        while len(self._block_totals) < block:
-            self._block_totals.append(self.block_counts(len(self._block_totals)).sum(0))
+        while len(self._served) <= block:  # running sums, extended once per new block
+            self._served.append(self._served[-1] + self.block_counts(len(self._served) - 1).sum(0))
         counts = self.block_counts(block)
-        before = sum(self._block_totals[:block], np.zeros(len(self.parts), dtype=np.int64)) + counts[:within].sum(0)
-        return before, counts[within]
+        return self._served[block] + counts[:within].sum(0), counts[within]
 
     def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(part index, chunk index) of every row of the step's global batch."""
