@@ -221,3 +221,20 @@ def test_single_token_file_form(tmp_path):
     result = run_cli(tmp_path / "t.txt", tmp_path / "t.bin", "--workers", "0")
     assert result.exit_code == 0 and "600 tokens" in result.output, result.output
     assert bytes(np.fromfile(tmp_path / "t.bin", dtype=np.uint16).astype(np.uint8)) == b"hello world " * 50
+
+
+def test_single_token_file_form_survives_a_kill_while_moving_it(tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    unlink = Path.unlink
+
+    def killed(self, *args, **kwargs):
+        monkeypatch.setattr(Path, "unlink", unlink)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "unlink", killed)  # the kill lands at the first file tokenize_to_file removes
+    with pytest.raises(KeyboardInterrupt):
+        tc.tokenize_to_file([str(tmp_path / "t.txt")], str(tmp_path / "t.bin"), workers=0)
+    result = run_cli(tmp_path / "t.txt", tmp_path / "t.bin", "--workers", "0")  # the same command again
+    assert result.exit_code == 0 and "600 tokens" in result.output, result.output
+    assert bytes(np.fromfile(tmp_path / "t.bin", dtype=np.uint16).astype(np.uint8)) == b"hello world " * 50
+    assert not (tmp_path / "t.bin.shards").exists()

@@ -272,9 +272,11 @@ def tokenize_to_file(inputs: list[str], out: str, tokenizer: str = "byte", text_
     work = target.with_name(target.name + ".shards")
     tokenize_corpus(inputs, str(work), tokenizer, text_field, 2**62, workers, bos, "none" if eos is None else eos,
                     progress_every=2.0)
-    ix = shards.read_index(work / f"{shards.shard_name(0)}.json")
+    index = work / f"{shards.shard_name(0)}.json"
+    ix = shards.read_index(index)
     if ix.dtype == "uint32" and "uint32" not in target.name:
         target = target.with_name(target.stem + ".uint32" + target.suffix)
+    index.unlink()  # first: a kill from here on leaves no index without its tokens, and a rerun redoes the work
     os.replace(work / f"{shards.shard_name(0)}.bin", target)
     for f in work.iterdir():
         f.unlink()
