@@ -173,6 +173,12 @@ BAD = {
     "empty token file": (lambda p: put(p / "t.bin", b"") or [f"data.dataset={p / 't.bin'}"], ["empty"]),
     "odd-sized token file": (lambda p: put(p / "t.bin", b"abc") or [f"data.dataset={p / 't.bin'}"],
                              ["3 bytes", "whole number"]),
+    "garbage .npy": (lambda p: put(p / "t.npy", b"oops") or [f"data.dataset={p / 't.npy'}"],
+                     ["not a readable .npy", "numpy.save"]),
+    "float .npy": (lambda p: np.save(p / "t.npy", np.ones(999)) or [f"data.dataset={p / 't.npy'}"],
+                   ["float64", "1-D integer"]),
+    "negative ids in a .npy": (lambda p: np.save(p / "t.npy", -np.ones(999, np.int32)) or
+                               [f"data.dataset={p / 't.npy'}"], ["negative token ids"]),
     "text given as data.dataset": (lambda p: put(p / "t.txt", "hi") or [f"data.dataset={p / 't.txt'}"],
                                    ["tokenize it first", "minititan tokenize"]),
     "missing tokenizer": (lambda p: [f"data.tokenizer={p / 'tokenizer.json'}"], ["not \"byte\"", "tokenizer.json"]),

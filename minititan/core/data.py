@@ -26,7 +26,7 @@ from minititan.core.config import Source, UserError
 from minititan.data.loader import Prefetcher
 from minititan.data.sampling import Part, Sampler, split_chunks
 from minititan.data.shards import ShardFolder
-from minititan.data.tokenizer import load_tokenizer
+from minititan.data.tokenizer import first_line, load_tokenizer
 
 VALIDATION_FRACTION = 0.1  # the built-in corpus's held-out tail
 TRAIN, VAL = 0, 1  # sampler tags: the two splits draw from different generators
@@ -78,7 +78,15 @@ def load_token_file(path: str, key: str = "data.dataset") -> np.ndarray:
         raise UserError(f"{key} {path!r} is text, not tokens: tokenize it first with `minititan tokenize {path} "
                         f"tokens/` and set {key} = \"tokens/\"")
     if p.suffix == ".npy":
-        return np.load(p, mmap_mode="r")
+        try:
+            tokens = np.load(p, mmap_mode="r")
+        except ValueError as e:
+            raise UserError(f"{key} {path!r} is not a readable .npy array ({first_line(e)}): save one with "
+                            f"numpy.save, or make a token file with `minititan tokenize TEXT {p.stem}.bin`") from None
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise UserError(f"{key} {path!r} holds a {tokens.dtype} array of shape {tokens.shape}, not token ids: save "
+                            f"a 1-D integer array (numpy.save(path, ids.astype(numpy.uint32).ravel()))")
+        return tokens
     dtype = np.uint32 if "uint32" in p.name else np.uint16
     size = p.stat().st_size
     if size == 0 or size % np.dtype(dtype).itemsize:
@@ -100,18 +108,19 @@ def open_stream(path: str, key: str) -> tuple[object, ShardFolder | None]:
 
 
 def check_vocabulary(stream, folder: ShardFolder | None, path: str, key: str, vocab_size: int,
-                     tokenizer: str | None) -> None:
-    """Ids must fit model.vocab_size, and shards must come from data.tokenizer."""
+                     tokenizer: str | None, tok) -> None:
+    """Ids must fit model.vocab_size, and shards must come from data.tokenizer (`tok`, loaded)."""
     if folder is not None:
-        if tokenizer is not None:
-            tok = load_tokenizer(tokenizer)
-            if tok.fingerprint != folder.tokenizer:
-                raise UserError(f"{key} {path!r} was tokenized with {folder.tokenizer_path} (vocab {folder.vocab_size}) "
-                                f"but data.tokenizer = {tokenizer!r} (vocab {tok.vocab_size}): set data.tokenizer to "
-                                f"the tokenizer the shards were made with, or re-tokenize")
+        if tok is not None and tok.fingerprint != folder.tokenizer:
+            raise UserError(f"{key} {path!r} was tokenized with {folder.tokenizer_path} (vocab {folder.vocab_size}) "
+                            f"but data.tokenizer = {tokenizer!r} (vocab {tok.vocab_size}): set data.tokenizer to "
+                            f"the tokenizer the shards were made with, or re-tokenize")
         top = folder.max_id
     else:
         top = int(stream.array.max()) if stream.size else 0
+        if stream.size and stream.array.dtype.kind == "i" and int(stream.array.min()) < 0:
+            raise UserError(f"{key} {path!r} holds negative token ids (down to {int(stream.array.min())}): token ids "
+                            f"are 0 .. vocab_size - 1; make the file with `minititan tokenize`")
     if top >= vocab_size:
         raise UserError(f"{key} {path!r} holds token id {top} but model.vocab_size is {vocab_size}: raise "
                         f"model.vocab_size to at least {top + 1} or use the matching tokenizer")
@@ -129,6 +138,7 @@ class TokenSource:
         self.train_parts: list[tuple[str, object, float, float]] = []  # name, stream, weight, holdout
         self.val_streams: list[tuple[str, object, float]] = []  # streams held out whole (the built-in's tail)
         self._samplers: dict = {}
+        tok = None if tokenizer is None else load_tokenizer(tokenizer)  # a broken one fails now, not at generate time
         if self.synthetic:
             return
         named = [(f"data.sources[{i}]", s.path, s.weight) for i, s in enumerate(sources)] or [(key, dataset, 1.0)]
@@ -144,7 +154,7 @@ class TokenSource:
             if path == "synthetic":
                 raise UserError(f"{k} = synthetic cannot be mixed with other sources: use it as data.dataset alone")
             stream, folder = open_stream(path, k)
-            check_vocabulary(stream, folder, path, k, vocab_size, tokenizer)
+            check_vocabulary(stream, folder, path, k, vocab_size, tokenizer, tok)
             self.train_parts.append((path, stream, weight, holdout))
 
     def sampler(self, split: str, seq_len: int, batch_size: int, seed: int) -> Sampler:
@@ -221,7 +231,6 @@ class TokenSource:
 def token_source(cfg) -> TokenSource:
     """The run's training data (data.dataset or data.sources); checks data.tokenizer loads."""
     d = cfg.data
-    load_tokenizer(d.tokenizer)  # a missing or broken tokenizer fails now, not at generate time
     return TokenSource(d.dataset, cfg.model.vocab_size, sources=d.sources, holdout=d.holdout_fraction,
                        tokenizer=d.tokenizer)
 
