@@ -70,19 +70,17 @@ def finished_run(overrides: list[str], rows: list[dict]) -> tuple[list[dict], di
     return rows, params
 
 
-def assert_same_losses(rows_a, rows_b, rtol=1e-5, grad_norms: bool = True):
+def assert_same_losses(rows_a, rows_b, rtol=1e-5):
     """The same logged steps (at least one), and at each the same loss and gradient norm (the norm
     counts every gradient element once in any layout: a gradient summed over the wrong group, or
-    scaled, shows there even where AdamW's scale invariance would hide it in the loss).
-    grad_norms=False compares the losses alone."""
+    scaled, shows there even where AdamW's scale invariance would hide it in the loss)."""
     assert rows_a and rows_b, f"nothing to compare: {len(rows_a)} and {len(rows_b)} logged steps"
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for a, b in zip(rows_a, rows_b):
         rel = abs(a["loss"] - b["loss"]) / abs(b["loss"])
         assert rel < rtol, f"step {a['step']}: loss {a['loss']} vs {b['loss']} (rel {rel:.2e})"
-        if grad_norms:
-            rel = abs(a["grad_norm"] - b["grad_norm"]) / abs(b["grad_norm"])
-            assert rel < rtol, f"step {a['step']}: grad_norm {a['grad_norm']} vs {b['grad_norm']} (rel {rel:.2e})"
+        rel = abs(a["grad_norm"] - b["grad_norm"]) / abs(b["grad_norm"])
+        assert rel < rtol, f"step {a['step']}: grad_norm {a['grad_norm']} vs {b['grad_norm']} (rel {rel:.2e})"
 
 
 def assert_same_params(pa, pb, rtol=1e-5):

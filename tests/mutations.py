@@ -282,14 +282,20 @@ def patched(text: str, edit: Edit, mutation_name: str) -> str:
     return text.replace(edit.old, edit.new)
 
 
+def patched_file(root: Path, edit: Edit, mutation_name: str) -> str:
+    """The text of root/edit.file with the edit applied (nothing is written)."""
+    path = root / edit.file
+    if not path.is_file():
+        raise PatternError(f"{mutation_name}: {edit.file} does not exist")
+    return patched(path.read_text(), edit, mutation_name)
+
+
 def apply(m: Mutation, tree: Path) -> list[str]:
     """Patch the copy; returns the modules the mutation changed."""
     modules = []
     for edit in m.edits:
         path = tree / edit.file
-        if not path.is_file():
-            raise PatternError(f"{m.name}: {edit.file} does not exist")
-        text = patched(path.read_text(), edit, m.name)
+        text = patched_file(tree, edit, m.name)
         compile(text, str(path), "exec")  # a mutation must be a bug that runs, never a syntax error
         path.write_text(text)
         modules.append(edit.file.removesuffix(".py").replace("/", "."))
@@ -396,11 +402,8 @@ def check_patterns(mutations: list[Mutation]) -> list[str]:
     problems = []
     for m in mutations:
         for edit in m.edits:
-            path = ROOT / edit.file
             try:
-                if not path.is_file():
-                    raise PatternError(f"{m.name}: {edit.file} does not exist")
-                patched(path.read_text(), edit, m.name)
+                patched_file(ROOT, edit, m.name)
             except PatternError as e:
                 problems.append(str(e))
     return problems

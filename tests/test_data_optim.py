@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from minititan.core.config import LrScheduler, Optimizer
-from minititan.core.data import TokenSource, rank_rows
-from minititan.data.tokenizer import ByteTokenizer
+from minititan.core.data import TokenSource
 from minititan.core.optim import AdamW, clip_coefficient, lr_at, pick_implementation
 
 

@@ -1,9 +1,9 @@
 """Faults end a run cleanly and never lose a good checkpoint: SIGTERM (one rank, and through the
 `--nproc` launcher with steps slow enough that agreeing only on logging steps would miss the grace
 time) checkpoints the last finished step and exits 0; a kill -9 of the launcher leaves no rank
-behind; a killed rank ends the job and a rerun resumes; a diverging run stops naming the step and
-saves nothing non-finite; a rank failing alone ends the job with its own line; out of memory names the
-fixes."""
+behind; a killed rank ends the job and a rerun resumes; a diverging job stops every rank with one
+line naming the step; a rank failing alone ends the job with its own line. What a diverging run
+saves and out of memory are tested in one process, in tests/test_reliability.py."""
 import os
 import re
 import signal
@@ -35,11 +35,15 @@ def _wait_for(predicate, timeout=120.0):
     return False
 
 
+def _slow_steps_env(**variables):
+    """The environment of a launcher whose ranks import slow_steps/sitecustomize.py (see there)."""
+    return dict(os.environ, **variables,
+                PYTHONPATH=os.pathsep.join([SLOW_STEPS, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+
+
 def _start(args, step_sleep_s=0.0):
-    env = dict(os.environ, MINITITAN_TEST_STEP_SLEEP_S=str(step_sleep_s),
-               PYTHONPATH=os.pathsep.join([SLOW_STEPS, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_slow_steps_env(MINITITAN_TEST_STEP_SLEEP_S=str(step_sleep_s)), start_new_session=True)
 
 
 def _read_until_first_step(proc) -> str:
@@ -108,7 +112,8 @@ def test_kill_9_of_the_launcher_leaves_no_rank_alive(tmp_path):
     assert len(ranks) == 2, ranks
     proc.kill()
     proc.wait()
-    assert _wait_for(lambda: not any(_alive(r) for r in ranks), timeout=20), "a rank outlived its launcher"
+    # how soon they go is not the point (a loaded 2-core machine is slow to save and exit): that they go
+    assert _wait_for(lambda: not any(_alive(r) for r in ranks), timeout=60), "a rank outlived its launcher"
     assert ckpt.latest(tmp_path / "checkpoints") is not None  # they stopped the way a SIGTERM stops them
 
 
@@ -140,16 +145,16 @@ def test_a_diverging_job_says_so_in_one_line(tmp_path):
                                                       "--training.max_norm=0", "--lr_scheduler.warmup_steps=0"),
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not finite" in r.stderr, r.stderr
+    assert re.search(r"step \d+: the loss or gradient norm is", r.stderr), r.stderr  # the step, named
 
 
 @pytest.mark.parametrize("fail", ["1:3", "0:2"])
 def test_a_rank_failing_alone_ends_the_job_with_its_one_line(tmp_path, fail):
     """A UserError of one rank (as a bad file read by it alone would raise): its line, code 2. The
-    other rank, left inside a collective, says so in one line; no traceback, no SIGABRT at exit."""
-    env = dict(os.environ, MINITITAN_TEST_FAIL=fail,
-               PYTHONPATH=os.pathsep.join([SLOW_STEPS, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    other rank, left inside a collective, adds at most one line of its own (unless the launcher ends it
+    first); no traceback, no SIGABRT at exit."""
     r = subprocess.run(CLI + ["--nproc", "2"] + _args(tmp_path, "--training.steps=6", "--parallelism.dp_shard=2"),
-                       capture_output=True, text=True, timeout=180, env=env)
+                       capture_output=True, text=True, timeout=180, env=_slow_steps_env(MINITITAN_TEST_FAIL=fail))
     rank, step = fail.split(":")
     assert r.returncode == 2, r.stderr
     assert f"error: rank {rank} alone failed at step {step} (a test)" in r.stderr.splitlines(), r.stderr
