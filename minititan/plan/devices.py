@@ -41,7 +41,7 @@ def shipped() -> dict[str, Device]:
 def read_profiles(text: str, where: str) -> dict[str, Device]:
     try:
         raw = msgspec.toml.decode(text)
-        return {name: msgspec.convert(body, Device) for name, body in raw.items()} | {}
+        return {name: msgspec.convert(body, Device) for name, body in raw.items()}
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise UserError(f"{where}: not a device profile ({e}); see minititan/plan/devices.toml for the keys") from None
 
@@ -54,7 +54,14 @@ def load(name_or_path: str) -> Device:
         return msgspec.structs.replace(device, name=name_or_path.lower())
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
-        name, device = next(iter(read_profiles(path.read_text(), str(path)).items()))
+        try:
+            in_file = read_profiles(path.read_text(), str(path))
+        except UnicodeDecodeError:
+            in_file = {}
+        if not in_file:
+            raise UserError(f"--gpu {path}: no profile in it: pass the .toml that `minititan plan --calibrate` wrote, "
+                            f"or one of {', '.join(profiles)}")
+        name, device = next(iter(in_file.items()))
         return msgspec.structs.replace(device, name=name)
     raise UserError(f"--gpu {name_or_path!r} is neither a known GPU ({', '.join(profiles)}) nor a profile file: "
                     f"pass one of those, or the .toml that `minititan plan --calibrate` wrote")

@@ -71,6 +71,7 @@ def with_settings(cfg: Config, settings: dict[str, object]) -> Config:
     out = cfg
     for section, values in sections.items():
         out = msgspec.structs.replace(out, **{section: msgspec.structs.replace(getattr(out, section), **values)})
+    out = config_lib._convert(msgspec.to_builtins(out))  # replace() checks no type: tp="abc" and ac="bogus" stop here
     config_lib.validate(out)
     return out
 
