@@ -127,7 +127,7 @@ def shard_sizes(data: int, per_rank_gpus: int, gpus_per_node: int) -> list[int]:
 def expert_degrees(cfg: Config, data: int) -> list[int]:
     if cfg.model.name != "moe":
         return [1]
-    return [e for e in divisors(data) if cfg.model.n_experts % e == 0 and (e == 1 or e >= 2)]
+    return [e for e in divisors(data) if cfg.model.n_experts % e == 0]
 
 
 def settings_of(mesh: dict, ac: str, local_batch: int, schedule: str) -> dict[str, object]:
