@@ -328,7 +328,7 @@ class DryRunPool:
                 self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
             outs = self._pool.map(_dry_run_job, args, chunksize=1)
         else:
-            outs = [_run_here(a) for a in args]
+            outs = [_dry_run_job(a) for a in args]  # a failed dry run: its line, as on the pool
         for (cfg, rank), out in zip(jobs, outs):
             self.results[run_key(cfg, rank)] = out
         self.count += len(jobs)
@@ -356,12 +356,6 @@ def _looked_at(cfg: Config, quick: bool) -> Config:
     if not quick or not cfg.compile.enable:
         return cfg
     return msgspec.structs.replace(cfg, compile=msgspec.structs.replace(cfg.compile, enable=False))
-
-
-def _run_here(job):
-    from minititan.plan.dryrun import dry_run
-    cfg, world, rank, capability = job
-    return dry_run(cfg, world, rank, capability)
 
 
 def _stopped(group: list[Candidate], wave: int) -> bool:
