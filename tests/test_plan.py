@@ -322,6 +322,10 @@ def test_plan_bad_input_is_one_line(tmp_path):
     for name in ("empty.toml", "binary.toml"):
         with pytest.raises(UserError, match="no profile in it"):
             devices.load(str(tmp_path / name))
+    shipped = Path(devices.__file__).with_name("devices.toml").read_text()
+    (tmp_path / "zero.toml").write_text(shipped.replace("gemm_tflops = ", "gemm_tflops = 0 #", 1))
+    with pytest.raises(UserError, match="gemm_tflops is 0"):
+        devices.load(str(tmp_path / "zero.toml"))
     for out in (tmp_path / "no_such_folder" / "gpu.toml", tmp_path / "gpu.txt"):
         with pytest.raises(UserError, match="name a .toml file in an existing folder"):
             calibrate(str(out))
