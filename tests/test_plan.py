@@ -304,6 +304,33 @@ def test_plan_refuses_a_layout_with_trains_line():
     assert code == 2 and train_out.strip() == line
 
 
+def test_plan_bad_input_is_one_line(tmp_path):
+    """A bad --layout value, --gpu file, count or --calibrate path: a UserError naming the fix."""
+    from minititan.core.config import UserError, load_config
+    from minititan.plan import devices
+    from minititan.plan.calibrate import calibrate
+    from minititan.plan.command import run_plan
+    cfg = load_config(None, [o[2:] for o in SMALL])
+    for layout, says in (("tp=abc", "parallelism.tp"), ("dp_shard=4,ac=bogus", "valid choices: none, full"),
+                         ("dp_shard=4,batch=x", "training.local_batch_size")):
+        with pytest.raises(UserError, match=says):
+            run_plan(cfg, set(), 4, "h100", 8, layout, False, 10, 1)
+    with pytest.raises(UserError, match="must be positive"):
+        run_plan(cfg, set(), 4, "h100", 8, None, False, 0, 1)
+    (tmp_path / "empty.toml").write_text("")
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe")
+    for name in ("empty.toml", "binary.toml"):
+        with pytest.raises(UserError, match="no profile in it"):
+            devices.load(str(tmp_path / name))
+    shipped = Path(devices.__file__).with_name("devices.toml").read_text()
+    (tmp_path / "zero.toml").write_text(shipped.replace("gemm_tflops = ", "gemm_tflops = 0 #", 1))
+    with pytest.raises(UserError, match="gemm_tflops is 0"):
+        devices.load(str(tmp_path / "zero.toml"))
+    for out in (tmp_path / "no_such_folder" / "gpu.toml", tmp_path / "gpu.txt"):
+        with pytest.raises(UserError, match="name a .toml file in an existing folder"):
+            calibrate(str(out))
+
+
 def test_plan_ranks_the_layouts_that_fit():
     code, out = cli("plan", "--gpus", 4, "--workers", 1, "--json", "--parallelism.pp=1",
                     "--activation_checkpoint.mode=none", *SMALL)

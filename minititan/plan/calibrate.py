@@ -30,6 +30,9 @@ from minititan.plan import devices
 
 def calibrate(out_path: str) -> None:
     import torch
+    if Path(out_path).suffix != ".toml" or not Path(out_path).parent.is_dir():  # before minutes of measuring
+        raise UserError(f"--calibrate {out_path}: name a .toml file in an existing folder (--gpu reads it back), "
+                        f"e.g. --calibrate ./my_gpu.toml")
     if not torch.cuda.is_available():
         raise UserError("minititan plan --calibrate measures the GPU it runs on: run it where CUDA sees one")
     device = torch.device("cuda", 0)

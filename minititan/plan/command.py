@@ -31,7 +31,8 @@ def parse_layout(text: str) -> dict[str, object]:
                             f"(e.g. --layout dp_shard=8,tp=2)")
         out[LAYOUT_KEYS[key]] = int(value) if value.lstrip("-").isdigit() else (
             value.lower() == "true" if value.lower() in ("true", "false") else value)
-    if out.get("parallelism.tp", 1) > 1:
+    tp = out["parallelism.tp"]
+    if isinstance(tp, int) and tp > 1:  # a value of the wrong type is refused where the config is checked
         out.setdefault("parallelism.sequence_parallel", True)
     return out
 
@@ -39,8 +40,8 @@ def parse_layout(text: str) -> dict[str, object]:
 def run_plan(cfg: Config, overridden: set[str], gpus: int, gpu: str, gpus_per_node: int, layout: str | None,
              as_json: bool, top: int, workers: int | None) -> None:
     device = devices.load(gpu)
-    if gpus < 1 or gpus_per_node < 1:
-        raise UserError("--gpus and --gpus-per-node must be positive")
+    if min(gpus, gpus_per_node, top) < 1 or (workers is not None and workers < 1):
+        raise UserError("--gpus, --gpus-per-node, --top and --workers must be positive: pass a count of 1 or more")
     t = cfg.training
     header = (f"minititan plan: {cfg.model.name} dim {cfg.model.dim} x {cfg.model.n_layers} layers on {gpus} x "
               f"{device.name} ({gpus_per_node} per node); global batch {t.global_batch_size} x {t.seq_len} tokens, "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 from pathlib import Path
 
 import msgspec
@@ -38,12 +39,26 @@ def shipped() -> dict[str, Device]:
     return read_profiles(text, "minititan/plan/devices.toml")
 
 
+# what the time model divides by: a profile's zero here is a division by zero, not a fast GPU
+RATES = {"memory_gib", "fragmentation", "peak_bf16_tflops", "gemm_tflops", "gemm_fp8_tflops", "attention_tflops",
+         "hbm_gbs", "elementwise_efficiency", "nvlink_gbs", "network_gbs"}
+OPTIMIZERS = ("fused", "foreach", "compiled")  # optimizer_efficiency's keys: the AdamW implementations
+
+
 def read_profiles(text: str, where: str) -> dict[str, Device]:
     try:
         raw = msgspec.toml.decode(text)
-        return {name: msgspec.convert(body, Device) for name, body in raw.items()} | {}
+        profiles = {name: msgspec.convert(body, Device) for name, body in raw.items()}
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise UserError(f"{where}: not a device profile ({e}); see minititan/plan/devices.toml for the keys") from None
+    for name, d in profiles.items():
+        numbers = {k: v for k, v in msgspec.structs.asdict(d).items() if isinstance(v, (int, float))}
+        numbers |= {f"optimizer_efficiency.{k}": d.optimizer_efficiency.get(k) for k in OPTIMIZERS}
+        for key, v in numbers.items():
+            if v is None or not math.isfinite(v) or v < 0 or (v == 0 and (key in RATES or "." in key)):
+                raise UserError(f"{where}: [{name}] {key} is {'missing' if v is None else v}: set it as "
+                                f"minititan/plan/devices.toml does (a finite number, above zero for a rate)")
+    return profiles
 
 
 def load(name_or_path: str) -> Device:
@@ -54,7 +69,14 @@ def load(name_or_path: str) -> Device:
         return msgspec.structs.replace(device, name=name_or_path.lower())
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
-        name, device = next(iter(read_profiles(path.read_text(), str(path)).items()))
+        try:
+            in_file = read_profiles(path.read_text(), str(path))
+        except UnicodeDecodeError:
+            in_file = {}
+        if not in_file:
+            raise UserError(f"--gpu {path}: no profile in it: pass the .toml that `minititan plan --calibrate` wrote, "
+                            f"or one of {', '.join(profiles)}")
+        name, device = next(iter(in_file.items()))
         return msgspec.structs.replace(device, name=name)
     raise UserError(f"--gpu {name_or_path!r} is neither a known GPU ({', '.join(profiles)}) nor a profile file: "
                     f"pass one of those, or the .toml that `minititan plan --calibrate` wrote")

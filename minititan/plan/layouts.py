@@ -71,6 +71,7 @@ def with_settings(cfg: Config, settings: dict[str, object]) -> Config:
     out = cfg
     for section, values in sections.items():
         out = msgspec.structs.replace(out, **{section: msgspec.structs.replace(getattr(out, section), **values)})
+    out = config_lib._convert(msgspec.to_builtins(out))  # replace() checks no type: tp="abc" and ac="bogus" stop here
     config_lib.validate(out)
     return out
 
@@ -126,7 +127,7 @@ def shard_sizes(data: int, per_rank_gpus: int, gpus_per_node: int) -> list[int]:
 def expert_degrees(cfg: Config, data: int) -> list[int]:
     if cfg.model.name != "moe":
         return [1]
-    return [e for e in divisors(data) if cfg.model.n_experts % e == 0 and (e == 1 or e >= 2)]
+    return [e for e in divisors(data) if cfg.model.n_experts % e == 0]
 
 
 def settings_of(mesh: dict, ac: str, local_batch: int, schedule: str) -> dict[str, object]:
@@ -327,7 +328,7 @@ class DryRunPool:
                 self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
             outs = self._pool.map(_dry_run_job, args, chunksize=1)
         else:
-            outs = [_run_here(a) for a in args]
+            outs = [_dry_run_job(a) for a in args]  # a failed dry run: its line, as on the pool
         for (cfg, rank), out in zip(jobs, outs):
             self.results[run_key(cfg, rank)] = out
         self.count += len(jobs)
@@ -355,12 +356,6 @@ def _looked_at(cfg: Config, quick: bool) -> Config:
     if not quick or not cfg.compile.enable:
         return cfg
     return msgspec.structs.replace(cfg, compile=msgspec.structs.replace(cfg.compile, enable=False))
-
-
-def _run_here(job):
-    from minititan.plan.dryrun import dry_run
-    cfg, world, rank, capability = job
-    return dry_run(cfg, world, rank, capability)
 
 
 def _stopped(group: list[Candidate], wave: int) -> bool:

@@ -19,9 +19,8 @@ def size(nbytes: float) -> str:
 
 
 def knobs(c: Candidate) -> tuple[str, str]:
-    s = c.settings
-    ac = s["activation_checkpoint.mode"]
-    return ("sel-op" if ac == "selective" else ac), str(s["training.local_batch_size"])
+    ac = c.cfg.activation_checkpoint  # selective: "op", or every N-th block (a --layout run keeps the config's)
+    return (f"sel-{ac.selective}" if ac.mode == "selective" else ac.mode), str(c.cfg.training.local_batch_size)
 
 
 def exposed(e: Estimate) -> str:
@@ -44,7 +43,6 @@ def table(search: Search, top: int, header: str) -> str:
         lines += _columns(rows)
         lines.append("(mem: the worst rank's reserved peak, allocated x the allocator's fragmentation; compute, "
                      "optim, bubble and exposed communication add up to the step with the host's waits)")
-    if search.ranked:
         best = search.ranked[0].estimate.step
         if best.bubble > 0.3 * best.total:
             lines.append(f"(the best spends {100 * best.bubble / best.total:.0f}% of its step in the pipeline bubble: "
