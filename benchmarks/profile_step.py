@@ -18,7 +18,8 @@ from minititan.core.config import load_config
 from minititan.core.data import TokenSource, rank_slice
 from minititan.core.guard import StepGuard
 from minititan.core.optim import AdamW
-from minititan.train import setup, train_step, with_global_batch
+from minititan.layout.parallelize import with_global_batch
+from minititan.train import setup, train_step
 
 
 def main():

@@ -119,7 +119,8 @@ def train(config_path, nproc, dry_run, overrides):
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun or --nproc: stop when it dies
         die_with_launcher()
     adopt_slurm_env()  # srun without torchrun: this process is one of SLURM_NTASKS ranks
-    check_before_start(cfg, int(os.environ.get("WORLD_SIZE", "1")), in_rank=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_before_start(cfg, world, in_rank=True)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from minititan.train import train as run_training
     try:
@@ -131,7 +132,7 @@ def train(config_path, nproc, dry_run, overrides):
         if is_out_of_memory(e):  # while setting up (the loop names the step itself)
             e = UserError(f"out of memory while setting up the model and optimizer ({str(e).splitlines()[0]}): "
                           f"train a smaller model, or shard it over more ranks (parallelism.dp_shard, tp, pp)")
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if world == 1:
             close_distributed()
             raise e from None
         leave_alone(e)
@@ -169,8 +170,7 @@ def check_before_start(cfg, world: int, in_rank: bool) -> None:
     repeating it. The layout; a model too big for the device; job.dump_folder; the resume (resume.py)."""
     from minititan import resume
     from minititan.core.memory import check_device_fits
-    from minititan.layout.parallelize import check, mesh_sizes
-    from minititan.train import with_global_batch
+    from minititan.layout.parallelize import check, mesh_sizes, with_global_batch
     try:
         cfg = with_global_batch(cfg, world)
         check(cfg, world)
@@ -224,8 +224,10 @@ def launch(nproc: int, config_path, overrides) -> None:
     try:
         torchrun(args + list(overrides))
     except ChildFailedError as e:  # the rank already printed its error; don't add the launcher's traceback
-        # a rank's UserError first: the others' failures (a collective whose peer left) follow from it
-        rank, failure = next(((r, f) for r, f in e.failures.items() if f.exitcode == 2), e.get_first_failure())
+        # the cause first: a rank's UserError, else a rank killed by a signal; the others' failures (a
+        # collective whose peer left) follow from it, and their timestamps (whole seconds) may tie with it
+        causes = sorted(e.failures.items(), key=lambda rf: (rf[1].exitcode != 2, rf[1].exitcode >= 0))
+        rank, failure = causes[0] if causes[0][1].exitcode == 2 or causes[0][1].exitcode < 0 else e.get_first_failure()
         if failure.exitcode == 2:  # a UserError: rank 0 printed its one line
             sys.exit(2)
         if failure.exitcode < 0:
@@ -309,8 +311,9 @@ def plot(metrics_file, out):
 @click.option("--tokenizer", default="byte", show_default=True,
               help="byte, a Hugging Face tokenizer.json (needs `tokenizers`) or a tiktoken BPE file (needs `tiktoken`)")
 @click.option("--text-field", default="text", show_default=True, help="the jsonl field / parquet column of the text")
-@click.option("--shard-tokens", type=int, default=None, help="tokens per shard  [default: 100,000,000]")
-@click.option("--workers", type=int, default=None, help="worker processes  [default: one per core]")
+@click.option("--shard-tokens", type=click.IntRange(min=1), default=None, help="tokens per shard  [default: 100,000,000]")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="worker processes, 0: tokenize in this process  [default: one per core]")
 @click.option("--bos", default=None, help="token (or id) before each document  [default: none]")
 @click.option("--eos", default=None, help="token (or id) after each document, or none  [default: the tokenizer's]")
 def tokenize(paths, tokenizer, text_field, shard_tokens, workers, bos, eos):
@@ -320,16 +323,14 @@ def tokenize(paths, tokenizer, text_field, shard_tokens, workers, bos, eos):
     from minititan.data.tokenize_corpus import DEFAULT_SHARD_TOKENS, tokenize_corpus, tokenize_to_file
     if len(paths) < 2:
         raise UserError("pass the inputs and then the output folder: minititan tokenize corpus/ tokens/")
-    if workers is not None and workers < 0:
-        raise UserError(f"--workers must be >= 0 (0: tokenize in this process), got {workers}")
     *inputs, out = paths
     if out.endswith(".bin"):
         n = tokenize_to_file(inputs, out, tokenizer, text_field, workers, bos, eos)
         click.echo(f"wrote {n:,} tokens to {out}")
         return
     try:
-        done = tokenize_corpus(inputs, out, tokenizer, text_field, shard_tokens or DEFAULT_SHARD_TOKENS, workers, bos,
-                               eos)
+        done = tokenize_corpus(inputs, out, tokenizer, text_field,
+                               DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens, workers, bos, eos)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the finished shards in {out} are kept; run the same command again to resume",
                    err=True)
@@ -357,13 +358,13 @@ def schedule(pp, microbatches, schedule, virtual, svg_path):
 
 @main.command(**OVERRIDES)
 @click.option("-c", "--config", "config_path", default=None)
-@click.option("--gpus", type=int, default=None, help="GPUs in the job (the world size)")
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="GPUs in the job (the world size)")
 @click.option("--gpu", default="h100", help="h100 | h200 | b200, or a profile .toml (from --calibrate)")
-@click.option("--gpus-per-node", type=int, default=8, help="GPUs per node: NVLink inside one, the network across")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=8, help="GPUs per node: NVLink inside one, the network across")
 @click.option("--layout", default=None, help="one layout's breakdown: dp_shard=8,tp=2,pp=2,pp_schedule=1f1b,ac=full,batch=2")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-@click.option("--top", type=int, default=10, help="layouts to list")
-@click.option("--workers", type=int, default=None, help="dry-run processes (default: one per core)")
+@click.option("--top", type=click.IntRange(min=1), default=10, help="layouts to list")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="dry-run processes (default: one per core)")
 @click.option("--calibrate", "calibrate_out", default=None, help="measure this GPU and write its profile to this .toml")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def plan(config_path, gpus, gpu, gpus_per_node, layout, as_json, top, workers, calibrate_out, overrides):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import msgspec
 import torch
 import torch.distributed as dist
 
@@ -59,19 +58,10 @@ def setup(cfg: Config):
     return device, mesh, layout
 
 
-def with_global_batch(cfg: Config, world: int) -> Config:
-    """training.global_batch_size = 0 (unset) becomes local_batch_size x data-parallel ranks."""
-    if cfg.training.global_batch_size:
-        return cfg
-    sizes = parallelize.mesh_sizes(cfg, world)
-    derived = cfg.training.local_batch_size * sizes["dp_replicate"] * sizes["dp_shard"]
-    return msgspec.structs.replace(cfg, training=msgspec.structs.replace(cfg.training, global_batch_size=derived))
-
-
 def train(cfg: Config) -> list[dict]:
     """Train; returns the logged metric rows (rank 0 prints them)."""
     stop = StopRequest()  # first: a SIGTERM during the set-up still ends in a checkpoint
-    cfg = with_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = parallelize.with_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     device, mesh, layout = setup(cfg)
     t = cfg.training
     n_micro = layout.facts.n_micro

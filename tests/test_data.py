@@ -6,15 +6,13 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from minititan.cli import main
 from minititan.core.config import ConfigError, Source, UserError, load_config
 from minititan.core.data import TokenSource, rank_slice, token_source
 from minititan.data import tokenize_corpus as tc
 from minititan.data.loader import Prefetcher
 from minititan.data.sampling import Sampler, document_layout, permute
-from tests.harness import assert_one_line_error, assert_same_losses, train_runs
+from tests.harness import assert_one_line_error, assert_same_losses, run_cli, train_runs
 
 
 def make_shards(folder: Path, docs: int = 300, seed: int = 0, shard_tokens: int = 4000, letter: str = "a") -> str:
@@ -199,14 +197,13 @@ def test_bad_data_input_is_one_line_and_exit_2(tmp_path, case):
         pytest.importorskip("tokenizers")
     overrides = make(tmp_path) + ["training.steps=1", "checkpoint.enable=false", "training.device=cpu",
                                   f"job.dump_folder={tmp_path / 'run'}", "model.max_seq_len=256"]
-    assert_one_line_error(CliRunner().invoke(main, ["train"] + [f"--{o}" for o in overrides]), words)
+    assert_one_line_error(run_cli("train", *[f"--{o}" for o in overrides]), words)
 
 
 def test_following_the_advice_works(tmp_path):
     """The text-as-dataset error says `minititan tokenize X tokens/`; doing it makes data.dataset work."""
     (tmp_path / "t.txt").write_text("to be or not to be\n" * 400)
-    assert CliRunner().invoke(main, ["tokenize", str(tmp_path / "t.txt"), str(tmp_path / "tokens"), "--workers",
-                                     "0"]).exit_code == 0
+    assert run_cli("tokenize", tmp_path / "t.txt", tmp_path / "tokens", "--workers", "0").exit_code == 0
     cfg = load_config(None, [f"data.dataset={tmp_path / 'tokens'}", "training.seq_len=32"])
     assert token_source(cfg).read(0, 1, 4, 32).inputs.shape == (4, 32)
     with pytest.raises(ConfigError):

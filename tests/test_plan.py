@@ -295,6 +295,20 @@ def test_plan_one_layout_prints_its_breakdown_and_json():
     assert result["fits"] and result["memory_gib"]["worst_rank"] in (0, 2) and result["step_ms"]["bubble"] > 0
 
 
+def test_an_unset_global_batch_is_derived_as_train_derives_it():
+    """training.global_batch_size = 0 (the built-in config's): local batch x data-parallel ranks, in
+    `plan --layout`, `train --dry-run` and the search's fixed batch (a division by zero before)."""
+    code, out = cli("plan", "--gpus", 4, "--layout", "dp_shard=4")
+    assert code == 0 and "global batch 64 x 128 tokens" in out, out  # the debug config's local batch 16 x 4
+    code, out = cli("train", "--dry-run", "--nproc", 2)
+    assert code == 0 and "dry run ok: 2 ranks" in out, out
+    from minititan.core.config import load_config
+    from minititan.plan.layouts import make
+    cfg = load_config(None, [])
+    assert cfg.training.global_batch_size == 0
+    assert make(cfg, 4, {"parallelism.dp_shard": 2, "parallelism.dp_replicate": 2}, {}, {}).cfg.training.global_batch_size == 64
+
+
 def test_plan_refuses_a_layout_with_trains_line():
     bad = ["--layout", "tp=3", *SMALL]
     code, out = cli("plan", "--gpus", 3, *bad)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minititan import train as trainer
+from minititan.layout import parallelize
 from minititan.core import checkpoint as ckpt
 from minititan.core.config import load_config
 from minititan.core.metrics import MetricsLogger
@@ -268,8 +269,8 @@ def test_a_model_far_too_big_is_refused_up_front_with_the_numbers(tmp_path):
 def test_nproc_with_the_default_config_derives_the_global_batch():
     cfg = load_config(None, ["training.local_batch_size=4"])
     assert cfg.training.global_batch_size == 0  # unset in debug.toml: derived at launch
-    assert trainer.with_global_batch(cfg, 4).training.global_batch_size == 16  # dp_shard = -1 fills 4 ranks
-    assert trainer.with_global_batch(load_config(None, ["training.global_batch_size=8"]), 4).training.global_batch_size == 8
+    assert parallelize.with_global_batch(cfg, 4).training.global_batch_size == 16  # dp_shard = -1 fills 4 ranks
+    assert parallelize.with_global_batch(load_config(None, ["training.global_batch_size=8"]), 4).training.global_batch_size == 8
 
 
 def test_shipped_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from minititan.cli import main
 from minititan.data import tokenize_corpus as tc
 from minititan.data.shards import ShardFolder, finished_shards
 from minititan.data.tokenizer import load_tokenizer
+from tests import harness
 from tests.harness import assert_one_line_error
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hum élan naïve".split()
@@ -164,7 +163,7 @@ def test_tokenize_is_not_slower_than_a_plain_batch_encode_loop(tmp_path):
 
 
 def run_cli(*args):
-    return CliRunner().invoke(main, ["tokenize", *map(str, args)])
+    return harness.run_cli("tokenize", *args)
 
 
 def bad_parquet(tmp_path):
@@ -238,3 +237,10 @@ def test_single_token_file_form_survives_a_kill_while_moving_it(tmp_path, monkey
     assert result.exit_code == 0 and "600 tokens" in result.output, result.output
     assert bytes(np.fromfile(tmp_path / "t.bin", dtype=np.uint16).astype(np.uint8)) == b"hello world " * 50
     assert not (tmp_path / "t.bin.shards").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--shard-tokens", "0"), ("--workers", "-1")])
+def test_counts_out_of_range_are_one_line(tmp_path, flag, value):
+    """--shard-tokens 0 once meant the default, silently; a negative --workers is refused the same way."""
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    assert_one_line_error(run_cli(tmp_path / "t.txt", tmp_path / "tokens", flag, value), [flag, "range"])

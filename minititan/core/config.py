@@ -253,9 +253,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     _check_keys(raw)
     for item in overrides:
         _apply_override(raw, item)
-    cfg = _convert(raw)
-    validate(cfg)
-    return cfg
+    return from_dict(raw)
 
 
 def _sections() -> dict[str, type]:
@@ -303,11 +301,14 @@ def _apply_override(raw: dict, item: str) -> None:
     raw.setdefault(sec, {})[key] = parsed
 
 
-def _convert(raw: dict) -> Config:
+def from_dict(raw: dict) -> Config:
+    """A Config from its sections as plain values, typed and checked as a TOML file's are."""
     try:
-        return msgspec.convert(raw, Config)
+        cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
         raise ConfigError(f"bad config value: {e}{_choices_hint(str(e))}") from None
+    validate(cfg)
+    return cfg
 
 
 def _choices_hint(msg: str) -> str:

@@ -253,7 +253,3 @@ def rank_slice(data_rank: int, data_size: int, batch_size: int) -> slice:
     n = batch_size // data_size
     return slice(data_rank * n, (data_rank + 1) * n)
 
-
-def rank_rows(x: torch.Tensor, data_rank: int, data_size: int) -> torch.Tensor:
-    """This data-parallel rank's rows of a whole global batch."""
-    return x[rank_slice(data_rank, data_size, x.shape[0])]

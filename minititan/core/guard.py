@@ -12,8 +12,8 @@ norm with one all-reduce. Two more facts ride in it:
     knows yet.
   * Was any rank asked to stop (preemption.StopRequest: SIGTERM, Ctrl-C)? A second element, 0 or 1.
 
-The host reads both one step late. After the all-reduce the two numbers are copied, non-blocking,
-into a pinned host buffer; the loop reads step k's buffer once it has queued step k+1, by when the
+The host reads both one step late. After the all-reduce the two numbers (the squared norm and the
+votes) are copied, non-blocking, into a pinned host buffer; the loop reads step k's buffer once it has queued step k+1, by when the
 device has finished step k (the wait is on an event of step k, so the host stays at most one step
 ahead and the device never runs dry). Where the host waits for the device anyway (logging steps,
 saves) it reads the current step. Every rank reads the same numbers at the same step, so all ranks
@@ -39,7 +39,6 @@ from minititan.core.metrics import say
 class StepGuard:
     def __init__(self, device: torch.device, skip_budget: int, stop_requested: Callable[[], bool],
                  diverged_advice: Callable[[], str], rank: int = 0):
-        self.device = device
         self.skip_budget = skip_budget
         self.stop_requested = stop_requested
         self.diverged_advice = diverged_advice  # what the error says is kept and how to go on
@@ -61,7 +60,7 @@ class StepGuard:
         norm = both[0].sqrt()
         skip = (~torch.isfinite(norm)).float()
         i = step % 2
-        self._buffers[i].copy_(torch.stack([norm, both[1]]), non_blocking=True)
+        self._buffers[i].copy_(both, non_blocking=True)  # the host takes the square root itself
         if self._events[i] is not None:
             self._events[i].record()
         self._pending.append((step, i))
@@ -75,9 +74,9 @@ class StepGuard:
             step, i = self._pending.pop(0)
             if self._events[i] is not None:
                 self._events[i].synchronize()
-            norm, stop_votes = self._buffers[i].tolist()
-            if not math.isfinite(norm):
-                self._skipped(step, norm)
+            sq_norm, stop_votes = self._buffers[i].tolist()
+            if not math.isfinite(sq_norm):
+                self._skipped(step, math.sqrt(sq_norm))
             stop |= stop_votes > 0
         return stop
 

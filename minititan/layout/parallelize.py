@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import msgspec
 import torch
 
 from minititan.collectives.mesh import Mesh, resolve_degrees
@@ -37,6 +38,15 @@ def mesh_sizes(cfg: Config, world: int) -> dict[str, int]:
                                cp=par.cp, tp=par.tp)
     except ValueError as e:
         raise UserError(f"parallelism: {e}") from None
+
+
+def with_global_batch(cfg: Config, world: int) -> Config:
+    """training.global_batch_size = 0 (unset) becomes local_batch_size x data-parallel ranks."""
+    if cfg.training.global_batch_size:
+        return cfg
+    sizes = mesh_sizes(cfg, world)
+    derived = cfg.training.local_batch_size * sizes["dp_replicate"] * sizes["dp_shard"]
+    return msgspec.structs.replace(cfg, training=msgspec.structs.replace(cfg.training, global_batch_size=derived))
 
 
 def check(cfg: Config, world: int) -> None:

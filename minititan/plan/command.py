@@ -11,6 +11,7 @@ import sys
 import time
 
 from minititan.core.config import Config, UserError
+from minititan.layout import parallelize
 from minititan.plan import devices, report
 from minititan.plan.estimate import GiB
 from minititan.plan.layouts import MESH_KEYS, Candidate, make, search
@@ -42,10 +43,6 @@ def run_plan(cfg: Config, overridden: set[str], gpus: int, gpu: str, gpus_per_no
     device = devices.load(gpu)
     if min(gpus, gpus_per_node, top) < 1 or (workers is not None and workers < 1):
         raise UserError("--gpus, --gpus-per-node, --top and --workers must be positive: pass a count of 1 or more")
-    t = cfg.training
-    header = (f"minititan plan: {cfg.model.name} dim {cfg.model.dim} x {cfg.model.n_layers} layers on {gpus} x "
-              f"{device.name} ({gpus_per_node} per node); global batch {t.global_batch_size} x {t.seq_len} tokens, "
-              f"compile {'on' if cfg.compile.enable else 'off'}, float8 {'on' if cfg.float8.enable else 'off'}")
     if layout is not None:
         refused: dict[str, int] = {}
         c = make(cfg, gpus, _defaults_for_layout(cfg) | parse_layout(layout), {}, refused)
@@ -53,8 +50,15 @@ def run_plan(cfg: Config, overridden: set[str], gpus: int, gpu: str, gpus_per_no
             raise UserError(next(iter(refused)))  # the one line train would print
         from minititan.plan.estimate import estimate
         c.estimate = estimate(c.cfg, gpus, device, gpus_per_node)
-        print(json.dumps(report.as_dict(c), indent=1) if as_json else report.breakdown(c, header))
+        print(json.dumps(report.as_dict(c), indent=1) if as_json else
+              report.breakdown(c, _header(c.cfg, gpus, device.name, gpus_per_node)))
         return
+    try:  # every layout searched trains on the global batch this config would train on with `gpus`
+        cfg = parallelize.with_global_batch(cfg, gpus)
+    except UserError as e:
+        raise UserError(f"training.global_batch_size = 0 means local batch x data-parallel ranks of the config's "
+                        f"layout, which {gpus} GPUs cannot take ({e}): set --training.global_batch_size") from None
+    header = _header(cfg, gpus, device.name, gpus_per_node)
     pinned = {key: _value(cfg, key) for key in overridden if key in _knobs()}
     result = search(cfg, gpus, device, gpus_per_node, pinned, workers, progress=_progress(), top=top)
     _progress_done()
@@ -66,6 +70,13 @@ def run_plan(cfg: Config, overridden: set[str], gpus: int, gpu: str, gpus_per_no
         print(report.table(result, top, header))
         if result.ranked:
             print("\nthe best:\n" + report.breakdown(result.ranked[0], "").strip("\n"))
+
+
+def _header(cfg: Config, gpus: int, gpu_name: str, gpus_per_node: int) -> str:
+    t = cfg.training
+    return (f"minititan plan: {cfg.model.name} dim {cfg.model.dim} x {cfg.model.n_layers} layers on {gpus} x "
+            f"{gpu_name} ({gpus_per_node} per node); global batch {t.global_batch_size} x {t.seq_len} tokens, "
+            f"compile {'on' if cfg.compile.enable else 'off'}, float8 {'on' if cfg.float8.enable else 'off'}")
 
 
 def _defaults_for_layout(cfg: Config) -> dict[str, object]:
@@ -116,6 +127,7 @@ def run_dry_train(cfg: Config, world: int) -> None:
     from minititan.plan.estimate import ranks_to_run
     from minititan.plan.layouts import refusal
     from minititan.plan.dryrun import dry_run
+    cfg = parallelize.with_global_batch(cfg, world)  # as train derives it
     why = refusal(cfg, world)
     if why is not None:
         raise UserError(why)

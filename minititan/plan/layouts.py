@@ -37,6 +37,7 @@ import msgspec
 
 from minititan.core.config import Config, UserError, hidden_dim
 from minititan.core import config as config_lib
+from minititan.layout import parallelize
 from minititan.plan.devices import Device
 from minititan.plan.estimate import Estimate, dry_runs_needed, estimate, run_key
 
@@ -63,24 +64,19 @@ class Candidate:
 
 
 def with_settings(cfg: Config, settings: dict[str, object]) -> Config:
-    """cfg with `section.key` -> value replaced (as overrides would), validated like a config."""
-    sections: dict[str, dict] = {}
+    """cfg with `section.key` -> value replaced, typed and checked as an override would be
+    (tp="abc" and ac="bogus" are refused here)."""
+    raw = msgspec.to_builtins(cfg)
     for dotted, value in settings.items():
         section, key = dotted.split(".")
-        sections.setdefault(section, {})[key] = value
-    out = cfg
-    for section, values in sections.items():
-        out = msgspec.structs.replace(out, **{section: msgspec.structs.replace(getattr(out, section), **values)})
-    out = config_lib._convert(msgspec.to_builtins(out))  # replace() checks no type: tp="abc" and ac="bogus" stop here
-    config_lib.validate(out)
-    return out
+        raw[section][key] = value
+    return config_lib.from_dict(raw)
 
 
 def refusal(cfg: Config, world: int) -> str | None:
     """The line `train` would refuse this layout with on `world` ranks, or None."""
-    from minititan.layout.parallelize import check
     try:
-        check(cfg, world)
+        parallelize.check(cfg, world)
     except UserError as e:
         return str(e)
     return None
@@ -240,8 +236,8 @@ def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: 
 def make(cfg: Config, world: int, settings: dict[str, object], pinned: dict[str, object],
          refused: dict[str, int]) -> Candidate | None:
     settings = settings | pinned
-    try:
-        layout_cfg = with_settings(cfg, settings)
+    try:  # the global batch as train derives it for this layout (0: local batch x data-parallel ranks)
+        layout_cfg = parallelize.with_global_batch(with_settings(cfg, settings), world)
     except UserError as e:
         refused[str(e)] = refused.get(str(e), 0) + 1
         return None
