@@ -88,6 +88,7 @@ def main():
                     print(json.dumps(results["steps"][-1]), flush=True)
     if "layer" in parts or "ep" in parts:
         results["layer"]["after"] = layer_part("float8" in args.precision) if "layer" in parts else {}
+        print(json.dumps({"layer": results["layer"]["after"]}), flush=True)  # kept if a later part fails
         results["ep"]["after"] = ep_part() if "ep" in parts else {}
         if args.baseline:
             child = baseline_child(out, Path(args.baseline).resolve(), parts)
@@ -201,7 +202,7 @@ def ep_part() -> dict:
     from minititan.collectives import expert_parallel as ep_lib
     from minititan.core import model, moe
     if not dist.is_initialized():
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda"))
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
     capped = "capacity_factor" in inspect.signature(ep_lib.parallel_experts).parameters
     cfg, p, x = layer_inputs("moe8")
     ops = model.default_ops(cfg)

@@ -27,6 +27,20 @@ def b(n: int) -> str:
 
 # name, gpu, train arguments, measured tokens/s/GPU, reserved GiB, allocated GiB (None: not measured), where
 OURS = [
+    ("h100_b1_eager", "h100", f"{M8} {b(1)} --activation_checkpoint.mode=none --compile.enable=false",
+     29954, 52.8, 52.77, "single_gpu.md, 2026-12-07 (80a19ea), the glue A/B's mt_eager_b1"),
+    ("h100_b1_compile", "h100", f"{M8} {b(1)} --activation_checkpoint.mode=none",
+     33728, 48.2, 47.17, "single_gpu.md, 2026-12-07 (80a19ea), the glue A/B's mt_compile_b1"),
+    ("h100_s32k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=32768 --activation_checkpoint.mode=full",
+     21882, 47.0, 45.86, "single_gpu.md, 2026-12-07 (80a19ea), mt_s32k_full"),
+    ("h100_s65k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=65536 --activation_checkpoint.mode=full",
+     16027, 59.9, 58.45, "single_gpu.md, 2026-12-07 (80a19ea), mt_s65k_full"),
+    *[(f"h100_moe4b_8L_{name}", "h100", f"-c configs/moe_4b.toml --model.n_layers=8 {extra}", tps, reserved, alloc,
+       "moe.md, 2026-12-07 (80a19ea)")
+      for name, extra, tps, reserved, alloc in (
+          ("dense_twin", "--model.name=llama3", 118910, 25.8, 24.56),
+          ("moe8", "", 88913, 40.2, 39.50),
+          ("moe64", "--model.n_experts=64 --model.top_k=8 --model.moe_hidden_dim=704", 63559, 62.5, 61.13))],
     ("h200_b1_eager", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=none --compile.enable=false",
      31522, 52.8, None, "single_gpu.md, 2026-12-03 (4b3eb82), mt_eager_b1"),
     ("h200_b1_eager_selective", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=selective --compile.enable=false",

@@ -6,7 +6,8 @@ The corpus is the shipped Shakespeare, one paragraph per jsonl document, repeate
 for; the tokenizer a byte-level BPE (vocab 32,000) trained on it, unless --tokenizer names a
 tokenizer.json. The baseline is what a user would write: read the lines, json-parse, call
 `Tokenizer.encode_batch` on 1,000 documents at a time (which runs on every core through the
-library's own thread pool). Ours runs the whole command, shards written, once per worker count.
+library's own thread pool). Ours runs the whole command (`python -m minititan.cli tokenize`, its own
+process, shards written), once per worker count.
 Both count the same tokens (no separators: --eos none). The rows run in turn, --repeat times, and
 each keeps its fastest run (on a shared machine the others' load only ever slows a run down).
 Prints one JSON line per row and writes them to OUT_DIR/tokenize_speed.jsonl.
@@ -17,14 +18,16 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from minititan.core.data import shakespeare_text  # noqa: E402
-from minititan.data.tokenize_corpus import tokenize_corpus  # noqa: E402
+from minititan.data.tokenize_corpus import summarize  # noqa: E402
 
 
 def make_corpus(folder: Path, megabytes: float) -> Path:
@@ -69,12 +72,18 @@ def baseline(corpus: Path, tokenizer: str, batch: int = 1000) -> tuple[int, floa
 
 
 def ours(corpus: Path, tokenizer: str, out: Path, workers: int | None) -> tuple[int, float]:
+    """The command a user runs, in its own process: worker processes start as they do for a user
+    (spawned workers import the parent's main module, which here would be this script and torch)."""
     shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "minititan.cli", "tokenize", str(corpus), str(out), "--tokenizer", tokenizer,
+           "--eos", "none", *(["--workers", str(workers)] if workers is not None else [])]
     start = time.perf_counter()
-    done = tokenize_corpus([str(corpus)], str(out), tokenizer, eos="none", workers=workers, progress_every=0)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO,
+                   env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     seconds = time.perf_counter() - start
+    tokens = summarize(str(out), 0)["tokens"]
     shutil.rmtree(out, ignore_errors=True)
-    return done["tokens"], seconds
+    return tokens, seconds
 
 
 def compare(folder: Path, tokenizer: str, megabytes: float, workers: int | None) -> dict:

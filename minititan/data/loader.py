@@ -11,8 +11,9 @@ function of the step, so the thread keeps no state that a checkpoint would need:
 starts a new prefetcher at its first step. An error in the thread (a bad token id) reaches the
 training loop at the step it concerns.
 
-In a profiler trace the thread's work shows as "data.read" ranges on its own thread and what the
-training loop waits for as "data.wait" ranges on the main thread; `summary()` gives both per step.
+In a profiler trace what the training loop waits for shows as "data.wait" ranges. The reading
+itself is a "data.read" range only with depth 0 (in the loop): torch's profiler records the thread
+that started it, not this one. `summary()` gives both per step.
 """
 from __future__ import annotations
 

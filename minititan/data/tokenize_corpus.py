@@ -90,16 +90,22 @@ def encode_unit(unit: readers.Unit) -> tuple[np.ndarray, np.ndarray, int]:
     w = _worker
     docs = readers.unit_documents(unit, w["files"][unit.file], w["text_field"])
     ids = w["tok"].encode_batch([text for text, _, _ in docs])
-    flat, starts, bos, eos = [], [], w["bos"], w["eos"]
+    bos = None if w["bos"] is None else np.array([w["bos"]], dtype=np.uint32)
+    eos = None if w["eos"] is None else np.array([w["eos"]], dtype=np.uint32)
+    pieces, starts, length = [], [], 0
     for (_, begins, ends), doc in zip(docs, ids):
         if begins:
-            starts.append(len(flat))
+            starts.append(length)
             if bos is not None:
-                flat.append(bos)
-        flat.extend(doc)
+                pieces.append(bos)
+                length += 1
+        pieces.append(np.asarray(doc, dtype=np.uint32))  # one conversion per document, not per token
+        length += len(doc)
         if ends and eos is not None:
-            flat.append(eos)
-    return np.array(flat, dtype=np.uint32), np.array(starts, dtype=np.int64), len(starts)
+            pieces.append(eos)
+            length += 1
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
+    return tokens, np.array(starts, dtype=np.int64), len(starts)
 
 
 def ordered_results(pool, units, lookahead: int):

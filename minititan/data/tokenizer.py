@@ -3,7 +3,7 @@
     tok = load_tokenizer("byte")                   # built in: UTF-8 bytes, vocab 256
     tok = load_tokenizer("path/tokenizer.json")    # Hugging Face (optional package `tokenizers`)
     tok = load_tokenizer("path/tokenizer.model")   # tiktoken-style BPE ranks (optional package `tiktoken`)
-    ids = tok.encode_batch(["some text", "more"])  # no special tokens added: tokenize adds BOS/EOS itself
+    ids = tok.encode_batch(["some text", "more"])  # id sequences (lists or arrays), no BOS/EOS: tokenize adds them
 
 Every tokenizer has a `fingerprint`: its kind, vocabulary size and a hash of its file. Shards record
 it, and training refuses shards whose fingerprint differs from data.tokenizer's, so ids are never
@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import hashlib
 from pathlib import Path
+
+import numpy as np
 
 from minititan.core.config import UserError
 
@@ -39,8 +41,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]  # no list of Python ints
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
