@@ -356,6 +356,24 @@ def test_plan_ranks_the_layouts_that_fit():
     assert all(r["fits"] for r in result["ranked"])
 
 
+def _clis_in_a_fresh_process(arg_lists):
+    return [_cli_in_a_fresh_process(args) for args in arg_lists]
+
+
+def test_plan_keeps_a_pinned_selective_every_nth_block():
+    """--activation_checkpoint.selective=2 on the command line stays, as the other knobs do: every
+    layout ranked checkpoints every 2nd block; without it, selective AC is searched per op."""
+    pinned = ("plan", "--gpus", 2, "--workers", 1, "--json", "--parallelism.pp=1", "--parallelism.tp=1",
+              "--activation_checkpoint.mode=selective", *SMALL)
+    with _CONTEXT.Pool(1) as pool:  # one fresh process for both (dry runs need one without a process group)
+        outs = pool.apply(_clis_in_a_fresh_process, ([(*pinned, "--activation_checkpoint.selective=2"), pinned],))
+    for (code, out), every in zip(outs, ("2", "op")):
+        assert code == 0, out
+        ranked = json.loads(out)["ranked"]
+        assert ranked and all(r["settings"]["activation_checkpoint.mode"] == "selective" for r in ranked), out
+        assert {r["settings"]["activation_checkpoint.selective"] for r in ranked} == {every}, out
+
+
 def test_train_dry_run_of_the_405b_job_on_512_ranks():
     code, out = cli("train", "-c", CONFIGS / "llama3_405b.toml", "--dry-run", "--nproc", 512,
                     "--model.n_layers=8", "--parallelism.pp=4", "--parallelism.tp=8", "--parallelism.dp_shard=16",

@@ -1,8 +1,9 @@
 """Every layout worth trying for a model on N GPUs, dry-run in two rounds, ranked.
 
 The knobs: pp (with each schedule) x dp_replicate x dp_shard x cp x tp (and ep for MoE), the
-activation checkpointing mode, and the local batch size; the global batch, the model and
-every other setting stay the config's. A knob set on the command line stays fixed.
+activation checkpointing mode (selective: per op), and the local batch size; the global batch,
+the model and every other setting stay the config's. A knob set on the command line stays
+fixed (`--activation_checkpoint.selective=2`: selective AC, wherever tried, is every 2nd block).
 
     meshes       pp: divisors of the world up to the layer count; tp: divisors of the GPUs per
                  node (tensor parallel stays inside a node) that divide the heads, kv heads,
@@ -132,7 +133,7 @@ def settings_of(mesh: dict, ac: str, local_batch: int, schedule: str) -> dict[st
           "parallelism.pp_microbatches": 0, "activation_checkpoint.mode": ac,
           "training.local_batch_size": local_batch}
     if ac == "selective":
-        s["activation_checkpoint.selective"] = "op"
+        s["activation_checkpoint.selective"] = "op"  # unless pinned: make() lays the pins over these
     return s
 
 
