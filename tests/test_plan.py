@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -354,6 +356,36 @@ def test_plan_ranks_the_layouts_that_fit():
     assert len(speeds) >= 3 and speeds == sorted(speeds, reverse=True)
     assert all(r["settings"]["parallelism.pp"] == 1 for r in result["ranked"])  # a knob set on the command line stays
     assert all(r["fits"] for r in result["ranked"])
+
+
+def test_plan_on_a_pool_of_workers_ranks_what_one_process_ranks():
+    """The search's worker pool (each layout estimated as its dry runs come back, in any order; a
+    mesh's next batch size once the last fits) ranks the same layouts, with the same numbers, as
+    the search done in one process. Run as a command: a pool cannot start inside a test's pool."""
+    args = [sys.executable, "-m", "minititan.cli", "plan", "--gpus", "2", "--json", "--parallelism.pp=1",
+            "--activation_checkpoint.mode=none", *SMALL]
+    outs = [subprocess.run(args + ["--workers", n], capture_output=True, text=True, timeout=300) for n in ("1", "2")]
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    one, pool = (json.loads(r.stdout) for r in outs)
+    assert len(pool["ranked"]) >= 3 and pool["ranked"] == one["ranked"] and pool["dry_runs"] == one["dry_runs"]
+
+
+def _clis_in_a_fresh_process(arg_lists):
+    return [_cli_in_a_fresh_process(args) for args in arg_lists]
+
+
+def test_plan_keeps_a_pinned_selective_every_nth_block():
+    """--activation_checkpoint.selective=2 on the command line stays, as the other knobs do: every
+    layout ranked checkpoints every 2nd block; without it, selective AC is searched per op."""
+    pinned = ("plan", "--gpus", 2, "--workers", 1, "--json", "--parallelism.pp=1", "--parallelism.tp=1",
+              "--activation_checkpoint.mode=selective", *SMALL)
+    with _CONTEXT.Pool(1) as pool:  # one fresh process for both (dry runs need one without a process group)
+        outs = pool.apply(_clis_in_a_fresh_process, ([(*pinned, "--activation_checkpoint.selective=2"), pinned],))
+    for (code, out), every in zip(outs, ("2", "op")):
+        assert code == 0, out
+        ranked = json.loads(out)["ranked"]
+        assert ranked and all(r["settings"]["activation_checkpoint.mode"] == "selective" for r in ranked), out
+        assert {r["settings"]["activation_checkpoint.selective"] for r in ranked} == {every}, out
 
 
 def test_train_dry_run_of_the_405b_job_on_512_ranks():

@@ -16,6 +16,7 @@ between torch releases. Only torch is needed, so this file can be copied on its 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from datetime import timedelta
@@ -115,13 +116,15 @@ class Mesh:
         return next(m for m in self._enumerate(dims) if self.rank in m)
 
     def _enumerate(self, dims: tuple[str, ...]) -> list[list[int]]:
-        shape = [self.sizes[d] for d in DIMS]
-        groups: dict[tuple, list[int]] = {}
-        for r in range(self.world_size):
-            c = _unravel(r, shape)
-            key = tuple(ci for d, ci in zip(DIMS, c) if d not in dims)
-            groups.setdefault(key, []).append(r)
-        return list(groups.values())
+        """Every group over `dims`, by its lowest rank: a rank is the sum of coordinate x stride
+        over the dims, so a group is its first rank plus the offsets its dims span."""
+        strides = {d: math.prod(self.sizes[e] for e in DIMS[i + 1:]) for i, d in enumerate(DIMS)}
+
+        def offsets(along):
+            return [sum(c * strides[d] for c, d in zip(cs, along))
+                    for cs in itertools.product(*(range(self.sizes[d]) for d in along))]
+        inside = offsets(dims)
+        return [[first + o for o in inside] for first in offsets([d for d in DIMS if d not in dims])]
 
     def __repr__(self):
         shown = ", ".join(f"{d}={s}" for d, s in self.sizes.items() if s > 1)

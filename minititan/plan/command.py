@@ -87,7 +87,8 @@ def _defaults_for_layout(cfg: Config) -> dict[str, object]:
 
 
 def _knobs() -> set[str]:
-    return set(LAYOUT_KEYS.values())
+    """The settings a search varies: one set on the command line stays as set."""
+    return set(LAYOUT_KEYS.values()) | {"activation_checkpoint.selective"}
 
 
 def _value(cfg: Config, dotted: str):

@@ -36,7 +36,7 @@ from minititan.core.guard import StepGuard
 from minititan.core.optim import AdamW
 from minititan.layout import parallelize
 from minititan.plan.compiled import stand_in_for_compile
-from minititan.plan.fake import DEVICE_QUERY, fake_tensors, fake_world, tensors_of
+from minititan.plan.fake import DEVICE_QUERY, device_query, fake_tensors, fake_world, tensors_of
 from minititan.plan.memory import MemoryTracker
 from minititan.plan.trace import StepTrace
 
@@ -163,7 +163,8 @@ class Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is DEVICE_QUERY:  # most ops of a step: nothing to record (and the quickest way through)
-            return func(*args, **kwargs)
+            device = device_query(args)
+            return device if device is not None else func(*args, **kwargs)
         if not self._paused and func.namespace not in ("aten", "prims", "c10d"):
             body = _custom_op_body(func)
             if body is not None:  # a torch.library op of ours: record the ops it runs, not one opaque call
@@ -235,13 +236,19 @@ def _fresh_caches():
         for name, module in list(sys.modules.items()):
             if name.startswith("minititan.") and module is not None:
                 for value in list(vars(module).values()):
-                    if callable(getattr(value, "cache_clear", None)):
+                    if callable(getattr(value, "cache_clear", None)) and _is_ours(value):
                         value.cache_clear()
     clear()
     try:
         yield
     finally:
         clear()
+
+
+def _is_ours(value) -> bool:
+    """A function of minititan's own (not one imported from torch: FakeTensorMode has a
+    cache_clear too, and its cache of op outputs by input metadata holds nothing of a dry run's)."""
+    return getattr(value, "__module__", "").startswith("minititan.")
 
 
 @contextlib.contextmanager

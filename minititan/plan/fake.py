@@ -97,6 +97,16 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
             flex.flex_attention, flex.create_block_mask = flex_fns
 
 
+def device_query(args):
+    """tensor.device asked from C++ (autograd, the ops' argument checks: most ops of a step ask, some
+    several times), answered here as FakeTensorMode answers it, without passing through every
+    dispatch mode beneath: None for a tensor that is not fake."""
+    t = args[0]
+    if type(t) is not FakeTensor:
+        return None
+    return torch.device("meta") if t.fake_mode.in_kernel_invocation else t.fake_device
+
+
 def _to_cpu(device):
     return CPU if torch.device(device).type == "cuda" else device
 
@@ -123,8 +133,9 @@ class FakeGPU(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is DEVICE_QUERY:  # tensor.device asked from C++ (autograd...), most ops of a step: nothing to do
-            return func(*args, **kwargs)
+        if func is DEVICE_QUERY:
+            device = device_query(args)
+            return device if device is not None else func(*args, **kwargs)
         if kwargs.get("device") is not None:
             kwargs = dict(kwargs, device=_to_cpu(kwargs["device"]))
         if any(type(a) is torch.device for a in args):  # no aten op takes a device nested deeper (a list)

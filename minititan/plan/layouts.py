@@ -1,8 +1,9 @@
 """Every layout worth trying for a model on N GPUs, dry-run in two rounds, ranked.
 
 The knobs: pp (with each schedule) x dp_replicate x dp_shard x cp x tp (and ep for MoE), the
-activation checkpointing mode, and the local batch size; the global batch, the model and
-every other setting stay the config's. A knob set on the command line stays fixed.
+activation checkpointing mode (selective: per op), and the local batch size; the global batch,
+the model and every other setting stay the config's. A knob set on the command line stays
+fixed (`--activation_checkpoint.selective=2`: selective AC, wherever tried, is every 2nd block).
 
     meshes       pp: divisors of the world up to the layer count; tp: divisors of the GPUs per
                  node (tensor parallel stays inside a node) that divide the heads, kv heads,
@@ -24,13 +25,15 @@ every other setting stay the config's. A knob set on the command line stays fixe
                  eagerly: see _looked_at).
 
 Every candidate is checked by the trainer's own refusals first (the same one-line messages
-`train` prints), and each dry run is done once, on a pool of worker processes.
+`train` prints), and each dry run is done once, on a pool of worker processes that start with
+the search; a candidate is estimated as soon as its own dry runs are back.
 """
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
 import os
+import queue
 import time
 
 import msgspec
@@ -132,7 +135,7 @@ def settings_of(mesh: dict, ac: str, local_batch: int, schedule: str) -> dict[st
           "parallelism.pp_microbatches": 0, "activation_checkpoint.mode": ac,
           "training.local_batch_size": local_batch}
     if ac == "selective":
-        s["activation_checkpoint.selective"] = "op"
+        s["activation_checkpoint.selective"] = "op"  # unless pinned: make() lays the pins over these
     return s
 
 
@@ -277,57 +280,76 @@ def _dry_run_job(job):
         return f"{type(e).__name__}: {e}"
 
 
+def _warm_up() -> None:
+    """A worker imports what a dry run needs as it starts, while the search enumerates."""
+    import minititan.plan.dryrun  # noqa: F401
+    import minititan.train  # noqa: F401
+
+
 class DryRunPool:
     """Dry runs on worker processes (each needs a process without a process group of its own),
-    each (config, rank) once."""
+    each (config, rank) once. The workers start with the pool; a candidate is estimated (here,
+    in the parent) as soon as its own dry runs are back, while the workers go on with the rest."""
 
     def __init__(self, world: int, device: Device, gpus_per_node: int, workers: int | None):
         self.world, self.device, self.gpus_per_node = world, device, gpus_per_node
         self.workers = workers if workers is not None else max(1, min(len(os.sched_getaffinity(0)), 8))
-        self.results: dict = {}
+        self.results: dict = {}  # run key -> RankRun, or the line a failed dry run left
         self.count = 0
-        self._pool = None
+        self._done: queue.Queue = queue.Queue()  # (run key, result) as the workers finish
+        self._pool = (multiprocessing.get_context("spawn").Pool(self.workers, initializer=_warm_up)
+                      if self.workers > 1 else None)
 
     def run(self, candidates: list[Candidate], progress, what: str, grow=None, quick: bool = False) -> None:
         """Estimate every candidate. With `grow`, candidates sharing grow(c) are taken in order of
-        local batch and the rest of a group is skipped once one does not fit."""
+        local batch, each once the one before fits (memory only grows with the batch): the rest
+        of a group is skipped once one does not fit."""
         groups: dict = {}
         for c in candidates:
             groups.setdefault(grow(c) if grow else id(c), []).append(c)
         for group in groups.values():
             group.sort(key=lambda c: c.settings["training.local_batch_size"])
-        waves = max(len(g) for g in groups.values()) if groups else 0
+        waiting: dict[int, tuple[Candidate, list, list]] = {}  # id -> (candidate, its run keys, its group)
+        in_flight: set = set()
         total, done = len(candidates), 0
-        for wave in range(waves):
-            batch = [g[wave] for g in groups.values() if wave < len(g) and not _stopped(g, wave)]
-            self._run_dry_runs(batch, quick)
-            for c in batch:
-                self._estimate(c, quick)
-                done += 1
-            if progress:
-                fit = [c for g in groups.values() for c in g if c.estimate and c.estimate.fits]
-                best = max((c.estimate.tokens_per_s for c in fit), default=0)
-                progress(f"plan: {what}: {done}/{total} layouts, {len(fit)} fit, best {best:,.0f} tokens/s/GPU, "
-                         f"{self.count} dry runs")
 
-    def _run_dry_runs(self, candidates: list[Candidate], quick: bool) -> None:
-        jobs = []
-        for c in candidates:
+        def start(c: Candidate, group: list) -> None:
+            keys = []
             for cfg, rank in dry_runs_needed(_looked_at(c.cfg, quick), self.world, quick=quick):
-                if run_key(cfg, rank) not in self.results and (cfg, rank) not in jobs:
-                    jobs.append((cfg, rank))
-        if not jobs:
+                key = run_key(cfg, rank)
+                if key not in self.results and key not in in_flight:
+                    in_flight.add(key)
+                    self._submit(key, (cfg, self.world, rank, tuple(self.device.capability)))
+                keys.append(key)
+            waiting[id(c)] = (c, keys, group)
+
+        for group in groups.values():
+            start(group[0], group)
+        while waiting:
+            for ready, keys, group in [w for w in waiting.values() if all(k in self.results for k in w[1])]:
+                del waiting[id(ready)]
+                self._estimate(ready, quick)
+                done += 1
+                following = group.index(ready) + 1
+                if following < len(group) and (ready.estimate is None or ready.estimate.fits):
+                    start(group[following], group)
+                if progress:
+                    fit = [c for c in candidates if c.estimate and c.estimate.fits]
+                    best = max((c.estimate.tokens_per_s for c in fit), default=0)
+                    progress(f"plan: {what}: {done}/{total} layouts, {len(fit)} fit, best {best:,.0f} tokens/s/GPU, "
+                             f"{self.count} dry runs")
+            if waiting:
+                key, out = self._done.get()
+                in_flight.discard(key)
+                self.results[key] = out
+                self.count += 1
+
+    def _submit(self, key, job) -> None:
+        if self._pool is None:  # a failed dry run: its line, as on the pool
+            self._done.put((key, _dry_run_job(job)))
             return
-        args = [(cfg, self.world, rank, tuple(self.device.capability)) for cfg, rank in jobs]
-        if self.workers > 1 and len(jobs) > 1:
-            if self._pool is None:
-                self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
-            outs = self._pool.map(_dry_run_job, args, chunksize=1)
-        else:
-            outs = [_dry_run_job(a) for a in args]  # a failed dry run: its line, as on the pool
-        for (cfg, rank), out in zip(jobs, outs):
-            self.results[run_key(cfg, rank)] = out
-        self.count += len(jobs)
+        self._pool.apply_async(_dry_run_job, (job,), callback=lambda out: self._done.put((key, out)),
+                               error_callback=lambda e: self._done.put((key, f"{type(e).__name__}: {e}")))
 
     def _estimate(self, c: Candidate, quick: bool) -> None:
         cfg = _looked_at(c.cfg, quick)
@@ -352,8 +374,3 @@ def _looked_at(cfg: Config, quick: bool) -> Config:
     if not quick or not cfg.compile.enable:
         return cfg
     return msgspec.structs.replace(cfg, compile=msgspec.structs.replace(cfg.compile, enable=False))
-
-
-def _stopped(group: list[Candidate], wave: int) -> bool:
-    """A group stops growing its batch after the first size that does not fit."""
-    return any(c.estimate is not None and not c.estimate.fits for c in group[:wave])
