@@ -64,6 +64,21 @@ def test_same_shards_for_any_worker_count(tmp_path):
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) > 6
 
 
+def test_jsonl_lines_read_as_the_standard_library_reads_them():
+    """The workers decode a line with msgspec (the text field only) and fall back to `json` for
+    whatever msgspec refuses: every kind of line gives the text `json.loads` gives."""
+    from minititan.data import readers
+    records = [{"text": "plain", "id": 1, "meta": {"nested": [1, 2, {"text": "not this"}]}},
+               {"meta": None, "text": "caf\u00e9 \ud83d\ude00 \"quoted\" \\ back\nslash"},
+               {"text": "", "note": "an empty document is skipped"},
+               {"score": float("nan"), "text": "NaN elsewhere (json accepts it, msgspec does not)"},
+               {"text": "first", "x": 1, "text2": "other field"}]
+    lines = [json.dumps(r).encode() for r in records] + [b'{"text": "dup", "text": "last wins"}']
+    unit = readers.Unit(0, 0, "jsonl", b"\n".join(lines) + b"\n")
+    got = [text for text, _, _ in readers.unit_documents(unit, "x.jsonl", "text")]
+    assert got == [t for t in (json.loads(line)["text"] for line in lines) if t]
+
+
 def test_resume_redoes_no_finished_shard(tmp_path, monkeypatch):
     make_corpus(tmp_path / "corpus")
     kw = dict(shard_tokens=3000, workers=0, unit_bytes=1024, progress_every=0)
