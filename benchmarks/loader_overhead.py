@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minititan.core.data import TokenSource, rank_slice  # noqa: E402
-from minititan.data.tokenize_corpus import summarize  # noqa: E402
 
 SEQ, BATCH = 8192, 2
 
@@ -40,16 +38,11 @@ def main() -> None:
     megabytes = float(sys.argv[2]) if len(sys.argv) > 2 else 100
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    from benchmarks.tokenize_speed import make_corpus
+    from benchmarks.tokenize_speed import make_corpus, run_tokenize
     corpus = make_corpus(out, megabytes)
-    shutil.rmtree(out / "shards", ignore_errors=True)  # a run left by an earlier call (another corpus)
-    start = time.perf_counter()  # the command a user runs, in its own process (as tokenize_speed.py does)
-    subprocess.run([sys.executable, "-m", "minititan.cli", "tokenize", str(corpus), str(out / "shards"),
-                    "--shard-tokens", "32000000"], check=True)
-    seconds = time.perf_counter() - start
-    done = summarize(str(out / "shards"), 0)
-    rows.append({"what": "tokenize (byte)", "cores": len(os.sched_getaffinity(0)), "tokens": done["tokens"],
-                 "seconds": seconds, "tokens_per_s": done["tokens"] / seconds, "MB_per_s": megabytes / seconds})
+    tokens, seconds = run_tokenize(corpus, out / "shards", "--shard-tokens", "32000000")
+    rows.append({"what": "tokenize (byte)", "cores": len(os.sched_getaffinity(0)), "tokens": tokens,
+                 "seconds": seconds, "tokens_per_s": tokens / seconds, "MB_per_s": megabytes / seconds})
     corpus.unlink()
 
     data = TokenSource(str(out / "shards"), 128256)

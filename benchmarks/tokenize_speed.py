@@ -71,17 +71,22 @@ def baseline(corpus: Path, tokenizer: str, batch: int = 1000) -> tuple[int, floa
     return tokens, time.perf_counter() - start
 
 
-def ours(corpus: Path, tokenizer: str, out: Path, workers: int | None) -> tuple[int, float]:
-    """The command a user runs, in its own process: worker processes start as they do for a user
-    (spawned workers import the parent's main module, which here would be this script and torch)."""
+def run_tokenize(corpus: Path, out: Path, *flags: str) -> tuple[int, float]:
+    """`minititan tokenize corpus out flags` as a user runs it, in its own process (spawned workers
+    import the parent's main module, which in-process would be the calling script and torch):
+    (tokens written, seconds). A folder left in `out` by an earlier run is removed first."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "minititan.cli", "tokenize", str(corpus), str(out), "--tokenizer", tokenizer,
-           "--eos", "none", *(["--workers", str(workers)] if workers is not None else [])]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO,
+    subprocess.run([sys.executable, "-m", "minititan.cli", "tokenize", str(corpus), str(out), *flags], check=True,
+                   capture_output=True, cwd=REPO,
                    env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     seconds = time.perf_counter() - start
-    tokens = summarize(str(out), 0)["tokens"]
+    return summarize(str(out), 0)["tokens"], seconds
+
+
+def ours(corpus: Path, tokenizer: str, out: Path, workers: int | None) -> tuple[int, float]:
+    tokens, seconds = run_tokenize(corpus, out, "--tokenizer", tokenizer, "--eos", "none",
+                                   *(["--workers", str(workers)] if workers is not None else []))
     shutil.rmtree(out, ignore_errors=True)
     return tokens, seconds
 

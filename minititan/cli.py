@@ -224,10 +224,7 @@ def launch(nproc: int, config_path, overrides) -> None:
     try:
         torchrun(args + list(overrides))
     except ChildFailedError as e:  # the rank already printed its error; don't add the launcher's traceback
-        # the cause first: a rank's UserError, else a rank killed by a signal; the others' failures (a
-        # collective whose peer left) follow from it, and their timestamps (whole seconds) may tie with it
-        causes = sorted(e.failures.items(), key=lambda rf: (rf[1].exitcode != 2, rf[1].exitcode >= 0))
-        rank, failure = causes[0] if causes[0][1].exitcode == 2 or causes[0][1].exitcode < 0 else e.get_first_failure()
+        rank, failure = cause_of(e)
         if failure.exitcode == 2:  # a UserError: rank 0 printed its one line
             sys.exit(2)
         if failure.exitcode < 0:
@@ -236,6 +233,16 @@ def launch(nproc: int, config_path, overrides) -> None:
             sys.exit(1)
         click.echo(f"error: rank {rank} exited with code {failure.exitcode} (its message is above)", err=True)
         sys.exit(failure.exitcode)
+
+
+def cause_of(e):
+    """(rank, failure) that ended the job (e: torchrun's ChildFailedError): a rank's UserError (exit
+    2), else a rank killed by a signal, else the first failure. The others' failures (a collective
+    whose peer left) follow from the cause, and their timestamps (whole seconds) may tie with it."""
+    failures = e.failures.items()
+    return (next(((r, f) for r, f in failures if f.exitcode == 2), None)
+            or next(((r, f) for r, f in failures if f.exitcode < 0), None)
+            or e.get_first_failure())
 
 
 def print_sample(cfg) -> None:

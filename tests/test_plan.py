@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.distributed import _CONTEXT, run_ranks
-from tests.harness import TINY
+from tests import harness
+from tests.harness import TINY, assert_one_line_error
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -331,8 +332,9 @@ def test_plan_bad_input_is_one_line(tmp_path):
                          ("dp_shard=4,batch=x", "training.local_batch_size")):
         with pytest.raises(UserError, match=says):
             run_plan(cfg, set(), 4, "h100", 8, layout, False, 10, 1)
-    with pytest.raises(UserError, match="must be positive"):
-        run_plan(cfg, set(), 4, "h100", 8, None, False, 0, 1)
+    for flag in ("--gpus", "--gpus-per-node", "--top", "--workers"):  # a count below 1: refused by the command line
+        args = ["plan", "--gpus", "4", flag, "0"] if flag != "--gpus" else ["plan", "--gpus", "0"]
+        assert_one_line_error(harness.run_cli(*args), [flag, "not in the range"])
     (tmp_path / "empty.toml").write_text("")
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe")
     for name in ("empty.toml", "binary.toml"):

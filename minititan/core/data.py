@@ -107,19 +107,20 @@ def open_stream(path: str, key: str) -> tuple[object, ShardFolder | None]:
     return ArrayStream(load_token_file(path, key)), None
 
 
-def check_vocabulary(stream, folder: ShardFolder | None, path: str, key: str, vocab_size: int,
-                     tokenizer: str | None, tok) -> None:
-    """Ids must fit model.vocab_size, and shards must come from data.tokenizer (`tok`, loaded)."""
+def check_vocabulary(stream, folder: ShardFolder | None, path: str, key: str, vocab_size: int, tok) -> None:
+    """Ids must fit model.vocab_size, and shards must come from data.tokenizer (`tok`, loaded; None:
+    not checked)."""
     if folder is not None:
         if tok is not None and tok.fingerprint != folder.tokenizer:
             raise UserError(f"{key} {path!r} was tokenized with {folder.tokenizer_path} (vocab {folder.vocab_size}) "
-                            f"but data.tokenizer = {tokenizer!r} (vocab {tok.vocab_size}): set data.tokenizer to "
-                            f"the tokenizer the shards were made with, or re-tokenize")
+                            f"but data.tokenizer = {getattr(tok, 'path', 'byte')!r} (vocab {tok.vocab_size}): set "
+                            f"data.tokenizer to the tokenizer the shards were made with, or re-tokenize")
         top = folder.max_id
     else:
         top = int(stream.array.max()) if stream.size else 0
-        if stream.size and stream.array.dtype.kind == "i" and int(stream.array.min()) < 0:
-            raise UserError(f"{key} {path!r} holds negative token ids (down to {int(stream.array.min())}): token ids "
+        low = int(stream.array.min()) if stream.size and stream.array.dtype.kind == "i" else 0  # a signed .npy
+        if low < 0:
+            raise UserError(f"{key} {path!r} holds negative token ids (down to {low}): token ids "
                             f"are 0 .. vocab_size - 1; make the file with `minititan tokenize`")
     if top >= vocab_size:
         raise UserError(f"{key} {path!r} holds token id {top} but model.vocab_size is {vocab_size}: raise "
@@ -154,7 +155,7 @@ class TokenSource:
             if path == "synthetic":
                 raise UserError(f"{k} = synthetic cannot be mixed with other sources: use it as data.dataset alone")
             stream, folder = open_stream(path, k)
-            check_vocabulary(stream, folder, path, k, vocab_size, tokenizer, tok)
+            check_vocabulary(stream, folder, path, k, vocab_size, tok)
             self.train_parts.append((path, stream, weight, holdout))
 
     def sampler(self, split: str, seq_len: int, batch_size: int, seed: int) -> Sampler:

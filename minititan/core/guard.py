@@ -13,10 +13,10 @@ norm with one all-reduce. Two more facts ride in it:
   * Was any rank asked to stop (preemption.StopRequest: SIGTERM, Ctrl-C)? A second element, 0 or 1.
 
 The host reads both one step late. After the all-reduce the two numbers (the squared norm and the
-votes) are copied, non-blocking, into a pinned host buffer; the loop reads step k's buffer once it has queued step k+1, by when the
-device has finished step k (the wait is on an event of step k, so the host stays at most one step
-ahead and the device never runs dry). Where the host waits for the device anyway (logging steps,
-saves) it reads the current step. Every rank reads the same numbers at the same step, so all ranks
+votes) are copied, non-blocking, into a pinned host buffer; the loop reads step k's buffer once it
+has queued step k+1, by when the device has finished step k (the wait is on an event of step k,
+so the host stays at most one step ahead and the device never runs dry). Where the host waits for
+the device anyway (logging steps, saves) it reads the current step. Every rank reads the same numbers at the same step, so all ranks
 decide alike: skip and count, stop with an error once more than training.skip_nonfinite_steps
 steps were not finite, or stop to checkpoint.
 

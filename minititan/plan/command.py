@@ -41,8 +41,6 @@ def parse_layout(text: str) -> dict[str, object]:
 def run_plan(cfg: Config, overridden: set[str], gpus: int, gpu: str, gpus_per_node: int, layout: str | None,
              as_json: bool, top: int, workers: int | None) -> None:
     device = devices.load(gpu)
-    if min(gpus, gpus_per_node, top) < 1 or (workers is not None and workers < 1):
-        raise UserError("--gpus, --gpus-per-node, --top and --workers must be positive: pass a count of 1 or more")
     if layout is not None:
         refused: dict[str, int] = {}
         c = make(cfg, gpus, _defaults_for_layout(cfg) | parse_layout(layout), {}, refused)
