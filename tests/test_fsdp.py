@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import weakref
 
 import pytest
@@ -181,6 +182,15 @@ def watch_all_gathers(fsdp):
     return buffers, prefetched
 
 
+def count_alive(buffers, expected: int) -> int:
+    """How many watched buffers are alive, given up to 2 s to fall to `expected`: gloo's worker thread
+    drops its reference to a finished all-gather's output a moment after work.wait() returns."""
+    deadline = time.monotonic() + 2
+    while (alive := sum(b() is not None for b in buffers)) > expected and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return alive
+
+
 def _mechanics(rank, world):
     full = model.init(CFG, SEED)
     units = model.units(CFG)
@@ -192,13 +202,13 @@ def _mechanics(rank, world):
         x, y = (t[rank * 2:(rank + 1) * 2] for t in global_batch(0))
         with fsdp.resharding():
             loss = model.loss_sum({}, x, y, CFG, fsdp_ops(fsdp))
-        alive = sum(b() is not None for b in buffers)
+        alive = count_alive(buffers, expected=1 if reshard else len(buffers))
         gathers_forward, prefetched_forward = len(buffers), len(prefetched)
         loss.backward()
         fsdp.finish_grad_sync()
         out[reshard] = dict(alive=alive, forward=gathers_forward, backward=len(buffers) - gathers_forward,
                             prefetched_forward=prefetched_forward, prefetched=len(prefetched),
-                            alive_after=sum(b() is not None for b in buffers))
+                            alive_after=count_alive(buffers, expected=0))
     # 2. checkpoint ranges: a fresh FSDP filled from flat ranges equals one loaded from full tensors
     fresh = fsdp_lib.FSDP(model.param_shapes(CFG), units, dist.group.WORLD)
     pieces = {}
