@@ -1,13 +1,14 @@
 """Time the routed experts of one MoE layer, forward + backward, as grouped GEMMs and as a loop.
 
     python benchmarks/moe_micro.py [tokens]     # default: configs/moe_4b.toml's layer, 8192 tokens x top 2
+    python benchmarks/moe_micro.py 8192 --experts 64 --top-k 8 --hidden 704   # the fine-grained moe64
 
 The experts of configs/moe_4b.toml (8 experts, dim 2048, hidden 2816) on 8192 tokens routed top-2,
 so 16,384 rows sorted by expert with a realistic spread of loads (Dirichlet shares). Compares
 `moe.run_experts_grouped` (three torch._grouped_mm calls, no host sync) with `moe.run_experts_loop`
 (one SwiGLU per expert, reads the counts on the host), bf16 on a GPU, fp32 on the CPU.
 """
-import sys
+import argparse
 import time
 
 import torch
@@ -16,8 +17,13 @@ from minititan.core import moe
 
 cuda = torch.cuda.is_available()
 device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-tokens = int(sys.argv[1]) if len(sys.argv) > 1 else (8192 if cuda else 512)
-n_experts, top_k, dim, hidden = 8, 2, 2048, 2816
+parser = argparse.ArgumentParser()
+parser.add_argument("tokens", type=int, nargs="?", default=8192 if cuda else 512)
+parser.add_argument("--experts", type=int, default=8)
+parser.add_argument("--top-k", type=int, default=2)
+parser.add_argument("--hidden", type=int, default=2816)
+args = parser.parse_args()
+tokens, n_experts, top_k, dim, hidden = args.tokens, args.experts, args.top_k, 2048, args.hidden
 
 
 def sync():

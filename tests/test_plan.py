@@ -127,6 +127,19 @@ def test_dry_run_peak_is_the_real_runs(world, overrides, tolerance):
         assert abs(predicted - measured) / measured < tolerance, (rank, predicted, measured)
 
 
+def test_a_compiled_dry_run_traces_the_gpu_branches():
+    """Under compile the dry run traces each block as the GPU runs it: the MoE layer with its
+    grouped GEMMs, not the CPU's loop over experts (whose host read would leave the layer eager)."""
+    path = str(CONFIGS / "moe_4b.toml")
+    small = ["model.n_layers=2", "model.dim=256", "model.n_heads=4", "model.n_kv_heads=2", "model.moe_hidden_dim=256",
+             "model.vocab_size=512", "training.seq_len=128", "training.local_batch_size=1",
+             "training.global_batch_size=1", "compile.enable=true"]
+    [run] = dry_runs([(path, small, 1, 0, (9, 0))])
+    assert run.eager_under_compile == []
+    kinds = {e[2] for e in run.events if e[0] == "op"}
+    assert "grouped gemm" in kinds and "gemm" in kinds
+
+
 # ---------------------------------------------------------------- every parity layout, at scale
 
 

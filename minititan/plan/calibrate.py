@@ -4,6 +4,9 @@ What it times, each with CUDA events after warm-up (a minute or two on an H100):
   gemm_tflops        bf16 GEMMs at the 8B model's shapes (tokens 8192: 4096 x 4096, 4096 x 14336,
                      14336 x 4096, and the 128,256-word output layer)
   gemm_fp8_tflops    the same through torch._scaled_mm (tensorwise e4m3), where the GPU has fp8
+  grouped_gemm_tflops  the MoE experts as the model runs them (moe.run_experts_grouped, forward +
+                     backward): configs/moe_4b.toml's 8 experts of dim 2048 x hidden 2816, 16,384
+                     rows spread evenly, where torch._grouped_mm runs (sm90+)
   attention_tflops   causal SDPA forward + backward (cuDNN first, as the model asks), b 1, s 8192,
                      32 query / 8 kv heads of 128, by plan/trace.py's FLOP count
   hbm_gbs            a 2 GiB copy: bytes read + written per second
@@ -50,6 +53,8 @@ def calibrate(out_path: str) -> None:
         kernel_us=_kernel_us(torch, device), host_op_us=_host_op_us(torch, device))
     if torch.cuda.get_device_capability(device) >= (8, 9):
         measured["gemm_fp8_tflops"] = _gemm(torch, device, fp8=True)
+    if torch.cuda.get_device_capability(device) >= (9, 0):
+        measured["grouped_gemm_tflops"] = _grouped_gemm(torch, device)
     hbm = _copy_gbs(torch, device)
     measured |= dict(hbm_gbs=round(hbm), elementwise_efficiency=round(_multiply_gbs(torch, device) / hbm, 3),
                      optimizer_efficiency={"fused": round(_adamw_gbs(torch, device, "fused") / hbm, 3),
@@ -115,6 +120,22 @@ def _gemm(torch, device, fp8: bool) -> float:
             seconds += _timed(torch, lambda: a @ b.t())
         flops += 2.0 * tokens * k * n
     return round(flops / seconds / 1e12, 1)
+
+
+def _grouped_gemm(torch, device) -> float:
+    from minititan.core import moe
+    n_experts, rows, dim, hidden = 8, 16384, 2048, 2816
+    x = torch.randn(rows, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    experts = {name: (torch.randn(n_experts, *shape, device=device, dtype=torch.bfloat16) * shape[1] ** -0.5)
+               .requires_grad_() for name, shape in (("w1", (hidden, dim)), ("w3", (hidden, dim)), ("w2", (dim, hidden)))}
+    counts = torch.full((n_experts,), rows // n_experts, device=device)
+    grad = torch.randn(rows, dim, device=device, dtype=torch.bfloat16)
+    flops = 3 * 2.0 * rows * 3 * dim * hidden  # three GEMMs, forward and a backward of two
+    inputs = [x, *experts.values()]
+
+    def step():
+        torch.autograd.grad(moe.run_experts_grouped(x, counts, experts), inputs, grad)
+    return round(flops / _timed(torch, step) / 1e12, 1)
 
 
 def _attention(torch, device) -> float:

@@ -145,7 +145,8 @@ class AotFunction:
             for node in joint.graph.nodes:  # activation checkpointing's tags, one region per graph (dynamo
                 if "recompute" in node.meta and node.meta.get("ac_graph_id") is None:  # numbers them)
                     node.meta["ac_graph_id"] = 0
-            return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+            forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+            return _inline_constants(forward), _inline_constants(backward)
 
         traced = aot_function(flat_fn, fw_compiler=run_fused, bw_compiler=run_fused, partition_fn=partition,
                               decompositions=_decompositions())
@@ -161,6 +162,23 @@ class AotFunction:
 
 
 _FAILED: dict = {}  # structural key -> why it runs eagerly
+
+
+def _inline_constants(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A Python number the traced code puts into a tensor (`offs[-1] = rows`) becomes a real 0-d
+    tensor attribute of the graph. AOTAutograd deep-copies the backward graph on its first run,
+    which inside the dry run's fake mode cannot copy a real tensor; so each such constant is made
+    by the graph itself instead (torch.tensor of its values: a few numbers)."""
+    for node in list(gm.graph.nodes):
+        value = getattr(gm, node.target, None) if node.op == "get_attr" else None
+        if type(value) is torch.Tensor:
+            with gm.graph.inserting_before(node):
+                made = gm.graph.call_function(torch.tensor, (value.tolist(),), {"dtype": value.dtype})
+            node.replace_all_uses_with(made)
+            gm.graph.erase_node(node)
+            delattr(gm, node.target)
+    gm.recompile()
+    return gm
 
 
 def _describe(x):

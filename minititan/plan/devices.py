@@ -31,6 +31,7 @@ class Device(msgspec.Struct, forbid_unknown_fields=True):
     network_latency_us: float
     comm_compute_slowdown: float
     optimizer_efficiency: dict[str, float]
+    grouped_gemm_tflops: float | None = None  # None (a profile written before it): gemm_tflops
     name: str = ""
 
 
@@ -40,7 +41,8 @@ def shipped() -> dict[str, Device]:
 
 
 # what the time model divides by: a profile's zero here is a division by zero, not a fast GPU
-RATES = {"memory_gib", "fragmentation", "peak_bf16_tflops", "gemm_tflops", "gemm_fp8_tflops", "attention_tflops",
+RATES = {"memory_gib", "fragmentation", "peak_bf16_tflops", "gemm_tflops", "gemm_fp8_tflops", "grouped_gemm_tflops",
+         "attention_tflops",
          "hbm_gbs", "elementwise_efficiency", "nvlink_gbs", "network_gbs"}
 OPTIMIZERS = ("fused", "foreach", "compiled")  # optimizer_efficiency's keys: the AdamW implementations
 

@@ -20,6 +20,8 @@ Three pieces of torch make this possible, and this file adds what they leave out
       - FakeTensor.is_cuda answers True, so the model takes the branches it takes on a GPU
         (cuDNN attention with shared kv heads, weight gradients written in fp32 by the GEMM,
         flash attention blocks in ring attention, grouped GEMMs for the experts, _scaled_mm);
+        so does FunctionalTensor's, the wrapper the compile stand-in's tracer (plan/compiled.py)
+        puts around them, else a compiled block would trace the CPU's branches;
       - torch.cuda.get_device_capability answers the profile's (9, 0 for an H100);
       - the few ops whose CUDA kernel is one fused kernel but whose CPU version is a composite
         of smaller ops run as a stand-in with the CUDA kernel's outputs and saved tensors
@@ -46,6 +48,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.functional_tensor import FunctionalTensor
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
@@ -78,7 +81,7 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
     get_capability = torch.cuda.get_device_capability
     if capability is not None:
         torch.cuda.get_device_capability = lambda device=None: capability
-        FakeTensor.is_cuda = property(lambda self: True)
+        FakeTensor.is_cuda = FunctionalTensor.is_cuda = property(lambda self: True)
     rms_norm = F.rms_norm
     from torch.nn.attention import flex_attention as flex
     flex_fns = flex.flex_attention, flex.create_block_mask
@@ -91,7 +94,7 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
             yield gpu
     finally:
         if capability is not None:
-            del FakeTensor.is_cuda
+            del FakeTensor.is_cuda, FunctionalTensor.is_cuda
             torch.cuda.get_device_capability = get_capability
             F.rms_norm = rms_norm
             flex.flex_attention, flex.create_block_mask = flex_fns

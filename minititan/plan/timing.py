@@ -2,7 +2,8 @@
 
 Each recorded op costs, on the device (constants from plan/devices.toml):
   GEMM          flops / gemm_tflops (gemm_fp8_tflops for _scaled_mm), or its bytes / hbm_gbs
-                if that is longer (skinny GEMMs are memory-bound), + kernel_us
+                if that is longer (skinny GEMMs are memory-bound), + kernel_us; a grouped GEMM
+                (the MoE experts) at grouped_gemm_tflops (fp8: scaled by the same fraction)
   attention     flops / attention_tflops (causal flash attention, plan/trace.py's count) + kernel_us
   element-wise  bytes read and written / (hbm_gbs x elementwise_efficiency) + kernel_us; inside a
                 compiled graph only what a fused kernel reads from memory and writes back counts
@@ -88,8 +89,10 @@ def op_seconds(kind: str, flops: float, nbytes: float, fp8: bool, device: Device
     it; optimizer: the AdamW implementation, whose kernels reach different fractions of the copy
     bandwidth)."""
     hbm = device.hbm_gbs * 1e9
-    if kind == "gemm":
+    if kind in ("gemm", "grouped gemm"):
         rate = (device.gemm_fp8_tflops if fp8 else device.gemm_tflops) * 1e12
+        if kind == "grouped gemm" and device.grouped_gemm_tflops:  # many small GEMMs in one kernel
+            rate *= device.grouped_gemm_tflops / device.gemm_tflops
         return max(flops / rate, nbytes / hbm) + device.kernel_us * 1e-6
     if kind == "attention":
         return flops / (device.attention_tflops * 1e12) + device.kernel_us * 1e-6

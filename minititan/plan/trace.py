@@ -113,7 +113,8 @@ class StepTrace:
         nbytes = self._bytes_moved(func, args, kwargs, out, where)
         if func in GEMMS or func in GROUPED_GEMMS or func.overloadpacket is aten.mm:
             flops = _gemm_flops(func, args, kwargs, out)
-            self.events.append(("op", phase, "gemm", flops, nbytes, func in FP8_GEMMS, where))
+            kind = "grouped gemm" if func in GROUPED_GEMMS else "gemm"
+            self.events.append(("op", phase, kind, flops, nbytes, func in FP8_GEMMS, where))
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
             self.events.append(("op", phase, "attention", _attention_flops(func, args, kwargs), nbytes, False, where))
         elif func.overloadpacket in (aten._fused_adamw_, aten._fused_adam_) or (
