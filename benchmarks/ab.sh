@@ -18,4 +18,9 @@ for row in $ROWS; do
     grep "^| $row " /tmp/ab/$name.$row.txt | sed "s#^#| $tree #" | tee -a $OUT/ab.txt
   done
 done
-echo; echo "| tree | run | tokens/s/GPU | MFU | peak mem GiB | step-1 grad norm | wall s | rc |"; cat $OUT/ab.txt
+echo  # each tree's header as its bench.py printed it (older trees lack the allocated-memory column)
+for tree in $TREES; do
+  name=$(echo "$tree" | tr -c 'a-zA-Z0-9\n' '_')
+  echo "$tree: | tree $(grep -h '^| run |' /tmp/ab/$name.*.txt 2>/dev/null | head -1)"
+done
+cat $OUT/ab.txt

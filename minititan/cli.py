@@ -151,7 +151,7 @@ def leave_alone(e: Exception) -> None:
     import traceback
     if isinstance(e, UserError):
         click.echo(f"error: {e}", err=True)
-    elif any(words in str(e) for words in PEER_GONE):
+    elif peer_gone(e):
         click.echo(f"error: rank {os.environ.get('RANK', '?')}: another rank left the job during a collective "
                    f"(its own error, above or below, says why)", err=True)
     else:
@@ -161,7 +161,13 @@ def leave_alone(e: Exception) -> None:
     os._exit(2 if isinstance(e, UserError) else 1)
 
 
-PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")  # gloo's words for it
+def peer_gone(e: Exception) -> bool:
+    """Whether a collective failed because another rank left: gloo's words for it, and NCCL's."""
+    return any(words in str(e) for words in PEER_GONE)
+
+
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",  # gloo
+             "remote process exited or there was a network error")  # NCCL (ncclRemoteError)
 
 
 def check_before_start(cfg, world: int, in_rank: bool) -> None:

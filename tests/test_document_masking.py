@@ -78,6 +78,28 @@ def test_the_gpu_block_mask_says_what_the_cpu_mask_says():
     assert torch.allclose(got, model.causal_attention(q, k, v, mask=dense_mask(documents)), atol=1e-5)
 
 
+@pytest.mark.parametrize("batch, seq, mean_length", [(2, 1024, 200), (1, 1000, 100), (3, 512, 1000), (2, 384, 20)])
+def test_the_block_mask_is_the_one_create_block_mask_builds(batch, seq, mean_length):
+    """block_mask builds from the tiles' first and last documents what create_block_mask finds by
+    evaluating the rule at every position: the same tiles, the same order, full ones apart (sequences
+    cut short of a whole tile included)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from minititan.core.document_attention import block_mask
+    g = torch.Generator().manual_seed(seq)
+    lengths = (torch.empty(batch, seq).exponential_(1 / mean_length, generator=g).long() + 1)
+    documents = torch.stack([torch.repeat_interleave(torch.arange(seq), row)[:seq] for row in lengths])
+
+    def rule(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (documents[b, q_idx] == documents[b, kv_idx])
+
+    want, got = create_block_mask(rule, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device="cpu"), block_mask(documents)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert (got.seq_lengths, got.BLOCK_SIZE) == (want.seq_lengths, want.BLOCK_SIZE)
+
+
 def ring_documents(rank, world, rotate):
     """Context-parallel attention with documents on this rank's shard, against one process."""
     group = dist.group.WORLD

@@ -159,3 +159,15 @@ def test_a_rank_failing_alone_ends_the_job_with_its_one_line(tmp_path, fail):
     assert r.returncode == 2, r.stderr
     assert f"error: rank {rank} alone failed at step {step} (a test)" in r.stderr.splitlines(), r.stderr
     assert "Traceback" not in r.stderr and "SIGABRT" not in r.stderr and r.stderr.count("\n") <= 2, r.stderr
+
+
+def test_a_peer_leaving_is_recognised_in_gloo_and_nccl_words():
+    """The one line for a rank whose collective lost its peer: gloo's errors (the test above meets
+    them) and NCCL's ncclRemoteError in the words torch's DistBackendError gives it."""
+    from minititan.cli import peer_gone
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: "
+                        "Connection reset by peer")
+    nccl = RuntimeError("NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3763, remote "
+                        "process exited or there was a network error, NCCL version 2.28.8\nncclRemoteError: A call "
+                        "failed possibly due to a network error or a remote process exiting prematurely.")
+    assert peer_gone(gloo) and peer_gone(nccl) and not peer_gone(RuntimeError("CUDA out of memory"))

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from tests.distributed import _CONTEXT, run_ranks
 from tests import harness
@@ -279,13 +278,8 @@ def test_pipeline_bubble_is_the_schedules_idle_time():
 # ---------------------------------------------------------------- the commands
 
 
-def run_cli(*args):
-    from minititan.cli import main
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def _cli_in_a_fresh_process(args):
-    result = run_cli(*args)
+    result = harness.run_cli(*args)
     return result.exit_code, result.stdout if "--json" in args else result.output
 
 

@@ -36,20 +36,47 @@ def dense_mask(documents: Tensor) -> Tensor:
 
 @functools.lru_cache
 def _flex():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    return create_block_mask, torch.compile(flex_attention, dynamic=False)
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    return BlockMask, torch.compile(flex_attention, dynamic=False)
+
+
+BLOCK = 128  # FlexAttention's default block: the mask says, per 128 x 128 tile, skip / compute / compute unmasked
 
 
 def block_mask(documents: Tensor):
-    """FlexAttention's BlockMask of the same rule, built on the device (no host sync)."""
-    create_block_mask, _ = _flex()
+    """FlexAttention's BlockMask of the same rule, built on the device (no host sync) from the blocks'
+    first and last document: the indices grow along a row, so that is all a tile needs.
+
+      kv tile k, query tile q (k <= q) holds a visible pair  iff  last doc of k >= first doc of q
+      (k < q) every pair is visible ("full", no mask_mod)      iff  first doc of k == last doc of q
+
+    A tile cut short by the sequence's end is never full. This is what create_block_mask computes
+    by evaluating the rule at every one of the s x s positions; here it costs a few ops on
+    [batch, s / 128] tensors."""
+    BlockMask, _ = _flex()
+    b, s = documents.shape
+    starts = torch.arange(0, s, BLOCK, device=documents.device)
+    ends = (starts + BLOCK).clamp_max(s) - 1
+    first, last = documents[:, starts], documents[:, ends]  # [b, tiles]
+    whole = ends - starts == BLOCK - 1
+    q, k = starts[:, None] // BLOCK, starts[None, :] // BLOCK
+    visible = (k <= q) & (last[:, None, :] >= first[:, :, None])  # [b, q tile, kv tile]
+    full = (k < q) & (first[:, None, :] == last[:, :, None]) & (whole[:, None] & whole[None, :])
+    partial = visible & ~full
 
     def same_document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (documents[b, q_idx] == documents[b, kv_idx])
 
-    s = documents.shape[1]
-    return create_block_mask(same_document_causal, B=documents.shape[0], H=None, Q_LEN=s, KV_LEN=s,
-                             device=documents.device)
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=BLOCK,
+                                    mask_mod=same_document_causal, seq_lengths=(s, s))
+
+
+def _ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """[b, q tiles, kv tiles] bool -> per query tile, how many kv tiles and which (those first, in
+    order), with the head dim FlexAttention expects: [b, 1, q], [b, 1, q, kv] int32."""
+    tiles = tiles.to(torch.int32)[:, None]
+    return (tiles.sum(-1, dtype=torch.int32),
+            torch.argsort(tiles, dim=-1, descending=True, stable=True).to(torch.int32))
 
 
 def document_mask(documents: Tensor):

@@ -28,7 +28,8 @@ Three pieces of torch make this possible, and this file adds what they leave out
         (F.rms_norm, whose CPU decomposition keeps three fp32 copies of its input for backward
         where the CUDA kernel keeps the input and one fp32 number per row: _FusedRMSNorm below);
         FlexAttention (document masking), which has no CPU backward, runs as causal flash
-        attention, which keeps the same tensors (its block-sparse savings in time are not counted).
+        attention, which keeps the same tensors (its block-sparse savings in time are not counted),
+        with no BlockMask (whose build is a few ops on [batch, seq / 128] tensors).
     The patches are undone on exit and exist only inside `fake_tensors()`.
 
 Host values. A fake tensor has no values, so reading one on the host (`.tolist()`, `.item()`)
@@ -84,10 +85,12 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
         FakeTensor.is_cuda = FunctionalTensor.is_cuda = property(lambda self: True)
     rms_norm = F.rms_norm
     from torch.nn.attention import flex_attention as flex
-    flex_fns = flex.flex_attention, flex.create_block_mask
+    from minititan.core import document_attention
+    flex_fns = flex.flex_attention, document_attention.block_mask
     if capability is not None:
         F.rms_norm = _fused_rms_norm
-        flex.flex_attention, flex.create_block_mask = _flex_as_flash, lambda *args, **kwargs: None
+        flex.flex_attention, document_attention.block_mask = _flex_as_flash, lambda documents: None
+        document_attention._flex.cache_clear()  # it holds the flex_attention it found first
     gpu = FakeGPU()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), gpu:
@@ -97,7 +100,8 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
             del FakeTensor.is_cuda, FunctionalTensor.is_cuda
             torch.cuda.get_device_capability = get_capability
             F.rms_norm = rms_norm
-            flex.flex_attention, flex.create_block_mask = flex_fns
+            flex.flex_attention, document_attention.block_mask = flex_fns
+            document_attention._flex.cache_clear()
 
 
 def device_query(args):
