@@ -1,5 +1,6 @@
-"""mixed_precision.linear: an fp32 master weight in a bf16 matmul, its gradient written in fp32.
-It must compute what casting the weight first (F.linear(x, w.to(bf16))) computes, a bf16 training
+"""mixed_precision.linear: an fp32 master weight in a bf16 matmul, its gradient written in fp32
+(and mixed_precision.embedding: the table's looked-up rows cast, the table's gradient in fp32).
+They must compute what casting the weight first (F.linear(x, w.to(bf16))) computes, a bf16 training
 step must give the gradients of the layout that casts every weight in its gather, and the layouts
 whose ops meet the fp32 masters (async TP's linear, the MoE shared experts under it, DDP) or keep
 the casts (zero bubble) must train in bf16 like one process (within bf16 rounding)."""
@@ -34,6 +35,20 @@ def test_linear_on_an_fp32_master_equals_the_cast_weights_linear():
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-2, atol=1e-2)  # the reference rounds dw to bf16 first
 
 
+def test_embedding_on_an_fp32_master_equals_the_cast_tables_lookup():
+    torch.manual_seed(0)
+    w0, tokens = torch.randn(50, 16), torch.randint(0, 50, (2, 30))  # 60 tokens of 50: repeats
+    dy = torch.randn(2, 30, 16).bfloat16()
+    w, w_ref = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    y, y_ref = mixed_precision.embedding(tokens, w, torch.bfloat16), F.embedding(tokens, w_ref.to(torch.bfloat16))
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and torch.equal(y, y_ref)
+    summed_in_fp32 = torch.zeros(50, 16).index_add_(0, tokens.flatten(), dy.float().flatten(0, 1))
+    torch.testing.assert_close(w.grad, summed_in_fp32, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-2, atol=1e-2)  # the reference sums in bf16
+
+
 def test_same_dtype_is_plain_linear():
     x, w = torch.randn(3, 8), torch.randn(4, 8)
     assert torch.equal(mixed_precision.linear(x, w), F.linear(x, w))
@@ -41,8 +56,8 @@ def test_same_dtype_is_plain_linear():
 
 def step_grads(monkeypatch, keep: bool) -> dict[str, torch.Tensor]:
     cast_gather = parallelize.cast_gather
-    monkeypatch.setattr(parallelize, "cast_gather", lambda select, dtype, keep_linear_weights=True:
-                        cast_gather(select, dtype, keep_linear_weights and keep))
+    monkeypatch.setattr(parallelize, "cast_gather", lambda select, dtype, keep_masters=True:
+                        cast_gather(select, dtype, keep_masters and keep))
     cfg = load_config(None, TINY + ["training.param_dtype=bfloat16", "checkpoint.enable=false"])
     _, _, layout = setup(cfg)
     t = cfg.training
@@ -100,3 +115,6 @@ def test_zero_bubble_keeps_the_casts_in_the_gather(schedule, dtype):
     got = parallelize.base_ops(facts, cfg.compile, cfg.activation_checkpoint).gather(model.init(cfg.model, seed=0),
                                                                                    "layers.0.attention")
     assert got["attention.wq"].dtype == dtype and got["attention_norm"].dtype == torch.bfloat16
+    table = parallelize.base_ops(facts, cfg.compile, cfg.activation_checkpoint).gather(model.init(cfg.model, seed=0),
+                                                                                     "tok_embeddings")
+    assert table["tok_embeddings"].dtype == dtype

@@ -156,13 +156,16 @@ def sum_over_ranks(x: Tensor, group) -> Tensor:
 # ---------------------------------------------------------------- vocabulary-parallel embedding and loss
 
 
-def vocab_parallel_embedding(tokens: Tensor, w_local: Tensor, group, sequence_parallel: bool) -> Tensor:
+def vocab_parallel_embedding(tokens: Tensor, w_local: Tensor, group, sequence_parallel: bool,
+                             lookup: Callable = F.embedding) -> Tensor:
     """tokens [b, s] (the same on every tp rank), w_local = this rank's rows of the table.
-    Returns [b, s, d] on every rank (plain TP) or this rank's [b, s/tp, d] (SP)."""
+    Returns [b, s, d] on every rank (plain TP) or this rank's [b, s/tp, d] (SP).
+    lookup(tokens, w): the local lookup, F.embedding or one that casts an fp32 master's rows (the
+    sum over ranks then moves the compute dtype)."""
     start = dist.get_rank(group) * w_local.shape[0]
     local = tokens - start
     not_mine = (local < 0) | (local >= w_local.shape[0])
-    partial = F.embedding(local.masked_fill(not_mine, 0), w_local).masked_fill(not_mine[..., None], 0)
+    partial = lookup(local.masked_fill(not_mine, 0), w_local).masked_fill(not_mine[..., None], 0)
     return reduce_scatter_seq(partial, group) if sequence_parallel else reduce_from_tp(partial, group)
 
 
@@ -216,10 +219,12 @@ def vocab_parallel_cross_entropy(logits_local: Tensor, labels: Tensor, group) ->
 # ---------------------------------------------------------------- the ops a layout plugs into the model
 
 
-def tp_ops(group, sequence_parallel: bool = False, async_tp: bool = False, async_chunks: int = 2) -> dict[str, Callable]:
+def tp_ops(group, sequence_parallel: bool = False, async_tp: bool = False, async_chunks: int = 2,
+           lookup: Callable = F.embedding) -> dict[str, Callable]:
     """Entries for model.Ops: dataclasses.replace(ops, **tp_ops(group, ...)), with params from shard_params.
     Plain TP and SP return into_tp, out_of_tp, embedding, cross_entropy (ops.linear is untouched);
-    async TP also returns linear, which must be used together with its into_tp / out_of_tp."""
+    async TP also returns linear, which must be used together with its into_tp / out_of_tp.
+    lookup: the embedding's local lookup (the ops' embedding before tp: vocab_parallel_embedding)."""
     if async_tp and not sequence_parallel:
         raise ValueError("parallelism.async_tp overlaps the sequence-parallel all-gather and reduce-scatter with "
                          "the matmuls: set parallelism.sequence_parallel=true as well")
@@ -232,7 +237,7 @@ def tp_ops(group, sequence_parallel: bool = False, async_tp: bool = False, async
     into_tp = ops["into_tp"]
 
     def embedding(tokens, w_local):
-        return vocab_parallel_embedding(tokens, w_local, group, sequence_parallel)
+        return vocab_parallel_embedding(tokens, w_local, group, sequence_parallel, lookup)
 
     def cross_entropy(h, w_out_local, labels, linear):
         # the head is column-parallel over the vocabulary: it enters the region like wq does

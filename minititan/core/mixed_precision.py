@@ -1,4 +1,5 @@
-"""fp32 master weights, bf16 matmuls: a linear whose weight gradient comes out in fp32.
+"""fp32 master weights, bf16 matmuls: a linear whose weight gradient comes out in fp32, and an
+embedding that casts only the rows it looks up.
 
 The optimizer keeps every weight in fp32 and the matmuls run in bf16. Cast each weight before its
 block (w.to(bf16)) and autograd's backward of that cast costs one more pass over every weight
@@ -92,3 +93,11 @@ def weight_grad(dy: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
     if dy.is_cuda:
         return torch.mm(dy.t(), x, out_dtype=dtype)
     return (dy.t() @ x).to(dtype)
+
+
+def embedding(tokens: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
+    """The table's rows for `tokens`, in `dtype`: looked up in w's own dtype (the fp32 master), then
+    cast. Casting the whole table first, as the gather casts the other tensors, would read and write
+    every row each forward and cast the whole table's gradient back to fp32 in backward; here the
+    cast touches only the rows looked up, and the lookup's backward writes the fp32 gradient itself."""
+    return F.embedding(tokens, w).to(dtype)

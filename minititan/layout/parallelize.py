@@ -12,6 +12,8 @@ sum their gradients; under FSDP into their own shards. docs/architecture.md has 
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import msgspec
@@ -151,8 +153,9 @@ def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint) -> model.
     with the configured activation checkpointing and compile."""
     ops = model.default_ops(facts.model)
     if facts.param_dtype != torch.float32:
-        ops.gather = cast_gather(ops.gather, facts.param_dtype, keep_linear_weights=not facts.splits_backward)
+        ops.gather = cast_gather(ops.gather, facts.param_dtype, keep_masters=not facts.splits_backward)
         ops.linear = mixed_precision.linear
+        ops.embedding = functools.partial(mixed_precision.embedding, dtype=facts.param_dtype)
     if compile.enable:  # the loss too: the fp32 upcast and log-softmax fuse into one pass over the logits
         ops.cross_entropy = torch.compile(ops.cross_entropy)
     first_stage = next(iter(facts.stages.values()))  # AC's every-N-th counts restart at each forward
@@ -160,13 +163,14 @@ def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint) -> model.
     return ops
 
 
-def cast_gather(select: Callable, dtype: torch.dtype, keep_linear_weights: bool) -> Callable:
-    """ops.gather casting the unit's fp32 masters to the compute dtype, except (keep_linear_weights)
-    the linears' weights: mixed_precision.linear casts those itself so that their gradients come out
-    of the GEMM in fp32. Zero bubble keeps the casts here: it splits the backward at autograd's
-    own matmul nodes (schedules/split_backward.py), and a custom Function's backward cannot be split."""
+def cast_gather(select: Callable, dtype: torch.dtype, keep_masters: bool) -> Callable:
+    """ops.gather casting the unit's fp32 masters to the compute dtype, except (keep_masters) those
+    whose op casts them itself: the linears' weights (mixed_precision.linear, so that their gradients
+    come out of the GEMM in fp32) and the embedding table (mixed_precision.embedding casts only the
+    rows it looks up). Zero bubble keeps the casts here: it splits the backward at autograd's own
+    matmul nodes (schedules/split_backward.py), and a custom Function's backward cannot be split."""
     def gather(params, unit):
-        return {n: t if keep_linear_weights and model.is_linear_weight(n, t.shape) else t.to(dtype)
+        return {n: t if keep_masters and (model.is_linear_weight(n, t.shape) or n == "tok_embeddings") else t.to(dtype)
                 for n, t in select(params, unit).items()}
 
     return gather

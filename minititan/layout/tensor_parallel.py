@@ -53,7 +53,8 @@ def apply(layout: Layout, storage: Storage, mesh: Mesh) -> None:
     (after that storage's own gradient sum: tp peers hold the same shard layout, so the same view
     holds the same elements on each)."""
     facts, group = layout.facts, mesh.group("tp")
-    layout.ops = dataclasses.replace(layout.ops, **tpm.tp_ops(group, facts.sequence_parallel, facts.async_tp))
+    layout.ops = dataclasses.replace(layout.ops, **tpm.tp_ops(group, facts.sequence_parallel, facts.async_tp,
+                                                              lookup=layout.ops.embedding))
     if facts.sequence_parallel:
         layout.finish_grads.append(functools.partial(sum_replicated_grads, storage, group))
 
