@@ -254,6 +254,20 @@ MUTATIONS = [
              [("minititan/core/float8.py", "a_inv, bt_inv = a_scale.reciprocal(), bt_scale.reciprocal()",
                "a_inv, bt_inv = a_scale, bt_scale.reciprocal()")],
              ["tests/test_float8.py::test_linear_forward_and_grads_close_to_high_precision"]),
+    # ---------------------------------------------------------------- document masking, mixed precision
+    mutation("block_mask_full_tile_across_a_boundary",
+             "document BlockMask: a kv tile counts as full (no mask) when it ends in the document the query tile ends in, "
+             "so tokens see across a document boundary",
+             [("minititan/core/document_attention.py",
+               "full = (k < q) & (first[:, None, :] == last[:, :, None])",
+               "full = (k < q) & (last[:, None, :] == last[:, :, None])")],
+             ["tests/test_document_masking.py::test_the_block_mask_is_the_one_create_block_mask_builds"]),
+    mutation("embedding_rows_not_cast",
+             "bf16 training: the embedding's rows come out in fp32 (the lookup on the master is not cast), so "
+             "the whole network runs in fp32",
+             [("minititan/core/mixed_precision.py", "return F.embedding(tokens, w).to(dtype)",
+               "return F.embedding(tokens, w)")],
+             ["tests/test_mixed_precision.py::test_embedding_on_an_fp32_master_equals_the_cast_tables_lookup"]),
 ]
 
 
