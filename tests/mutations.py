@@ -256,8 +256,8 @@ MUTATIONS = [
              ["tests/test_float8.py::test_linear_forward_and_grads_close_to_high_precision"]),
     # ---------------------------------------------------------------- document masking, mixed precision
     mutation("block_mask_full_tile_across_a_boundary",
-             "document BlockMask: a kv tile counts as full (no mask) when it ends in the document the query tile ends in, "
-             "so tokens see across a document boundary",
+             "document BlockMask: a kv tile counts as full (no mask) when it ends in the document the query "
+             "tile ends in, so tokens see across a document boundary",
              [("minititan/core/document_attention.py",
                "full = (k < q) & (first[:, None, :] == last[:, :, None])",
                "full = (k < q) & (last[:, None, :] == last[:, :, None])")],

@@ -13,7 +13,6 @@ sum their gradients; under FSDP into their own shards. docs/architecture.md has 
 from __future__ import annotations
 
 import functools
-
 from typing import Callable
 
 import msgspec
@@ -169,8 +168,10 @@ def cast_gather(select: Callable, dtype: torch.dtype, keep_masters: bool) -> Cal
     come out of the GEMM in fp32) and the embedding table (mixed_precision.embedding casts only the
     rows it looks up). Zero bubble keeps the casts here: it splits the backward at autograd's own
     matmul nodes (schedules/split_backward.py), and a custom Function's backward cannot be split."""
+    def casts_itself(name: str, shape) -> bool:
+        return keep_masters and (model.is_linear_weight(name, shape) or name == "tok_embeddings")
+
     def gather(params, unit):
-        return {n: t if keep_masters and (model.is_linear_weight(n, t.shape) or n == "tok_embeddings") else t.to(dtype)
-                for n, t in select(params, unit).items()}
+        return {n: t if casts_itself(n, t.shape) else t.to(dtype) for n, t in select(params, unit).items()}
 
     return gather

@@ -126,8 +126,9 @@ def _grouped_gemm(torch, device) -> float:
     from minititan.core import moe
     n_experts, rows, dim, hidden = 8, 16384, 2048, 2816
     x = torch.randn(rows, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    shapes = {"w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden)}
     experts = {name: (torch.randn(n_experts, *shape, device=device, dtype=torch.bfloat16) * shape[1] ** -0.5)
-               .requires_grad_() for name, shape in (("w1", (hidden, dim)), ("w3", (hidden, dim)), ("w2", (dim, hidden)))}
+               .requires_grad_() for name, shape in shapes.items()}
     counts = torch.full((n_experts,), rows // n_experts, device=device)
     grad = torch.randn(rows, dim, device=device, dtype=torch.bfloat16)
     flops = 3 * 2.0 * rows * 3 * dim * hidden  # three GEMMs, forward and a backward of two

@@ -86,7 +86,7 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
     rms_norm = F.rms_norm
     from torch.nn.attention import flex_attention as flex
     from minititan.core import document_attention
-    flex_fns = flex.flex_attention, document_attention.block_mask
+    attention_fns = flex.flex_attention, document_attention.block_mask
     if capability is not None:
         F.rms_norm = _fused_rms_norm
         flex.flex_attention, document_attention.block_mask = _flex_as_flash, lambda documents: None
@@ -100,7 +100,7 @@ def fake_tensors(capability: tuple[int, int] | None = (9, 0)):
             del FakeTensor.is_cuda, FunctionalTensor.is_cuda
             torch.cuda.get_device_capability = get_capability
             F.rms_norm = rms_norm
-            flex.flex_attention, document_attention.block_mask = flex_fns
+            flex.flex_attention, document_attention.block_mask = attention_fns
             document_attention._flex.cache_clear()
 
 
