@@ -2,7 +2,7 @@
 parallel's host sync costs. One command, logs under OUT:
 
     source benchmarks/gpu_env.sh && python3 benchmarks/moe_speed.py $OUT [--baseline DIR] [--precision bf16,float8]
-                                                                        [--parts steps,layer,ep]
+                                                                        [--parts steps,layer,ep] [--settings ...]
 
 steps   configs/moe_4b.toml with 8 layers (dim 2048, seq 4096, batch 4, selective AC, compile), trained
         16 steps each; tokens/s per GPU and MFU on active parameters (the median of steps 9-16):
@@ -11,6 +11,8 @@ steps   configs/moe_4b.toml with 8 layers (dim 2048, seq 4096, batch 4, selectiv
           moe64   64 experts, top 8, hidden 704: fine-grained, DeepSeek-style, the same active FLOPs
         --precision bf16 (the default), float8 (float8.enable: the experts through
         torch._scaled_grouped_mm where the code has it) or both, comma-separated.
+        --settings "KEY=VALUE ...": train overrides for every shape (e.g. the setting `minititan plan`
+        ranks first on one H100: "activation_checkpoint.mode=none training.local_batch_size=8").
 layer   torch.profiler over forward + backward of one MoE layer of each shape (16384 tokens, bf16,
         eager; with float8 in --precision also through the Float8 experts, and their output against
         bf16's): device time by stage (router and top-k, sort and counts, row gathers = permute and
@@ -68,6 +70,7 @@ def main():
     parser.add_argument("--baseline", default=None, help="a folder holding an older minititan package")
     parser.add_argument("--precision", default="bf16", help="bf16, float8, or both comma-separated")
     parser.add_argument("--parts", default="steps,layer,ep")
+    parser.add_argument("--settings", default="", help="train overrides for every shape of the steps part")
     parser.add_argument("--layer-only", action="store_true", help=argparse.SUPPRESS)  # the baseline's child run
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -84,7 +87,8 @@ def main():
                 for shape in SHAPES:
                     if label and shape == "dense":
                         continue  # the dense model did not change
-                    results["steps"].append(step_row(out, f"{label}{shape} {precision}", root, shape, precision))
+                    results["steps"].append(step_row(out, f"{label}{shape} {precision}", root, shape, precision,
+                                                     args.settings.split()))
                     print(json.dumps(results["steps"][-1]), flush=True)
     if "layer" in parts or "ep" in parts:
         results["layer"]["after"] = layer_part("float8" in args.precision) if "layer" in parts else {}
@@ -100,10 +104,10 @@ def main():
 # ---------------------------------------------------------------- steps: whole training runs
 
 
-def step_row(out: Path, name: str, root: Path, shape: str, precision: str) -> dict:
+def step_row(out: Path, name: str, root: Path, shape: str, precision: str, settings: list[str]) -> dict:
     """One training run through benchmarks/bench.py, with root's minititan (python -m imports from the cwd)."""
     overrides = [f"--{o}" for o in SHAPES[shape] + ["model.n_layers=8"] + (
-        ["float8.enable=true"] if precision == "float8" else [])]
+        ["float8.enable=true"] if precision == "float8" else []) + settings]
     cwd = os.getcwd()
     os.chdir(root)
     try:
