@@ -2,6 +2,7 @@
 
     python benchmarks/moe_micro.py [tokens]     # default: configs/moe_4b.toml's layer, 8192 tokens x top 2
     python benchmarks/moe_micro.py 8192 --experts 64 --top-k 8 --hidden 704   # the fine-grained moe64
+    python benchmarks/moe_micro.py --compiled   # also compiled, and with inductor's GEMM autotuning (GPU)
 
 The experts of configs/moe_4b.toml (8 experts, dim 2048, hidden 2816) on 8192 tokens routed top-2,
 so 16,384 rows sorted by expert with a realistic spread of loads (Dirichlet shares). Compares
@@ -22,6 +23,7 @@ parser.add_argument("tokens", type=int, nargs="?", default=8192 if cuda else 512
 parser.add_argument("--experts", type=int, default=8)
 parser.add_argument("--top-k", type=int, default=2)
 parser.add_argument("--hidden", type=int, default=2816)
+parser.add_argument("--compiled", action="store_true", help="also time the grouped path compiled, and autotuned")
 args = parser.parse_args()
 tokens, n_experts, top_k, dim, hidden = args.tokens, args.experts, args.top_k, 2048, args.hidden
 
@@ -65,6 +67,21 @@ def main():
     for fn in fns:
         ms = timed(fn, x, counts, experts)
         print(f"  {fn.__name__:22s} {ms:8.2f} ms   {flops / ms / 1e9:8.1f} TFLOP/s")
+    if cuda and args.compiled:
+        compiled_variants(x, counts, experts, flops)
+
+
+def compiled_variants(x, counts, experts, flops):
+    """The grouped path compiled as the trainer compiles a block, and with inductor's GEMM autotuning,
+    which also tries its Triton grouped-GEMM templates against the aten kernel (a candidate for the
+    MoE blocks: the grouped GEMMs run well below a large GEMM's rate, benchmarks/moe.md)."""
+    for name, options in (("compiled", {}), ("compiled, max_autotune_gemm", {"max_autotune_gemm": True})):
+        try:
+            fn = torch.compile(moe.run_experts_grouped, options=options)
+            ms = timed(fn, x, counts, experts)
+            print(f"  {name:34s} {ms:8.2f} ms   {flops / ms / 1e9:8.1f} TFLOP/s")
+        except Exception as e:  # a torch without the template, or a failed autotune: say so, keep going
+            print(f"  {name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
 
 if __name__ == "__main__":
