@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.distributed import _CONTEXT, run_ranks
 from tests import harness
@@ -137,6 +139,35 @@ def test_a_compiled_dry_run_traces_the_gpu_branches():
     assert run.eager_under_compile == []
     kinds = {e[2] for e in run.events if e[0] == "op"}
     assert "grouped gemm" in kinds and "gemm" in kinds
+
+
+FUSED_IN_INDUCTOR = {  # a chain inductor runs as one kernel, writing only the result
+    "index_then_sum": (lambda g, i: g[i].unflatten(0, (-1, 2)).sum(1), lambda: (torch.randn(512, 64), torch.randperm(512))),
+    "select_scatter": (lambda x, v: (x.select_scatter(v, 0, 3) * 2).sum(0), lambda: (torch.randn(8, 64), torch.randn(64))),
+    "searchsorted": (lambda b, v: (torch.searchsorted(b, v) * 3).sum(), lambda: (torch.arange(0, 100, 7),
+                                                                                 torch.randint(0, 100, (512,)))),
+    "arange_add": (lambda x: (x + torch.arange(x.shape[0])).sum(), lambda: (torch.randn(512),)),
+    "swiglu": (lambda a, b: (torch.nn.functional.silu(a) * b).sum(-1), lambda: (torch.randn(64, 64), torch.randn(64, 64))),
+}
+
+
+@pytest.mark.parametrize("name", FUSED_IN_INDUCTOR)
+def test_the_fusion_rule_writes_what_inductor_writes(name):
+    """The compile stand-in counts an intermediate only if inductor would write it (plan/compiled.py's
+    rule). For each chain, inductor's own CPU code is one kernel writing only the result, and the rule
+    marks nothing but the result as written."""
+    from torch._inductor.utils import run_and_get_code
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from minititan.plan import compiled
+    fn, make_args = FUSED_IN_INDUCTOR[name]
+    gm = make_fx(fn, decomposition_table=compiled._decompositions())(*make_args())
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    written = compiled.materialized(gm) - {n.name for n in output.all_input_nodes}
+    assert written == set(), written
+    torch._dynamo.reset()
+    _, (code, *_) = run_and_get_code(torch.compile(fn, fullgraph=True), *make_args())
+    assert len(set(re.findall(r"\bcpp_fused_\w+", code))) == 1, code
 
 
 # ---------------------------------------------------------------- every parity layout, at scale

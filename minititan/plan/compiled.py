@@ -32,15 +32,20 @@ REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.amax.d
               aten.var_mean.correction, aten.prod.dim_int, aten.argmax.default, aten.log_softmax.int,
               aten.gather.default, aten.scatter.value, aten.scatter.src, aten.scatter_add.default}
 FREE_TO_MAKE = {aten.full.default, aten.zeros.default, aten.ones.default, aten.scalar_tensor.default,
-                aten.empty.memory_format, aten.arange.default, aten.arange.start}
+                aten.empty.memory_format, aten.arange.default, aten.arange.start, torch.ops.prims.iota.default}
+# element-wise in inductor though not tagged so: each output element reads its inputs through an
+# index (x[idx], a row replaced, a bucket found), which the consumer's kernel does in its loads
+INDEXED_LOADS = {aten.index.Tensor, aten.select_scatter.default, aten.searchsorted.Tensor}
 
 
 def fusible(node) -> bool:
-    """Element-wise ops, reductions and factories fuse; views go with what they view."""
+    """Element-wise ops (indexed loads included), reductions and factories fuse; views go with what
+    they view (tests/test_plan.py checks the rule against inductor's kernels on the CPU)."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return False
     return (torch.Tag.pointwise in target.tags or target in REDUCTIONS or target in FREE_TO_MAKE or target.is_view
+            or target in INDEXED_LOADS
             or target in (aten._to_copy.default, aten.clone.default, aten.where.self, aten.copy.default,
                           aten._unsafe_view.default, aten.view.default, aten.reshape.default))
 
