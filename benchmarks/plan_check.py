@@ -2,6 +2,7 @@
 
     python benchmarks/plan_check.py            # the tables of benchmarks/plan.md (CPU, a few minutes)
     python benchmarks/plan_check.py --only fsdp2_compile,h200_b1_compile
+    python benchmarks/plan_check.py --only h100_moe4b_8L_moe8 --eager moe_layer   # as if that block broke the graph
 
 Each row: a measured run (its command's train arguments, where it was measured and what it gave)
 and minititan plan's estimate of the same layout on the same GPU kind, with the relative error.
@@ -122,10 +123,28 @@ def pct(predicted: float, measured: float) -> str:
     return f"{100 * (predicted - measured) / measured:+.1f}%"
 
 
+def run_eagerly(names: set[str]) -> None:
+    """What the plan predicts when dynamo leaves these compiled blocks out of its graphs (by function
+    name, e.g. moe_layer: the MoE block under activation checkpointing before b7d3423)."""
+    from minititan.plan import compiled
+    trace = compiled.AotFunction._trace
+
+    def refuse(self, key, *rest):
+        if compiled._name(self.fn) in names:
+            compiled._FAILED[key] = f"{compiled._name(self.fn)} (plan_check --eager)"
+            return None
+        return trace(self, key, *rest)
+    compiled.AotFunction._trace = refuse
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="", help="comma-separated row names")
-    only = set(filter(None, parser.parse_args().only.split(",")))
+    parser.add_argument("--eager", default="", help="comma-separated names of compiled blocks to run eagerly")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    if args.eager:
+        run_eagerly(set(args.eager.split(",")))
     G = 2**30
     print("| row | GPU | measured tok/s | predicted | error | measured GiB | predicted alloc / reserved GiB | "
           "error (reserved) | measured at |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
