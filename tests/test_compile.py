@@ -61,21 +61,23 @@ def test_compiled_optimizer_trains_like_the_fused_one(tmp_path):
 
 @pytest.mark.parametrize("ac", ["selective", "full"])
 def test_the_moe_block_compiles_whole_under_activation_checkpointing(monkeypatch, ac):
-    """The MoE layer appends its balance loss to the metrics' list, a side effect outside the block.
-    Under compile with activation checkpointing dynamo refused it inside checkpoint and ran the
-    whole MoE block eagerly (one graph break per MoE layer, on torch 2.11 and 2.13): the MoE rows of
-    benchmarks/moe.md trained with an uncompiled MoE layer. Now no break, and the eager gradients
-    and balance loss."""
+    """The MoE layer logs its balance loss for the metrics. As a Python list append, under compile
+    with activation checkpointing dynamo refused the side effect inside checkpoint and ran the whole
+    MoE block eagerly (one graph break per MoE layer, torch 2.11 and 2.13): the MoE rows of
+    benchmarks/moe.md trained with an uncompiled MoE layer. Now an in-place add to a device
+    tensor (moe.log_mean): no break, no recompile from layer to layer, the eager gradients and
+    balance loss. 4 layers: the list's length made dynamo recompile at each one."""
     from torch._dynamo.utils import counters
 
     from minititan.core import moe
     # the GPU's path, grouped GEMMs (the CPU's loop over experts reads the counts: a break of its own)
     monkeypatch.setattr(moe, "grouped_mm_ok", lambda x, w1: x.dtype == w1.dtype == torch.bfloat16)
-    overrides = MOE + ["training.param_dtype=bfloat16", f"activation_checkpoint.mode={ac}"]
+    overrides = MOE + ["training.param_dtype=bfloat16", f"activation_checkpoint.mode={ac}", "model.n_layers=4"]
     eager, eager_balance = step_grads_and_balance(overrides + ["compile.enable=false"], monkeypatch)
     counters.clear()
     compiled, compiled_balance = step_grads_and_balance(overrides + ["compile.enable=true"], monkeypatch)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])  # attention, MoE, loss: one graph each
     for name, g in eager.items():
         err = ((compiled[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
         assert err < 0.05, f"{name}: compiled gradient off by {err:.1%}"
@@ -93,5 +95,5 @@ def step_grads_and_balance(overrides: list[str], monkeypatch) -> tuple[dict[str,
         balances.append(self)
     monkeypatch.setattr(moe_layout.ExpertBalance, "__init__", keep)
     grads = step_grads(overrides)
-    logged = [float(t) for t in balances[-1].aux_log]
-    return grads, sum(logged) / len(logged)
+    total, count = balances[-1].balance_log.tolist()
+    return grads, total / count

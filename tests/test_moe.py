@@ -146,10 +146,10 @@ def test_aux_loss_gradient_is_injected():
     ((y * grad_out).sum() + scale * aux_sum).backward()
     assert_close(router_grad, p["moe.router"].grad, what="router grad with aux loss")
 
-    log = []
-    moe.moe_feed_forward(p, x, CFG, model.default_ops(CFG), aux_log=log)
+    log = torch.zeros(2)
+    moe.moe_feed_forward(p, x, CFG, model.default_ops(CFG), balance_log=log)
     balance = moe.sequence_balance_loss(scores, chosen, CFG)
-    assert len(log) == 1 and torch.equal(log[0], balance.detach().mean())
+    assert log[1] == 1 and torch.equal(log[0], balance.detach().mean())
     assert 0 < log[0] <= CFG.n_experts / CFG.top_k
 
 
@@ -160,10 +160,10 @@ def _sequence_part_rank(rank, world, cfg, p, x, grad_out):
     part = slice(rank * x.shape[1] // world, (rank + 1) * x.shape[1] // world)
     p = {n: t.detach().clone().requires_grad_() for n, t in p.items()}
     x = x[:, part].clone().requires_grad_()
-    log = []
+    log = torch.zeros(2)
     ops = dataclasses.replace(model.default_ops(cfg), sum_over_sequence=functools.partial(
         layout_moe.sum_over_sequence, group=dist.group.WORLD))
-    y = moe.moe_feed_forward(p, x, cfg, ops, aux_loss_scale=0.25, aux_log=log)
+    y = moe.moe_feed_forward(p, x, cfg, ops, aux_loss_scale=0.25, balance_log=log)
     y.backward(grad_out[:, part])
     grads = {n: t.grad for n, t in p.items()}
     for g in grads.values():
@@ -177,8 +177,8 @@ def test_balance_loss_of_split_sequences_is_the_whole_sequence_one():
     cfg = replace(CFG, aux_loss_coef=1.0)
     p, x, grad_out = layer_params(cfg), torch.randn(2, 8, cfg.dim), torch.randn(2, 8, cfg.dim)
     x_ref = x.clone().requires_grad_()
-    log = []
-    y_ref = moe.moe_feed_forward(p, x_ref, cfg, model.default_ops(cfg), aux_loss_scale=0.25, aux_log=log)
+    log = torch.zeros(2)
+    y_ref = moe.moe_feed_forward(p, x_ref, cfg, model.default_ops(cfg), aux_loss_scale=0.25, balance_log=log)
     y_ref.backward(grad_out)
     for rank, (y, gx, grads, balance) in enumerate(run_ranks(2, _sequence_part_rank, cfg, p, x, grad_out)):
         part = slice(rank * 4, (rank + 1) * 4)
@@ -278,7 +278,7 @@ def _ep_rank(rank, world, cfg, tokens):
         ep_rank = dist.get_rank(ep_group)
         params = {n: t.detach().clone().requires_grad_() for n, t in ep_lib.shard_experts(full, ep_rank, ep).items()}
         ops = model.default_ops(cfg)
-        dropped = []
+        dropped = torch.zeros(2)  # running (sum, count) of the dropped fractions
         run = ep_lib.parallel_experts(moe.run_experts, ep_group, capacity_factor, dropped)
         ops.moe = functools.partial(moe.moe_feed_forward, run_experts=run)
         mine = tokens.chunk(world)[rank]
@@ -291,7 +291,7 @@ def _ep_rank(rank, world, cfg, tokens):
             grads[n] = g
         total = loss.detach().clone()
         dist.all_reduce(total)
-        assert all(d == 0 for d in dropped) and len(dropped) == (cfg.n_layers if capacity_factor else 0)
+        assert dropped.tolist() == [0.0, cfg.n_layers if capacity_factor else 0]
         out[ep, capacity_factor] = (total, grads, ep_rank)
     return out
 
@@ -413,11 +413,11 @@ def _capped_one_rank(rank, world):
     counts = torch.tensor([20, 0, 30, 14])  # 64 rows: capacity 1.25 x 64 rounded to 16 rows is 80 rows
     x = torch.randn(64, 16, generator=gen)
     want = moe.run_experts_loop(x, counts, experts)
-    dropped = []
-    full = ep_lib.parallel_experts(moe.run_experts, dist.group.WORLD, 1.25, dropped)(x, counts, experts)
+    dropped_full, dropped_half = torch.zeros(2), torch.zeros(2)  # running (sum, count) each
+    full = ep_lib.parallel_experts(moe.run_experts, dist.group.WORLD, 1.25, dropped_full)(x, counts, experts)
     assert ep_lib.capacity(64, 1, 0.5) == 32
-    half = ep_lib.parallel_experts(moe.run_experts, dist.group.WORLD, 0.5, dropped)(x, counts, experts)
-    return want, full, half, dropped
+    half = ep_lib.parallel_experts(moe.run_experts, dist.group.WORLD, 0.5, dropped_half)(x, counts, experts)
+    return want, full, half, (dropped_full.tolist(), dropped_half.tolist())
 
 
 def test_capped_exchange_drops_what_overflows():
@@ -425,7 +425,7 @@ def test_capped_exchange_drops_what_overflows():
     assert_close(full, want, 1e-6, "within capacity")
     assert_close(half[:32], want[:32], 1e-6, "the first 32 rows (capacity 0.5 x 64)")
     assert torch.equal(half[32:], torch.zeros(32, 16))  # the rest dropped: no output
-    assert [d.item() for d in dropped] == [0.0, 0.5]
+    assert dropped == ([0.0, 1.0], [0.5, 1.0])
 
 
 class _HostReads(Exception):
@@ -464,7 +464,8 @@ def _layer_reads_host(rank, world, cfg, capacity_factor):
     x = torch.randn(2, 8, cfg.dim, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     try:
         with refusing_host_reads():
-            moe.moe_feed_forward(p, x, cfg, model.default_ops(cfg), run_experts=run, aux_log=[]).sum().backward()
+            moe.moe_feed_forward(p, x, cfg, model.default_ops(cfg), run_experts=run,
+                                 balance_log=torch.zeros(2)).sum().backward()
     except _HostReads:
         return True
     return False

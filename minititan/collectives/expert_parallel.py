@@ -139,13 +139,14 @@ def combine(y: Tensor, route: Route, group: dist.ProcessGroup) -> Tensor:
 
 
 def parallel_experts(run_local: Callable[[Tensor, Tensor, dict], Tensor], group: dist.ProcessGroup,
-                     capacity_factor: float = 0.0, drop_log: list | None = None) -> Callable[[Tensor, Tensor, dict], Tensor]:
+                     capacity_factor: float = 0.0, drop_log: Tensor | None = None) -> Callable[[Tensor, Tensor, dict], Tensor]:
     """Wrap run_local(x, counts, experts) -- the experts this rank holds -- into the same call
     over all experts of the ep group: dispatch, run the local experts, combine.
 
     capacity_factor 0: the exact exchange above (split sizes read on the host once per layer).
     capacity_factor c > 0: the capped exchange (capped_experts), no host sync; pairs over capacity
-    are dropped, and if drop_log is given each call appends the fraction it dropped (device scalar)."""
+    are dropped, and if drop_log (a [2] running sum and count on the device) is given, each call adds
+    the fraction it dropped and 1, in place."""
     def run(x: Tensor, counts: Tensor, experts: dict) -> Tensor:
         if capacity_factor > 0:
             return capped_experts(run_local, x, counts, experts, group, capacity_factor, drop_log)
@@ -165,7 +166,7 @@ def capacity(n_rows: int, ep: int, capacity_factor: float, align: int = 16) -> i
 
 
 def capped_experts(run_local, x: Tensor, counts: Tensor, experts: dict, group: dist.ProcessGroup,
-                   capacity_factor: float, drop_log: list | None = None) -> Tensor:
+                   capacity_factor: float, drop_log: Tensor | None = None) -> Tensor:
     """The exchange with every split size fixed on the host: each rank sends each peer exactly C rows
     (capacity), its first C rows for that peer's experts and filler after them, so the all-to-alls
     need no counts on the host and nothing waits for the device.
@@ -212,7 +213,7 @@ def capped_experts(run_local, x: Tensor, counts: Tensor, experts: dict, group: d
     row_in_chunk = torch.arange(n, device=x.device) - peer_start[peer]
     is_kept = row_in_chunk < kept.sum(1)[peer]
     if drop_log is not None:
-        drop_log.append(1 - is_kept.float().mean())
+        drop_log.add_(torch.stack([1 - is_kept.float().mean(), torch.ones((), device=x.device)]))
     y = y_back[torch.where(is_kept, peer * cap + row_in_chunk, 0)]
     return y * is_kept[:, None].to(y.dtype)
 

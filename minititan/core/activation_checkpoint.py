@@ -61,11 +61,7 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
     def variant(fn, recompute: bool):
         if (fn, recompute) not in variants:
             f = functools.partial(_checkpointed, fn, policy) if recompute else fn
-            if compile_blocks:
-                f = torch.compile(f)
-                if recompute:
-                    f = functools.partial(_with_forward_side_effects, f)
-            variants[fn, recompute] = f
+            variants[fn, recompute] = torch.compile(f) if compile_blocks else f
         return variants[fn, recompute]
 
     def run_block(fn, params, *args):
@@ -90,16 +86,6 @@ def _checkpointed(fn, policy, names, *args):
         return fn(dict(zip(names, a[:n])), *a[n:])
 
     return checkpoint(body, *args, use_reentrant=False, **policy)
-
-
-def _with_forward_side_effects(compiled_checkpoint, *args):
-    """A compiled checkpointed block that appends to a list outside it (the MoE layer logs its
-    balance loss to the metrics' list): by default dynamo refuses to trace such a side effect
-    inside checkpoint and falls back to running the whole block eagerly, uncompiled. Allowed here,
-    it happens once, in the forward; eager checkpointing appends again in the recompute, which
-    leaves the logged mean unchanged (moe.moe_feed_forward's aux_log)."""
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        return compiled_checkpoint(*args)
 
 
 def _selective_op_context():

@@ -296,7 +296,7 @@ _CPU_GROUPED_MM = {dtype: _try_cpu_grouped_mm(dtype) for dtype in (torch.float32
 
 def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
                      run_experts: Callable[[Tensor, Tensor, Experts], Tensor] | None = None,
-                     aux_loss_scale: float = 1.0, aux_log: list | None = None, fp8: bool = False) -> Tensor:
+                     aux_loss_scale: float = 1.0, balance_log: Tensor | None = None, fp8: bool = False) -> Tensor:
     """x + MoE(RMSNorm(x)), x [batch, seq, dim]; p has the layer-relative names (moe.router, ...).
 
     run_experts(x_sorted, counts, experts): None when this rank holds every expert (the pairs are
@@ -306,9 +306,9 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
       label tokens if it backpropagates the mean, 1 if it backpropagates loss_sum). The aux
       loss is counted like loss_sum, as coef * seq_len per sequence, so after that division it
       is coef * (mean over sequences of the balance loss) per MoE layer.
-    aux_log: if given, each call appends its mean balance loss (detached, on the device) for
-      the metrics. Activation checkpointing recomputes and appends it again; the mean over the
-      list is unchanged by that.
+    balance_log: if given, a [2] fp32 running (sum, count) on the device: each call adds its mean
+      balance loss and 1 (log_mean), for the metrics' mean. Eager activation checkpointing adds
+      again in the recompute, which leaves the mean unchanged.
     ops.sum_over_sequence sums the balance statistics over the ranks holding the other parts of
       x's sequences (cp, and tp under sequence parallel); every token is routed where it is (see
       sequence_balance_loss). Each rank counts the aux loss with its own seq len, so the group's
@@ -339,15 +339,23 @@ def moe_feed_forward(p: dict[str, Tensor], x: Tensor, cfg: Model, ops, *,
     out = out.view(b, s, d).type_as(x)
 
     aux_sum = None
-    if cfg.aux_loss_coef > 0 or aux_log is not None:
+    if cfg.aux_loss_coef > 0 or balance_log is not None:
         needs_grad = cfg.aux_loss_coef > 0  # logging only: no backward through the group's sum
         balance = sequence_balance_loss(scores if needs_grad else scores.detach(), chosen, cfg, ops.sum_over_sequence)
-        if aux_log is not None:
-            aux_log.append(balance.detach().mean())
+        if balance_log is not None:
+            log_mean(balance_log, balance.mean())
         if needs_grad:
             aux_sum = cfg.aux_loss_coef * s * balance.sum()
     out = _SideGradients.apply(out, p["moe.expert_bias"], counts, aux_sum, aux_loss_scale)
     return x + out
+
+
+def log_mean(log: Tensor, value: Tensor) -> None:
+    """Add (value, 1) to a [2] running (sum, count) on the device; the metrics divide once a step.
+    In place, not a list append: inside a compiled, checkpointed block dynamo keeps an in-place add
+    in its graph, whereas a growing Python list makes it guard on the list's length (a recompile for
+    every call) and, inside checkpoint, give up on the whole block (it then runs eagerly)."""
+    log.add_(torch.stack([value.detach().float(), torch.ones((), device=log.device)]))
 
 
 class _SideGradients(torch.autograd.Function):

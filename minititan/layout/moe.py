@@ -118,7 +118,7 @@ def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tu
     balance = ExpertBalance(whole.params, bias_update_rate, facts.model, layout.loss_group, device)
     run_experts = None if ep_group is None else ep_lib.parallel_experts(  # None: every expert here
         functools.partial(moe.run_experts, fp8=fp8), ep_group, capacity_factor, balance.drop_log)
-    layout.ops.moe = moe_op(run_experts, facts.loss_scale, balance.aux_log, plain_linear=facts.async_tp, fp8=fp8)
+    layout.ops.moe = moe_op(run_experts, facts.loss_scale, balance.balance_log, plain_linear=facts.async_tp, fp8=fp8)
     if mesh.size(*facts.sequence_dims) > 1:
         layout.ops.sum_over_sequence = functools.partial(sum_over_sequence, group=mesh.group(*facts.sequence_dims))
     layout.ops.gather = gather_with_apart(layout.ops.gather, whole.params, facts.param_dtype,
@@ -148,7 +148,7 @@ def sum_over_sequence(stats: Tensor, seq_len: int, group: dist.ProcessGroup) -> 
     return tpm.sum_over_ranks(stats, group), seq_len * dist.get_world_size(group)
 
 
-def moe_op(run_experts, aux_loss_scale: float, aux_log: list[Tensor], plain_linear: bool, fp8: bool):
+def moe_op(run_experts, aux_loss_scale: float, balance_log: Tensor, plain_linear: bool, fp8: bool):
     """ops.moe: the MoE layer scaled like the trainer's loss, logging its balance loss in training
     forwards. plain_linear (async TP): the layout's linear defers a plain tensor's matmul to the
     out_of_tp that follows it; the MoE layer has no out_of_tp, so its shared experts use the plain one.
@@ -157,7 +157,7 @@ def moe_op(run_experts, aux_loss_scale: float, aux_log: list[Tensor], plain_line
         if plain_linear:
             ops = dataclasses.replace(ops, linear=mixed_precision.linear)
         return moe.moe_feed_forward(p, x, model_cfg, ops, run_experts=run_experts, aux_loss_scale=aux_loss_scale,
-                                    aux_log=aux_log if torch.is_grad_enabled() else None, fp8=fp8)
+                                    balance_log=balance_log if torch.is_grad_enabled() else None, fp8=fp8)
 
     return moe_layer
 
@@ -201,19 +201,20 @@ class ExpertBalance:
         self.tensors, self.rate, self.loss_group, self.device = tensors, rate, loss_group, device
         self.moe_layers = [i for i in range(cfg.n_layers) if moe.is_moe_layer(cfg, i)]
         self.n_experts = cfg.n_experts
-        self.aux_log: list[Tensor] = []  # the MoE layers append their balance loss in each training forward
-        self.drop_log: list[Tensor] = []  # the capped ep exchange appends the fraction it dropped
+        # running (sum, count) on the device: the MoE layers add their balance loss in each training
+        # forward, the capped ep exchange the fraction it dropped (moe.log_mean)
+        self.balance_log = torch.zeros(2, device=device)
+        self.drop_log = torch.zeros(2, device=device)
         self.loads: Tensor | None = None
         self.layers: list[int] = []
-        self.balance: list[Tensor] = []
-        self.dropped: list[Tensor] = []
+        self.balance = self.dropped = torch.zeros(2, device=device)
 
     def update(self) -> None:
         self.loads = moe.update_expert_bias(self.tensors, self.rate)
         self.layers = moe.expert_bias_layers(self.tensors)
-        self.balance, self.dropped = list(self.aux_log), list(self.drop_log)
-        self.aux_log.clear()
-        self.drop_log.clear()
+        self.balance, self.dropped = self.balance_log.clone(), self.drop_log.clone()
+        self.balance_log.zero_()
+        self.drop_log.zero_()
 
     def metrics(self) -> dict[str, float]:
         if self.loads is None:
@@ -221,15 +222,12 @@ class ExpertBalance:
         table = torch.zeros(len(self.moe_layers), self.n_experts, device=self.device)
         if self.layers:
             table[[self.moe_layers.index(i) for i in self.layers]] = self.loads
-        sums = [torch.stack(entries).sum() if entries else torch.zeros((), device=self.device)
-                for entries in (self.balance, self.dropped)]
-        counts = [torch.tensor(float(len(entries)), device=self.device) for entries in (self.balance, self.dropped)]
-        sums = torch.stack(sums + counts)
+        sums = torch.cat([self.balance, self.dropped])
         if dist.get_world_size(self.loss_group) > 1:
             dist.all_reduce(table, op=dist.ReduceOp.MAX, group=self.loss_group)
             dist.all_reduce(sums, group=self.loss_group)
         busiest, idlest = (v.tolist() for v in moe.load_spread(table))
-        balance, dropped, n_balance, n_dropped = sums.tolist()
+        balance, n_balance, dropped, n_dropped = sums.tolist()
         out = {"moe/max_load_over_mean": max(busiest),
                "moe/max_load_over_mean_by_layer": {str(i): round(v, 4) for i, v in zip(self.moe_layers, busiest)},
                "moe/min_load_over_mean_by_layer": {str(i): round(v, 4) for i, v in zip(self.moe_layers, idlest)}}

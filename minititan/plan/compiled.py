@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import types
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
@@ -103,28 +104,38 @@ class AotFunction:
         tensors = [leaves[i] for i in where]
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
             return self.fn(*args, **kwargs)  # no backward: the saved tensors do not matter
+        captured = [cell.cell_contents for cell in _captured_tensors(self.fn)]
         key = (_describe(self.fn), spec, tuple(_describe(x) for i, x in enumerate(leaves) if i not in where),
-               tuple((tuple(t.shape), t.dtype, t.requires_grad, t.is_cuda) for t in tensors))
+               tuple((tuple(t.shape), t.dtype, t.requires_grad, t.is_cuda) for t in tensors + captured))
         if key not in _TRACED:
-            _TRACED[key] = self._trace(key, leaves, where, spec, tensors)
+            _TRACED[key] = self._trace(key, leaves, where, spec, tensors, captured)
         compiled = _TRACED[key]
         if compiled is None:
             self.fallbacks.append(_FAILED[key])
             return self.fn(*args, **kwargs)
-        return compiled(*tensors)
+        return compiled(*tensors, *captured)
 
-    def _trace(self, key, leaves, where, spec, tensors):
+    def _trace(self, key, leaves, where, spec, tensors, captured):
         from torch._functorch.aot_autograd import aot_function
         from torch._functorch.partitioners import min_cut_rematerialization_partition  # what inductor partitions with
 
         template = [None if i in where else x for i, x in enumerate(leaves)]  # no tensors: the trace is kept
+
+        cells = _captured_tensors(self.fn)
 
         def flat_fn(*ts):
             filled = list(template)
             for i, t in zip(where, ts):
                 filled[i] = t
             args, kwargs = tree_unflatten(filled, spec)
-            return self.fn(*args, **kwargs)
+            held = [cell.cell_contents for cell in cells]
+            for cell, t in zip(cells, ts[len(where):]):  # the captured tensors, as inputs of the graph
+                cell.cell_contents = t
+            try:
+                return self.fn(*args, **kwargs)
+            finally:
+                for cell, t in zip(cells, held):
+                    cell.cell_contents = t
 
         def run_fused(gm, example_inputs):
             keep = materialized(gm)
@@ -159,7 +170,7 @@ class AotFunction:
             with _current["paused"](), _compiling():  # tracing is not the step: the dry run records nothing
                 # on stand-ins of the inputs: the traced function keeps its example inputs alive
                 traced(*[torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                         .requires_grad_(t.requires_grad) for t in tensors])
+                         .requires_grad_(t.requires_grad) for t in tensors + captured])
         except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
             _FAILED[key] = f"{_name(self.fn)} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
             return None
@@ -167,6 +178,36 @@ class AotFunction:
 
 
 _FAILED: dict = {}  # structural key -> why it runs eagerly
+
+
+def _captured_tensors(fn) -> list:
+    """The closure cells holding tensors, in fn and the functions it wraps (partials, closures).
+    dynamo makes such captured tensors inputs of its graph (an in-place update of one, like the MoE
+    layer's balance log, becomes a mutation of an input); the stand-in does the same."""
+    cells, seen, todo = [], set(), [fn]
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, functools.partial):
+            todo += [f.func, *(a for a in f.args if isinstance(a, (types.FunctionType, functools.partial)))]
+            continue
+        for cell in getattr(f, "__closure__", None) or ():
+            value = cell.cell_contents if _is_filled(cell) else None
+            if isinstance(value, torch.Tensor):
+                cells.append(cell)
+            elif isinstance(value, (types.FunctionType, functools.partial)):
+                todo.append(value)
+    return cells
+
+
+def _is_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def _inline_constants(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -211,10 +252,9 @@ def _describe(x):
 
 
 def _is_plain(cell) -> bool:
-    try:
-        value = cell.cell_contents
-    except ValueError:
+    if not _is_filled(cell):
         return False
+    value = cell.cell_contents
     return isinstance(value, (int, float, str, bool, type(None), torch.dtype, tuple, functools.partial)) or callable(value)
 
 
