@@ -125,7 +125,7 @@ def pct(predicted: float, measured: float) -> str:
 
 def run_eagerly(names: set[str]) -> None:
     """What the plan predicts when dynamo leaves these compiled blocks out of its graphs (by function
-    name, e.g. moe_layer: the MoE block under activation checkpointing before b7d3423)."""
+    name, e.g. moe_layer: the MoE block under activation checkpointing before 80e3984)."""
     from minititan.plan import compiled
     trace = compiled.AotFunction._trace
 
