@@ -207,7 +207,7 @@ class ExpertBalance:
         self.drop_log = torch.zeros(2, device=device)
         self.loads: Tensor | None = None
         self.layers: list[int] = []
-        self.balance = self.dropped = torch.zeros(2, device=device)
+        self.balance, self.dropped = torch.zeros(2, device=device), torch.zeros(2, device=device)  # the last step's
 
     def update(self) -> None:
         self.loads = moe.update_expert_bias(self.tensors, self.rate)
