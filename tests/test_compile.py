@@ -97,3 +97,18 @@ def step_grads_and_balance(overrides: list[str], monkeypatch) -> tuple[dict[str,
     grads = step_grads(overrides)
     total, count = balances[-1].balance_log.tolist()
     return grads, total / count
+
+
+@pytest.mark.parametrize("overrides", [["activation_checkpoint.mode=selective"], ["activation_checkpoint.mode=full"],
+                                       ["activation_checkpoint.mode=selective", "float8.enable=true"],
+                                       ["activation_checkpoint.mode=selective", "activation_checkpoint.selective=2"]],
+                         ids=["selective", "full", "float8_selective", "every_2nd"])
+def test_dense_blocks_compile_without_graph_breaks(overrides):
+    """A graph break makes dynamo run part of a block eagerly, silently slower (the MoE block ran
+    whole eagerly for that reason): every dense block, checkpointed or not, compiles as one graph."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    step_grads(["training.param_dtype=bfloat16", "compile.enable=true", "model.n_layers=4"] + overrides)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # attention and feed-forward (checkpointed and plain under every-N), the loss
+    assert counters["stats"]["unique_graphs"] <= 5, dict(counters["stats"])
