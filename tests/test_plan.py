@@ -295,6 +295,12 @@ def test_a_calibrated_profile_loads_as_a_gpu(tmp_path):
     device = devices.load(str(path))
     assert device.gemm_tflops == 700.0 and device.name == "nvidia_h100_80gb_hbm3"
     assert device.nvlink_gbs == devices.load("h100").nvlink_gbs
+    # a GPU without grouped GEMMs measures no grouped rate: on a base without one the key is left
+    # out (TOML has no null), and the profile prices grouped GEMMs as dense ones
+    import msgspec
+    base = msgspec.structs.replace(_nearest_profile("NVIDIA A100"), grouped_gemm_tflops=None)
+    write_profile(str(path), "NVIDIA A100-SXM4-80GB", {"gemm_tflops": 280.0}, base)
+    assert "grouped_gemm_tflops" not in path.read_text() and devices.load(str(path)).grouped_gemm_tflops is None
 
 
 def test_pipeline_bubble_is_the_schedules_idle_time():
@@ -434,3 +440,17 @@ def test_train_dry_run_of_the_405b_job_on_512_ranks():
                     "--training.global_batch_size=64", "--training.local_batch_size=4", "--compile.enable=false")
     assert code == 0, out
     assert "dry run ok: 512 ranks" in out and "rank 384 of 512" in out, out
+
+
+def test_a_dry_run_that_never_comes_back_ends_the_search_with_one_line():
+    """A pool worker killed during its dry run (out of memory, a signal) never answers, and the
+    pool does not say so (it starts a new worker; the task is lost): the search stops after a
+    wait with one line instead of waiting forever, and its advice (--workers 1, which dry-runs in
+    this process: test_plan_on_a_pool_of_workers_ranks_what_one_process_ranks) works."""
+    from minititan.core.config import UserError
+    from minititan.plan import devices
+    from minititan.plan.layouts import DryRunPool
+    pool = DryRunPool(2, devices.load("h100"), 8, workers=1)  # nothing submitted: nothing comes back
+    with pytest.raises(UserError, match="no dry run came back in 0 s.*--workers 1") as e:
+        pool._next_result(timeout=0.1)
+    assert "\n" not in str(e.value)

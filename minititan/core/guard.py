@@ -16,9 +16,9 @@ The host reads both one step late. After the all-reduce the two numbers (the squ
 votes) are copied, non-blocking, into a pinned host buffer; the loop reads step k's buffer once it
 has queued step k+1, by when the device has finished step k (the wait is on an event of step k,
 so the host stays at most one step ahead and the device never runs dry). Where the host waits for
-the device anyway (logging steps, saves) it reads the current step. Every rank reads the same numbers at the same step, so all ranks
-decide alike: skip and count, stop with an error once more than training.skip_nonfinite_steps
-steps were not finite, or stop to checkpoint.
+the device anyway (logging steps, saves) it reads the current step. Every rank reads the same
+numbers at the same step, so all ranks decide alike: skip and count, stop with an error once more
+than training.skip_nonfinite_steps steps were not finite, or stop to checkpoint.
 
 Before a save, `nonfinite_tensors` checks what is about to be written (a host sync there is fine),
 so nothing non-finite is ever saved even if it came from somewhere the norm does not see.

@@ -212,7 +212,8 @@ class ExpertBalance:
     def update(self) -> None:
         self.loads = moe.update_expert_bias(self.tensors, self.rate)
         self.layers = moe.expert_bias_layers(self.tensors)
-        self.balance, self.dropped = self.balance_log.clone(), self.drop_log.clone()
+        self.balance.copy_(self.balance_log)  # into the tensors kept for it: no allocation per step
+        self.dropped.copy_(self.drop_log)
         self.balance_log.zero_()
         self.drop_log.zero_()
 

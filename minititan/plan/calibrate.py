@@ -71,7 +71,7 @@ def write_profile(out_path: str, gpu_name: str, measured: dict, base: devices.De
     key = "".join(c if c.isalnum() else "_" for c in gpu_name.lower()).strip("_")
     lines = [f"# written by `minititan plan --calibrate` on {time.strftime('%Y-%m-%d')}", f"[{key}]"]
     for field, value in msgspec.structs.asdict(profile).items():
-        if field != "name":
+        if field != "name" and value is not None:  # None: an optional rate the base left unset (TOML has no null)
             lines.append(f"{field} = {_toml(value)}")
     Path(out_path).write_text("\n".join(lines) + "\n")
 

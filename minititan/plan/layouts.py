@@ -286,6 +286,9 @@ def _warm_up() -> None:
     import minititan.train  # noqa: F401
 
 
+RESULT_WAIT_S = 900  # far longer than any one dry run of a search takes (405B on 512 ranks: seconds)
+
+
 class DryRunPool:
     """Dry runs on worker processes (each needs a process without a process group of its own),
     each (config, rank) once. The workers start with the pool; a candidate is estimated (here,
@@ -339,10 +342,20 @@ class DryRunPool:
                     progress(f"plan: {what}: {done}/{total} layouts, {len(fit)} fit, best {best:,.0f} tokens/s/GPU, "
                              f"{self.count} dry runs")
             if waiting:
-                key, out = self._done.get()
+                key, out = self._next_result()
                 in_flight.discard(key)
                 self.results[key] = out
                 self.count += 1
+
+    def _next_result(self, timeout: float = RESULT_WAIT_S):
+        """The next (run key, result) a worker sends. A worker killed mid-way (out of memory, a
+        signal) never answers, and the pool does not say so: after `timeout` with no answer, stop."""
+        try:
+            return self._done.get(timeout=timeout)
+        except queue.Empty:
+            raise UserError(f"no dry run came back in {timeout:.0f} s: a worker process probably died (out of "
+                            f"memory, killed); run again with --workers 1, which dry-runs in this process and "
+                            f"shows why") from None
 
     def _submit(self, key, job) -> None:
         if self._pool is None:  # a failed dry run: its line, as on the pool
@@ -361,8 +374,9 @@ class DryRunPool:
         c.estimate = estimate(cfg, self.world, self.device, self.gpus_per_node, runs=self.results, quick=quick)
 
     def close(self) -> None:
+        """Stop the workers: after a search nothing is pending, after an error nothing is wanted."""
         if self._pool is not None:
-            self._pool.close()
+            self._pool.terminate()
             self._pool.join()
             self._pool = None
 
