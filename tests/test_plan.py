@@ -442,15 +442,41 @@ def test_train_dry_run_of_the_405b_job_on_512_ranks():
     assert "dry run ok: 512 ranks" in out and "rank 384 of 512" in out, out
 
 
-def test_a_dry_run_that_never_comes_back_ends_the_search_with_one_line():
+def _leave_a_mark_and_die(path: str):
+    """Unpickled by a pool worker as it takes its job: the worker dies holding the job, as one
+    killed for memory mid-dry-run does."""
+    import os
+    Path(path).touch()
+    os._exit(3)
+
+
+class _KillsItsWorker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return _leave_a_mark_and_die, (self.path,)
+
+
+def test_a_dry_run_that_never_comes_back_ends_the_search_with_one_line(tmp_path):
     """A pool worker killed during its dry run (out of memory, a signal) never answers, and the
     pool does not say so (it starts a new worker; the task is lost): the search stops after a
     wait with one line instead of waiting forever, and its advice (--workers 1, which dry-runs in
     this process: test_plan_on_a_pool_of_workers_ranks_what_one_process_ranks) works."""
+    import time
     from minititan.core.config import UserError
     from minititan.plan import devices
     from minititan.plan.layouts import DryRunPool
-    pool = DryRunPool(2, devices.load("h100"), 8, workers=1)  # nothing submitted: nothing comes back
-    with pytest.raises(UserError, match="no dry run came back in 0 s.*--workers 1") as e:
-        pool._next_result(timeout=0.1)
-    assert "\n" not in str(e.value)
+    pool = DryRunPool(2, devices.load("h100"), 8, workers=2)
+    try:
+        mark = tmp_path / "taken"
+        pool._submit("job", (_KillsItsWorker(str(mark)), 2, 0, (9, 0)))
+        deadline = time.monotonic() + 120  # spawned workers import torch first
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mark.exists(), "no worker took the job"
+        with pytest.raises(UserError, match="no dry run came back in 2 s.*--workers 1") as e:
+            pool._next_result(timeout=2)
+        assert "\n" not in str(e.value)
+    finally:
+        pool.close()
