@@ -8,6 +8,7 @@
 #   bash benchmarks/vs_torchtitan.sh table1c     # the 1B shape
 #   bash benchmarks/vs_torchtitan.sh table1d     # seq 2048 and 4096 (8192 tokens a step), compile
 #   bash benchmarks/vs_torchtitan.sh long1       # seq 32,768 and 65,536, full AC + compile
+#   bash benchmarks/vs_torchtitan.sh long2       # seq 32,768 with selective-op AC; ours at 98,304 with full AC
 #   bash benchmarks/vs_torchtitan.sh table1a optim
 #       with the rows of table1a (whose compiled runs take the compiled optimizer step, the default
 #       there) the same runs on the fused kernel, and validation's cost at 3 batches (issue 15)
@@ -62,6 +63,10 @@ case "$1" in
     "tt_s32k_full|$T8 --training.seq_len 32768 --training.local_batch_size 1 --activation_checkpoint.mode full --compile.enable"
     "mt_s65k_full|$M8 --training.seq_len=65536 $(b 1) --activation_checkpoint.mode=full"
     "tt_s65k_full|$T8 --training.seq_len 65536 --training.local_batch_size 1 --activation_checkpoint.mode full --compile.enable") ;;
+  long2) rows=(  # what the memory buys at long context: selective-op AC at 32K (where it fits), our longest with full AC
+    "mt_s32k_selop|$M8 --training.seq_len=32768 $(b 1) --activation_checkpoint.mode=selective"
+    "tt_s32k_selop|$T8 --training.seq_len 32768 --training.local_batch_size 1 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op --compile.enable"
+    "mt_s98k_full|$M8 --training.seq_len=98304 $(b 1) --activation_checkpoint.mode=full") ;;
   fsdp2_eager) rows=("mt_fsdp2_eager|$F2 --compile.enable=false" "tt_fsdp2_eager|$TF2") ;;
   fsdp2_compile) rows=("mt_fsdp2_compile|$F2" "tt_fsdp2_compile|$TF2 --compile.enable") ;;
   fsdp2_fp8) rows=(
