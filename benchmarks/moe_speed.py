@@ -138,7 +138,8 @@ def layer_part(float8: bool) -> dict:
     ms with the balance statistics off."""
     import torch
     from minititan.core import model, moe
-    takes_fp8 = "fp8" in inspect.signature(moe.moe_feed_forward).parameters
+    takes = inspect.signature(moe.moe_feed_forward).parameters
+    takes_fp8 = "fp8" in takes
     rows = {}
     for shape in ("moe8", "moe64"):
         for fp8 in [False] + ([True] if float8 and takes_fp8 else []):
@@ -146,8 +147,10 @@ def layer_part(float8: bool) -> dict:
             ops = model.default_ops(cfg)
             extra = {"fp8": True} if fp8 else {}
 
-            def step(stats: bool):
-                y = moe.moe_feed_forward(p, x, cfg, ops, aux_log=[] if stats else None, **extra)
+            def step(stats: bool):  # the balance log: a device [sum, count] since 80e3984, a list before
+                log = (torch.zeros(2, device="cuda") if "balance_log" in takes else []) if stats else None
+                logged = {"balance_log" if "balance_log" in takes else "aux_log": log}
+                y = moe.moe_feed_forward(p, x, cfg, ops, **logged, **extra)
                 y.backward(torch.ones_like(y))
 
             ms = {stats: cuda_ms(lambda: step(stats)) for stats in (True, False)}
