@@ -3,6 +3,8 @@
     python benchmarks/plan_check.py            # the tables of benchmarks/plan.md (CPU, a few minutes)
     python benchmarks/plan_check.py --only fsdp2_compile,h200_b1_compile
     python benchmarks/plan_check.py --only h100_moe4b_8L_moe8 --eager moe_layer   # as if that block broke the graph
+    python benchmarks/plan_check.py --profile h100=benchmarks/profiles/h100_calibrated_2026-12-07.toml
+        # the rows of a GPU kind with another profile (e.g. one `minititan plan --calibrate` wrote)
 
 Each row: a measured run (its command's train arguments, where it was measured and what it gave)
 and minititan plan's estimate of the same layout on the same GPU kind, with the relative error.
@@ -31,17 +33,21 @@ OURS = [
     ("h100_b1_eager", "h100", f"{M8} {b(1)} --activation_checkpoint.mode=none --compile.enable=false",
      29954, 52.8, 52.77, "single_gpu.md, 2026-12-07 (80a19ea), the glue A/B's mt_eager_b1"),
     ("h100_b1_compile", "h100", f"{M8} {b(1)} --activation_checkpoint.mode=none",
-     33728, 48.2, 47.17, "single_gpu.md, 2026-12-07 (80a19ea), the glue A/B's mt_compile_b1"),
+     34367, 48.2, 47.2, "single_gpu.md, 2026-12-07 (defe0cc), the embedding A/B's mt_compile_b1"),
     ("h100_s32k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=32768 --activation_checkpoint.mode=full",
      21882, 47.0, 45.86, "single_gpu.md, 2026-12-07 (80a19ea), mt_s32k_full"),
+    ("h100_s32k_selective_compile", "h100", f"{M8} {b(1)} --training.seq_len=32768 "
+     "--activation_checkpoint.mode=selective", 27404, 69.7, 68.14, "single_gpu.md, 2026-12-07 (defe0cc), mt_s32k_selop"),
     ("h100_s65k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=65536 --activation_checkpoint.mode=full",
      16027, 59.9, 58.45, "single_gpu.md, 2026-12-07 (80a19ea), mt_s65k_full"),
+    ("h100_s98k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=98304 --activation_checkpoint.mode=full",
+     12677, 72.8, 71.05, "single_gpu.md, 2026-12-07 (defe0cc), mt_s98k_full"),
     *[(f"h100_moe4b_8L_{name}", "h100", f"-c configs/moe_4b.toml --model.n_layers=8 {extra}", tps, reserved, alloc,
-       "moe.md, 2026-12-07 (80a19ea)")
+       "moe.md, 2026-12-07 (defe0cc: the MoE block compiled)")
       for name, extra, tps, reserved, alloc in (
-          ("dense_twin", "--model.name=llama3", 118910, 25.8, 24.56),
-          ("moe8", "", 88913, 40.2, 39.50),
-          ("moe64", "--model.n_experts=64 --model.top_k=8 --model.moe_hidden_dim=704", 63559, 62.5, 61.13))],
+          ("dense_twin", "--model.name=llama3", 121304, 25.6, 24.56),
+          ("moe8", "", 107273, 40.0, 39.50),
+          ("moe64", "--model.n_experts=64 --model.top_k=8 --model.moe_hidden_dim=704", 87355, 62.1, 61.13))],
     ("h200_b1_eager", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=none --compile.enable=false",
      31522, 52.8, None, "single_gpu.md, 2026-12-03 (4b3eb82), mt_eager_b1"),
     ("h200_b1_eager_selective", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=selective --compile.enable=false",
@@ -111,12 +117,15 @@ def parse(args: str) -> tuple[str | None, int, list[str]]:
     return path, world, overrides
 
 
+PROFILES: dict[str, str] = {}  # GPU kind -> the profile file to use instead of the shipped one (--profile)
+
+
 def predict(args: str, gpu: str, world: int | None = None):
     from minititan.core.config import load_config
     from minititan.plan import devices
     from minititan.plan.estimate import estimate
     path, nproc, overrides = parse(args)
-    return estimate(load_config(path, overrides), world or nproc, devices.load(gpu), 8)
+    return estimate(load_config(path, overrides), world or nproc, devices.load(PROFILES.get(gpu, gpu)), 8)
 
 
 def pct(predicted: float, measured: float) -> str:
@@ -141,7 +150,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="", help="comma-separated row names")
     parser.add_argument("--eager", default="", help="comma-separated names of compiled blocks to run eagerly")
+    parser.add_argument("--profile", action="append", default=[], help="KIND=PATH: that kind's rows with this profile")
     args = parser.parse_args()
+    PROFILES.update(item.split("=", 1) for item in args.profile)
     only = set(filter(None, args.only.split(",")))
     if args.eager:
         run_eagerly(set(args.eager.split(",")))
