@@ -268,6 +268,18 @@ MUTATIONS = [
              [("minititan/core/mixed_precision.py", "return F.embedding(tokens, w).to(dtype)",
                "return F.embedding(tokens, w)")],
              ["tests/test_mixed_precision.py::test_embedding_on_an_fp32_master_equals_the_cast_tables_lookup"]),
+    mutation("step_casts_kept_after_the_update",
+             "bf16 training: a step's shared casts are reused after the optimizer has updated the masters (the "
+             "next step's forward runs on the old weights)",
+             [("minititan/core/mixed_precision.py", "if held is not master or version != master._version:",
+               "if held is not master:")],
+             ["tests/test_mixed_precision.py::test_a_shared_cast_is_remade_when_its_master_changes"]),
+    mutation("step_casts_overwrite_the_gradient",
+             "bf16 training: each micro-batch's gradient of a shared cast replaces the master's instead of adding "
+             "to it (only the last micro-batch counts)",
+             [("minititan/core/mixed_precision.py", "    if master.grad is None:\n        master.grad = copy.grad.to",
+               "    if True:\n        master.grad = copy.grad.to")],
+             ["tests/test_mixed_precision.py::test_a_steps_micro_batches_share_one_cast_and_the_same_gradients"]),
 ]
 
 

@@ -56,8 +56,8 @@ def test_same_dtype_is_plain_linear():
 
 def step_grads(monkeypatch, keep: bool) -> dict[str, torch.Tensor]:
     cast_gather = parallelize.cast_gather
-    monkeypatch.setattr(parallelize, "cast_gather", lambda select, dtype, keep_masters=True:
-                        cast_gather(select, dtype, keep_masters and keep))
+    monkeypatch.setattr(parallelize, "cast_gather", lambda select, dtype, keep_masters=True, casts=None:
+                        cast_gather(select, dtype, keep_masters and keep, casts))
     cfg = load_config(None, TINY + ["training.param_dtype=bfloat16", "checkpoint.enable=false"])
     _, _, layout = setup(cfg)
     t = cfg.training
@@ -118,3 +118,86 @@ def test_zero_bubble_keeps_the_casts_in_the_gather(schedule, dtype):
     table = parallelize.base_ops(facts, cfg.compile, cfg.activation_checkpoint).gather(model.init(cfg.model, seed=0),
                                                                                      "tok_embeddings")
     assert table["tok_embeddings"].dtype == dtype
+
+
+_CAST = mixed_precision.StepCasts.cast
+
+
+def trained(monkeypatch, share: bool, steps: int = 2):
+    """Two bf16 optimizer steps of the MoE model in 4 micro-batches each, in this process: the
+    losses, the final fp32 masters, and the copies StepCasts made (share=False: the gather casts
+    every micro-batch, as before StepCasts)."""
+    from minititan import train
+    from minititan.core.data import rank_slice
+    from minititan.core.guard import StepGuard
+    from minititan.core.optim import AdamW
+    made = []
+
+    def counting(self, master):
+        copy = _CAST(self, master) if share else master.to(self.dtype)
+        if share and all(copy is not c for c in made):
+            made.append(copy)
+        return copy
+    monkeypatch.setattr(mixed_precision.StepCasts, "cast", counting)
+    cfg = load_config(None, TINY + MOE + ["training.param_dtype=bfloat16", "training.global_batch_size=8",
+                                          "training.local_batch_size=2", "checkpoint.enable=false"])
+    device, _, layout = train.setup(cfg)
+    optimizer, t = AdamW(layout.params, cfg.optimizer), cfg.training
+    guard = StepGuard(device, 0, lambda: False, str, 0)
+    rows = rank_slice(layout.facts.data_rank, layout.facts.data_size, t.global_batch_size)
+    losses = []
+    for step in range(1, steps + 1):
+        batch = TokenSource("synthetic", cfg.model.vocab_size).read(t.seed, step, t.global_batch_size, t.seq_len, rows=rows)
+        loss, _, _ = train.train_step(cfg, layout, optimizer, batch, step, layout.facts.n_micro, device, guard)
+        losses.append(loss.item())
+    assert layout.facts.n_micro == 4
+    return losses, {n: p.detach().clone() for n, p in layout.params.items()}, made
+
+
+def test_a_steps_micro_batches_share_one_cast_and_the_same_gradients(monkeypatch):
+    """StepCasts: the gather's casts (norms, the MoE experts) made once per optimizer step instead of
+    once per micro-batch, the bf16 gradients added straight into the fp32 ones: the same losses and
+    masters bit for bit, and one copy per master per step (a new one after each optimizer update)."""
+    losses, params, _ = trained(monkeypatch, share=False)
+    shared_losses, shared_params, made = trained(monkeypatch, share=True)
+    assert shared_losses == losses
+    for name, p in params.items():
+        assert torch.equal(shared_params[name], p), name
+    cfg = load_config(None, TINY + MOE)
+    cast_per_step = sum(1 for name, shape in model.param_shapes(cfg.model).items()
+                        if not model.is_linear_weight(name, shape) and name != "tok_embeddings")
+    assert len(made) == 2 * cast_per_step  # two steps of 4 micro-batches
+    assert any(c.dim() == 3 for c in made)  # the stacked experts among them
+
+
+def test_step_casts_stay_off_where_a_reducer_listens_to_the_masters_hooks():
+    """Data parallel's bucketed all-reduce starts from the masters' post-accumulate hooks, which the
+    shared copies bypass; FSDP and zero bubble cast on their own terms: no StepCasts there."""
+    from minititan.core.config import load_config as load
+    for overrides, shared in ((["parallelism.dp_replicate=1"], True), (["parallelism.dp_replicate=2"], False),
+                              (["parallelism.dp_shard=2"], False),
+                              (["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble"], False)):
+        cfg = load(None, TINY + ["training.param_dtype=bfloat16"] + overrides)
+        world = 2 if overrides != ["parallelism.dp_replicate=1"] else 1
+        mesh = Mesh(parallelize.mesh_sizes(cfg, world), rank=0)
+        facts = parallelize.layout_facts(cfg, mesh)
+        assert parallelize.shares_casts(facts, mesh) == shared, overrides
+
+
+def test_a_shared_cast_is_remade_when_its_master_changes():
+    """StepCasts hands out one copy per master until the master changes in place (the optimizer's
+    update, a checkpoint's restore), and sums each backward's bf16 gradient into the fp32 .grad."""
+    casts = mixed_precision.StepCasts(torch.bfloat16)
+    w = torch.randn(4, 8, requires_grad=True)
+    copy = casts.cast(w)
+    assert casts.cast(w) is copy and copy.dtype == torch.bfloat16 and torch.equal(copy, w.detach().bfloat16())
+    dys = [torch.randn(3, 4).bfloat16() for _ in range(2)]
+    x = torch.randn(3, 8).bfloat16()
+    for dy in dys:  # two micro-batches through the same copy
+        F.linear(x, casts.cast(w)).backward(dy)
+    assert w.grad.dtype == torch.float32 and copy.grad is None
+    assert torch.equal(w.grad, (dys[0].t() @ x).float() + (dys[1].t() @ x).float())
+    with torch.no_grad():
+        w.add_(1.0)
+    remade = casts.cast(w)
+    assert remade is not copy and torch.equal(remade, w.detach().bfloat16())

@@ -1,5 +1,5 @@
-"""fp32 master weights, bf16 matmuls: a linear whose weight gradient comes out in fp32, and an
-embedding that casts only the rows it looks up.
+"""fp32 master weights, bf16 matmuls: a linear whose weight gradient comes out in fp32, an
+embedding that casts only the rows it looks up, and casts shared by a step's micro-batches.
 
 The optimizer keeps every weight in fp32 and the matmuls run in bf16. Cast each weight before its
 block (w.to(bf16)) and autograd's backward of that cast costs one more pass over every weight
@@ -22,6 +22,8 @@ keep it (activation_checkpoint.py keeps the op's outputs under selective AC, as 
 matmul's).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -101,3 +103,44 @@ def embedding(tokens: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
     every row each forward and cast the whole table's gradient back to fp32 in backward; here the
     cast touches only the rows looked up, and the lookup's backward writes the fp32 gradient itself."""
     return F.embedding(tokens, w).to(dtype)
+
+
+class StepCasts:
+    """The compute-dtype copies of fp32 masters, made once per optimizer step and shared by its
+    micro-batches, for the tensors the gather casts (norms, and above all the MoE experts, whose
+    total parameters are many times what a token uses).
+
+    Cast in every micro-batch, a master costs a cast forward (4 + 2 bytes a parameter), and in
+    backward autograd's cast of the bf16 gradient to fp32 (2 + 4) and its sum into .grad (4 + 4 + 4).
+    Here the copy is a leaf made at the step's first use; each micro-batch's bf16 gradient lands in
+    the leaf and a hook adds it straight into the master's fp32 .grad (2 + 4 + 4), the same sums in
+    the same order, so the gradients are bit for bit those of the per-micro-batch casts. A copy is
+    remade when its master changes (the optimizer's in-place update bumps the master's version), and
+    `clear` drops them all once the step's gradients are complete.
+
+    The master's own post-accumulate hooks do not fire (autograd never reaches it): only for layouts
+    whose gradient sums do not listen to them (no data-parallel reducer; layout/parallelize.build)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.copies: dict[int, tuple[Tensor, int, Tensor]] = {}  # id(master) -> (master, its version, copy)
+
+    def cast(self, master: Tensor) -> Tensor:
+        held, version, copy = self.copies.get(id(master), (None, None, None))
+        if held is not master or version != master._version:
+            copy = master.detach().to(self.dtype).requires_grad_(master.requires_grad)
+            if master.requires_grad:
+                copy.register_post_accumulate_grad_hook(functools.partial(_add_into_master, master))
+            self.copies[id(master)] = (master, master._version, copy)
+        return copy
+
+    def clear(self) -> None:
+        self.copies.clear()
+
+
+def _add_into_master(master: Tensor, copy: Tensor) -> None:
+    if master.grad is None:
+        master.grad = copy.grad.to(master.dtype)
+    else:
+        master.grad.add_(copy.grad)
+    copy.grad = None

@@ -110,7 +110,10 @@ def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     refuse(cfg, mesh)
     facts, par = layout_facts(cfg, mesh), cfg.parallelism
     loss_group = mesh.group("pp", *DATA_DIMS) if mesh.size("pp") > 1 else mesh.group(*DATA_DIMS)
-    layout = Layout(facts, base_ops(facts, cfg.compile, cfg.activation_checkpoint), loss_group)
+    casts = mixed_precision.StepCasts(facts.param_dtype) if shares_casts(facts, mesh) else None
+    layout = Layout(facts, base_ops(facts, cfg.compile, cfg.activation_checkpoint, casts), loss_group)
+    if casts is not None:
+        layout.finish_grads.append(casts.clear)
 
     # What this rank holds: its stages' tensors (pp), its tp slice of each; MoE keeps expert_bias,
     # and under ep its expert slices, apart (moe.py holds them).
@@ -144,15 +147,24 @@ def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     return layout
 
 
+def shares_casts(facts: Facts, mesh: Mesh) -> bool:
+    """The gather's casts shared by a step's micro-batches (mixed_precision.StepCasts): in bf16,
+    where no data-parallel reducer waits for the masters' own gradient hooks, FSDP does not gather
+    (and cast) on its own, and zero bubble does not split the backward at the casts."""
+    return (facts.param_dtype != torch.float32 and not facts.fsdp and not facts.splits_backward
+            and mesh.size("dp_replicate") == 1)
+
+
 # ---------------------------------------------------------------- the single-device ops
 
 
-def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint) -> model.Ops:
-    """The single-device ops: select each unit's params (cast to the compute dtype) and run blocks
-    with the configured activation checkpointing and compile."""
+def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint,
+             casts: mixed_precision.StepCasts | None = None) -> model.Ops:
+    """The single-device ops: select each unit's params (cast to the compute dtype; once per step
+    with `casts`) and run blocks with the configured activation checkpointing and compile."""
     ops = model.default_ops(facts.model)
     if facts.param_dtype != torch.float32:
-        ops.gather = cast_gather(ops.gather, facts.param_dtype, keep_masters=not facts.splits_backward)
+        ops.gather = cast_gather(ops.gather, facts.param_dtype, keep_masters=not facts.splits_backward, casts=casts)
         ops.linear = mixed_precision.linear
         ops.embedding = functools.partial(mixed_precision.embedding, dtype=facts.param_dtype)
     if compile.enable:  # the loss too: the fp32 upcast and log-softmax fuse into one pass over the logits
@@ -162,16 +174,21 @@ def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint) -> model.
     return ops
 
 
-def cast_gather(select: Callable, dtype: torch.dtype, keep_masters: bool) -> Callable:
+def cast_gather(select: Callable, dtype: torch.dtype, keep_masters: bool,
+                casts: mixed_precision.StepCasts | None = None) -> Callable:
     """ops.gather casting the unit's fp32 masters to the compute dtype, except (keep_masters) those
     whose op casts them itself: the linears' weights (mixed_precision.linear, so that their gradients
     come out of the GEMM in fp32) and the embedding table (mixed_precision.embedding casts only the
     rows it looks up). Zero bubble keeps the casts here: it splits the backward at autograd's own
-    matmul nodes (schedules/split_backward.py), and a custom Function's backward cannot be split."""
+    matmul nodes (schedules/split_backward.py), and a custom Function's backward cannot be split.
+    With `casts`, each master is cast once per step (mixed_precision.StepCasts)."""
     def casts_itself(name: str, shape) -> bool:
         return keep_masters and (model.is_linear_weight(name, shape) or name == "tok_embeddings")
 
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return casts.cast(t) if casts is not None and t.dtype != dtype else t.to(dtype)
+
     def gather(params, unit):
-        return {n: t if casts_itself(n, t.shape) else t.to(dtype) for n, t in select(params, unit).items()}
+        return {n: t if casts_itself(n, t.shape) else cast(t) for n, t in select(params, unit).items()}
 
     return gather
