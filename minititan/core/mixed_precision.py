@@ -119,7 +119,7 @@ class StepCasts:
     `clear` drops them all once the step's gradients are complete.
 
     The master's own post-accumulate hooks do not fire (autograd never reaches it): only for layouts
-    whose gradient sums do not listen to them (no data-parallel reducer; layout/parallelize.build)."""
+    whose gradient sums do not listen to them (no data-parallel reducer: parallelize.shares_casts)."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
