@@ -117,15 +117,12 @@ def parse(args: str) -> tuple[str | None, int, list[str]]:
     return path, world, overrides
 
 
-PROFILES: dict[str, str] = {}  # GPU kind -> the profile file to use instead of the shipped one (--profile)
-
-
-def predict(args: str, gpu: str, world: int | None = None):
+def predict(args: str, gpu: str, world: int | None = None, profiles: dict[str, str] | None = None):
     from minititan.core.config import load_config
     from minititan.plan import devices
     from minititan.plan.estimate import estimate
     path, nproc, overrides = parse(args)
-    return estimate(load_config(path, overrides), world or nproc, devices.load(PROFILES.get(gpu, gpu)), 8)
+    return estimate(load_config(path, overrides), world or nproc, devices.load((profiles or {}).get(gpu, gpu)), 8)
 
 
 def pct(predicted: float, measured: float) -> str:
@@ -152,7 +149,7 @@ def main():
     parser.add_argument("--eager", default="", help="comma-separated names of compiled blocks to run eagerly")
     parser.add_argument("--profile", action="append", default=[], help="KIND=PATH: that kind's rows with this profile")
     args = parser.parse_args()
-    PROFILES.update(item.split("=", 1) for item in args.profile)
+    profiles = dict(item.split("=", 1) for item in args.profile)  # GPU kind -> the profile file to use instead
     only = set(filter(None, args.only.split(",")))
     if args.eager:
         run_eagerly(set(args.eager.split(",")))
@@ -162,7 +159,7 @@ def main():
     for name, gpu, args, tps, reserved, alloc, where in OURS:
         if only and name not in only:
             continue
-        e = predict(args, gpu)
+        e = predict(args, gpu, profiles=profiles)
         alloc_note = f" (allocated {alloc}: {pct(e.peak_bytes / G, alloc)})" if alloc else ""
         print(f"| {name} | {gpu} | {tps:,} | {e.tokens_per_s:,.0f} | {pct(e.tokens_per_s, tps)} | {reserved} | "
               f"{e.peak_bytes / G:.1f} / {e.reserved_bytes / G:.1f} | {pct(e.reserved_bytes / G, reserved)}"
@@ -172,7 +169,7 @@ def main():
     for name, world, args, tps, gib in PUBLISHED:
         if only and name not in only:
             continue
-        e = predict(args, "h100", world)
+        e = predict(args, "h100", world, profiles)
         print(f"| {name} | {world} | {tps:,} | {e.tokens_per_s:,.0f} | {gib} | {e.reserved_bytes / G:.1f} |", flush=True)
 
 

@@ -83,6 +83,8 @@ BF16_LAYOUTS = {
     "dense_pp2_zero_bubble": ["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble",
                               "parallelism.pp_microbatches=2"],
     "moe_tp2_async": MOE + ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
+    # 1F1B: the experts' casts shared by the step's micro-batches across the pipeline (StepCasts)
+    "moe_pp2_1f1b": MOE + ["parallelism.pp=2", "parallelism.pp_schedule=1f1b", "parallelism.pp_microbatches=2"],
 }
 
 

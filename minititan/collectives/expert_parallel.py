@@ -213,7 +213,8 @@ def capped_experts(run_local, x: Tensor, counts: Tensor, experts: dict, group: d
     row_in_chunk = torch.arange(n, device=x.device) - peer_start[peer]
     is_kept = row_in_chunk < kept.sum(1)[peer]
     if drop_log is not None:
-        drop_log.add_(torch.stack([1 - is_kept.float().mean(), torch.ones((), device=x.device)]))
+        drop_log[0].add_(1 - is_kept.float().mean())
+        drop_log[1].add_(1)
     y = y_back[torch.where(is_kept, peer * cap + row_in_chunk, 0)]
     return y * is_kept[:, None].to(y.dtype)
 

@@ -354,8 +354,10 @@ def log_mean(log: Tensor, value: Tensor) -> None:
     """Add (value, 1) to a [2] running (sum, count) on the device; the metrics divide once a step.
     In place, not a list append: inside a compiled, checkpointed block dynamo keeps an in-place add
     in its graph, whereas a growing Python list makes it guard on the list's length (a recompile for
-    every call) and, inside checkpoint, give up on the whole block (it then runs eagerly)."""
-    log.add_(torch.stack([value.detach().float(), torch.ones((), device=log.device)]))
+    every call) and, inside checkpoint, give up on the whole block (it then runs eagerly). Two adds
+    into views of the log: no tensor made per call."""
+    log[0].add_(value.detach())
+    log[1].add_(1)
 
 
 class _SideGradients(torch.autograd.Function):

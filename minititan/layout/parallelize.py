@@ -186,7 +186,7 @@ def cast_gather(select: Callable, dtype: torch.dtype, keep_masters: bool,
         return keep_masters and (model.is_linear_weight(name, shape) or name == "tok_embeddings")
 
     def cast(t: torch.Tensor) -> torch.Tensor:
-        return casts.cast(t) if casts is not None and t.dtype != dtype else t.to(dtype)
+        return casts.cast(t) if casts is not None else t.to(dtype)
 
     def gather(params, unit):
         return {n: t if casts_itself(n, t.shape) else cast(t) for n, t in select(params, unit).items()}

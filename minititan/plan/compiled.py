@@ -104,24 +104,24 @@ class AotFunction:
         tensors = [leaves[i] for i in where]
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
             return self.fn(*args, **kwargs)  # no backward: the saved tensors do not matter
-        captured = [cell.cell_contents for cell in _captured_tensors(self.fn)]
+        cells = _captured_tensors(self.fn)
+        captured = [cell.cell_contents for cell in cells]
         key = (_describe(self.fn), spec, tuple(_describe(x) for i, x in enumerate(leaves) if i not in where),
                tuple((tuple(t.shape), t.dtype, t.requires_grad, t.is_cuda) for t in tensors + captured))
         if key not in _TRACED:
-            _TRACED[key] = self._trace(key, leaves, where, spec, tensors, captured)
+            _TRACED[key] = self._trace(key, leaves, where, spec, tensors, cells)
         compiled = _TRACED[key]
         if compiled is None:
             self.fallbacks.append(_FAILED[key])
             return self.fn(*args, **kwargs)
         return compiled(*tensors, *captured)
 
-    def _trace(self, key, leaves, where, spec, tensors, captured):
+    def _trace(self, key, leaves, where, spec, tensors, cells):
         from torch._functorch.aot_autograd import aot_function
         from torch._functorch.partitioners import min_cut_rematerialization_partition  # what inductor partitions with
 
         template = [None if i in where else x for i, x in enumerate(leaves)]  # no tensors: the trace is kept
-
-        cells = _captured_tensors(self.fn)
+        captured = [cell.cell_contents for cell in cells]
 
         def flat_fn(*ts):
             filled = list(template)
