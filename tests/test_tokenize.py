@@ -167,12 +167,14 @@ def test_subword_tokenizers_and_parquet(tmp_path, kind):
 
 def test_tokenize_is_not_slower_than_a_plain_batch_encode_loop(tmp_path):
     """Ours (workers, writing shards) against `tokenizers`' encode_batch over the same jsonl, at a
-    size CI affords: the same tokens, and not far off in speed (the suite's other worker shares the two
-    cores, so the bar leaves room for noise); benchmarks/tokenize_speed.py measures it at size."""
+    size CI affords: the same tokens, and not far off in speed. Ours pays about half a second to
+    start its process, so the corpus is big enough that the start is not most of the time, and each
+    side keeps its faster of two runs (the suite's other worker shares the two cores, and its load
+    only slows a run down); benchmarks/tokenize_speed.py measures it at size."""
     pytest.importorskip("tokenizers")
     from benchmarks.tokenize_speed import compare
     path = train_bpe(tmp_path)
-    result = compare(tmp_path, path, megabytes=2, workers=None)
+    result = compare(tmp_path, path, megabytes=8, workers=None, repeat=2)
     assert result["ours_tokens"] == result["baseline_tokens"]
     assert result["ours_tokens_per_s"] > 0.5 * result["baseline_tokens_per_s"], result
 
