@@ -1,5 +1,8 @@
 """Activation checkpointing changes memory, never numbers; compile keeps the numbers and the graph whole."""
+import collections
 import dataclasses
+import functools
+import math
 
 import msgspec
 import pytest
@@ -73,24 +76,30 @@ def test_selective_keeps_float8_amaxes():
     assert backward_amaxes(block_runner("selective", "op", layers_per_forward=CFG.n_layers)) == kept
 
 
-def saved_activation_bytes(run_block, cfg: Model) -> int:
-    """Bytes the forward keeps for backward beyond the parameters, on bf16 linears over fp32
-    masters (core/mixed_precision.py), as the GPU rows run."""
+def saved_tensors(run_block, cfg: Model) -> collections.Counter:
+    """What the forward keeps for backward beyond the parameters, as {(shape, dtype): count}, on
+    bf16 linears over fp32 masters and the bf16 embedding lookup (core/mixed_precision.py), as the
+    GPU rows run."""
     params = {n: t.requires_grad_() for n, t in model.init(cfg, 0).items()}
     ops = dataclasses.replace(model.default_ops(cfg), run_block=run_block, linear=mixed_precision.linear,
+                              embedding=functools.partial(mixed_precision.embedding, dtype=torch.bfloat16),
                               gather=cast_gather(model.default_ops(cfg).gather, torch.bfloat16, True))
-    saved = []
+    saved = collections.Counter()
 
     def pack(t):
         if not any(t.data_ptr() == p.data_ptr() for p in params.values()):
-            saved.append(t.numel() * t.element_size())
+            saved[tuple(t.shape), t.dtype] += 1
         return t
 
     x = torch.randint(0, 256, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model.loss_sum(params, x, x, cfg, ops)
     loss.backward()
-    return sum(saved)
+    return saved
+
+
+def saved_activation_bytes(run_block, cfg: Model) -> int:
+    return sum(math.prod(shape) * dtype.itemsize * n for (shape, dtype), n in saved_tensors(run_block, cfg).items())
 
 
 def test_compiled_full_checkpointing_keeps_only_block_inputs():
@@ -103,3 +112,21 @@ def test_compiled_full_checkpointing_keeps_only_block_inputs():
     compiled = saved_activation_bytes(block_runner("full", compile_blocks=True, layers_per_forward=cfg.n_layers), cfg)
     everything = saved_activation_bytes(block_runner("none", compile_blocks=True), cfg)
     assert compiled < 1.25 * eager < everything / 2, (compiled, eager, everything)
+
+
+def test_compiled_selective_recomputes_the_weight_casts():
+    """Selective AC keeps matmul outputs and recomputes casts: compiled, no block keeps a bf16 copy
+    of its weights for backward (a copy of every layer's weights in all), the backward casts them
+    again. Without checkpointing the compiled step keeps them, as eager does, and casts once."""
+    torch._dynamo.reset()  # (a vocabulary apart from dim: the loss's own bf16 output weight is no block's)
+    cfg = msgspec.structs.replace(CFG, dim=256, n_layers=2, max_seq_len=256, vocab_size=384)
+    block_weights = collections.Counter((tuple(t.shape), torch.bfloat16) for n, t in model.init(cfg, 0).items()
+                                        if n.startswith("layers.") and t.dim() == 2)
+
+    def weight_copies(saved):
+        return {key: saved[key] for key in block_weights if saved[key]}
+
+    selective = saved_tensors(block_runner("selective", compile_blocks=True, layers_per_forward=cfg.n_layers), cfg)
+    kept = saved_tensors(block_runner("none", compile_blocks=True), cfg)
+    assert not weight_copies(selective), weight_copies(selective)
+    assert all(kept[key] >= n for key, n in block_weights.items()), (weight_copies(kept), block_weights)

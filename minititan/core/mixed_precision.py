@@ -16,10 +16,12 @@ Two spellings of the same op. Eager, an autograd.Function (the cheapest call). C
 torch.library custom op: the compiler sees it as one node of the graph, which activation
 checkpointing may recompute like any other, whereas the saved tensors of an autograd.Function
 traced inside a checkpointed block are kept for backward whatever the policy says (torch 2.11:
-under full AC that kept every linear's input of every layer, benchmarks/single_gpu.md). The op
-also returns the cast weight, so that backward reuses it and the checkpoint policy can choose to
-keep it (activation_checkpoint.py keeps the op's outputs under selective AC, as it keeps every
-matmul's).
+under full AC that kept every linear's input of every layer, benchmarks/single_gpu.md). The cast
+stays outside the op, an ordinary node of the graph that the op takes as an input: without
+checkpointing the compiler keeps the cast weight for backward (the partitioner does not recompute
+what backward must write out for a matmul), and selective AC, which keeps the op's output,
+recomputes the cast in backward like any cheap element-wise op, instead of holding a bf16 copy of
+every block's weights from forward to backward.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     if w.dtype == x.dtype:
         return F.linear(x, w)
     if torch.compiler.is_compiling():
-        return master_linear(x, w)[0]
+        return master_linear(x, w, w.detach().to(x.dtype))
     return MasterWeightLinear.apply(x, w)
 
 
@@ -56,26 +58,26 @@ class MasterWeightLinear(torch.autograd.Function):
 
 
 @torch.library.custom_op("minititan::master_linear", mutates_args=())
-def master_linear(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """(x @ w.to(x.dtype).T, w.to(x.dtype)): MasterWeightLinear as one op the compiler can recompute."""
-    w_low = w.to(x.dtype)
-    return F.linear(x, w_low), w_low
+def master_linear(x: Tensor, w: Tensor, w_low: Tensor) -> Tensor:
+    """x @ w_low.T with w_low = w cast to x's dtype: MasterWeightLinear as one op the compiler can
+    recompute. w comes in for its gradient only."""
+    return F.linear(x, w_low)
 
 
 @master_linear.register_fake
-def _(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(*x.shape[:-1], w.shape[0]), w.new_empty(w.shape, dtype=x.dtype)
+def _(x: Tensor, w: Tensor, w_low: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 def _save_for_master_linear_backward(ctx, inputs, output):
-    x, w = inputs
-    ctx.save_for_backward(x, output[1])
+    x, w, w_low = inputs
+    ctx.save_for_backward(x, w_low)
     ctx.w_dtype = w.dtype
 
 
-def _master_linear_backward(ctx, dy: Tensor, _dw_low: Tensor):
+def _master_linear_backward(ctx, dy: Tensor):
     x, w_low = ctx.saved_tensors
-    return linear_backward(dy, x, w_low, ctx.w_dtype)
+    return *linear_backward(dy, x, w_low, ctx.w_dtype), None
 
 
 master_linear.register_autograd(_master_linear_backward, setup_context=_save_for_master_linear_backward)
