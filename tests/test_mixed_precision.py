@@ -85,7 +85,11 @@ BF16_LAYOUTS = {
     "moe_tp2_async": MOE + ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
     # 1F1B: the experts' casts shared by the step's micro-batches across the pipeline (StepCasts)
     "moe_pp2_1f1b": MOE + ["parallelism.pp=2", "parallelism.pp_schedule=1f1b", "parallelism.pp_microbatches=2"],
+    # ep 2 under FSDP: each rank's whole expert slices, cast once for its 2 micro-batches (StepCasts)
+    "moe_ep2": MOE + ["parallelism.dp_shard=2", "parallelism.ep=2"],
 }
+# four ranks: the same slices on two replicas, their gradients all-reduced over dp_replicate
+BF16_LAYOUTS_4 = {"moe_hsdp_ep2": MOE + ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=2"]}
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +98,10 @@ def bf16_runs(tmp_path_factory):
     one = train_runs(folder / "one", 1, {"dense": [], "moe": MOE}, common=BF16)
     two = train_runs(folder / "two", 2, {name: o + (["parallelism.dp_replicate=2"] if name == "dense_dp_replicate2" else [])
                                           for name, o in BF16_LAYOUTS.items()}, common=BF16)
-    return one, two
+    return one, two | train_runs(folder / "four", 4, BF16_LAYOUTS_4, common=BF16)
 
 
-@pytest.mark.parametrize("name", BF16_LAYOUTS)
+@pytest.mark.parametrize("name", [*BF16_LAYOUTS, *BF16_LAYOUTS_4])
 def test_bf16_layout_matches_one_process_bf16(bf16_runs, name):
     one, two = bf16_runs
     ref_rows, ref_params = one[name.split("_", 1)[0]]

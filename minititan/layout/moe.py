@@ -121,14 +121,22 @@ def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tu
     layout.ops.moe = moe_op(run_experts, facts.loss_scale, balance.balance_log, plain_linear=facts.async_tp, fp8=fp8)
     if mesh.size(*facts.sequence_dims) > 1:
         layout.ops.sum_over_sequence = functools.partial(sum_over_sequence, group=mesh.group(*facts.sequence_dims))
+    # Whole expert slices outside an FSDP main storage are cast here, not by the main gather: once
+    # per step (StepCasts), unless an all-reduce over replicas starts from their masters' gradient
+    # hooks (which then do not fire: its finish would still sum them, but after the backward)
+    casts = None
+    whole_experts = {name: t for name, t in whole.params.items() if not moe.is_expert_bias(name)}
+    if (whole_experts and facts.fsdp and facts.param_dtype != torch.float32 and not facts.splits_backward
+            and replicate_group is None):
+        casts = mixed_precision.StepCasts(facts.param_dtype)
+        layout.finish_grads.append(casts.clear)
     layout.ops.gather = gather_with_apart(layout.ops.gather, whole.params, facts.param_dtype,
-                                          experts.fsdp if experts else None)
+                                          experts.fsdp if experts else None, casts)
 
     biases = {name: t for name, t in whole.params.items() if moe.is_expert_bias(name)}
     bias_dims = DATA_DIMS + (("tp",) if facts.sequence_parallel else ())
     if mesh.size(*bias_dims) > 1:  # in fp32, so the counts stay exact
         data_parallel.sum_grads(layout, biases, mesh.group(*bias_dims), torch.float32)
-    whole_experts = {name: t for name, t in whole.params.items() if name not in biases}
     if whole_experts and replicate_group is not None:
         data_parallel.sum_grads(layout, whole_experts, replicate_group, facts.reduce_dtype)
     if experts is not None:
@@ -162,10 +170,14 @@ def moe_op(run_experts, aux_loss_scale: float, balance_log: Tensor, plain_linear
     return moe_layer
 
 
-def gather_with_apart(gather, whole: dict[str, Tensor], dtype: torch.dtype, experts: FSDP | None):
+def gather_with_apart(gather, whole: dict[str, Tensor], dtype: torch.dtype, experts: FSDP | None,
+                      casts: mixed_precision.StepCasts | None = None):
     """ops.gather that adds a unit's tensors kept apart, which the main storage does not hold.
     expert_bias goes in as the fp32 master itself: its grad slot counts tokens, which a cast to bf16
-    would round. Sharded experts are all-gathered by their own FSDP (cast to param_dtype there)."""
+    would round. Sharded experts are all-gathered by their own FSDP (cast to param_dtype there);
+    whole ones are cast to `dtype` here, once per step with `casts`."""
+    cast = casts.cast if casts is not None else (lambda t: t.to(dtype))
+
     whole_of_unit: dict[str, list[str]] = {}
     for name in whole:
         whole_of_unit.setdefault(model.unit_of(name), []).append(name)
@@ -182,7 +194,7 @@ def gather_with_apart(gather, whole: dict[str, Tensor], dtype: torch.dtype, expe
             if moe.is_expert_bias(name):
                 got[local] = params[name]
             elif local not in got:  # without FSDP the ordinary gather has already selected and cast it
-                got[local] = params[name].to(dtype)
+                got[local] = cast(params[name])
         return got
 
     return gather_unit
