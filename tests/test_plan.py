@@ -141,6 +141,20 @@ def test_a_compiled_dry_run_traces_the_gpu_branches():
     assert "grouped gemm" in kinds and "gemm" in kinds
 
 
+def test_a_compiled_float8_dry_run_keeps_the_filtered_output_projection_in_bf16():
+    """float8.filter keeps the output projection in bf16: its weight reaches the compiled loss as a
+    HighPrecisionWeight, and the compile stand-in traces it as dynamo does, subclass and all (traced
+    on a plain stand-in, the loss took the fp8 branch and the plan priced its GEMMs as fp8)."""
+    small = ["model.n_layers=2", "model.dim=256", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=512",
+             "model.rope_scaling=false", "training.seq_len=128", "training.local_batch_size=1",
+             "training.global_batch_size=1", "compile.enable=true", "float8.enable=true"]
+    [run] = dry_runs([(str(CONFIGS / "llama3_8b.toml"), small, 1, 0, (9, 0))])
+    gemms = [e for e in run.events if e[0] == "op" and e[2] == "gemm"]
+    bf16_flops = sum(e[3] for e in gemms if not e[5])
+    assert bf16_flops == 3 * 2 * 128 * 256 * 512  # the output projection's forward, input and weight gradients
+    assert any(e[5] for e in gemms)  # the blocks' linears in fp8
+
+
 FUSED_IN_INDUCTOR = {  # a chain inductor runs as one kernel, writing only the result
     "index_then_sum": (lambda g, i: g[i].unflatten(0, (-1, 2)).sum(1), lambda: (torch.randn(512, 64), torch.randperm(512))),
     "select_scatter": (lambda x, v: (x.select_scatter(v, 0, 3) * 2).sum(0), lambda: (torch.randn(8, 64), torch.randn(64))),

@@ -25,6 +25,7 @@ import types
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 aten = torch.ops.aten
@@ -107,7 +108,7 @@ class AotFunction:
         cells = _captured_tensors(self.fn)
         captured = [cell.cell_contents for cell in cells]
         key = (_describe(self.fn), spec, tuple(_describe(x) for i, x in enumerate(leaves) if i not in where),
-               tuple((tuple(t.shape), t.dtype, t.requires_grad, t.is_cuda) for t in tensors + captured))
+               tuple((type(t), tuple(t.shape), t.dtype, t.requires_grad, t.is_cuda) for t in tensors + captured))
         if key not in _TRACED:
             _TRACED[key] = self._trace(key, leaves, where, spec, tensors, cells)
         compiled = _TRACED[key]
@@ -169,8 +170,7 @@ class AotFunction:
         try:
             with _current["paused"](), _compiling():  # tracing is not the step: the dry run records nothing
                 # on stand-ins of the inputs: the traced function keeps its example inputs alive
-                traced(*[torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                         .requires_grad_(t.requires_grad) for t in tensors + captured])
+                traced(*[_stand_in(t).requires_grad_(t.requires_grad) for t in tensors + captured])
         except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
             _FAILED[key] = f"{_name(self.fn)} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
             return None
@@ -178,6 +178,15 @@ class AotFunction:
 
 
 _FAILED: dict = {}  # structural key -> why it runs eagerly
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like t, of t's own type: a tensor subclass stays one (Float8's
+    HighPrecisionWeight, which the traced code tells apart by its type, as dynamo's trace does)."""
+    if is_traceable_wrapper_subclass(t):
+        names, meta = t.__tensor_flatten__()
+        return type(t).__tensor_unflatten__({n: _stand_in(getattr(t, n)) for n in names}, meta, t.shape, t.stride())
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
 def _captured_tensors(fn) -> list:
