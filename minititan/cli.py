@@ -16,7 +16,8 @@ from pathlib import Path
 
 import click
 
-from minititan.core.config import AgreedError, UserError, config_to_toml, load_config, shipped_configs
+from minititan.core.config import (AgreedError, UserError, config_to_toml, inactive_settings, load_config,
+                                   shipped_configs)
 
 
 def split_overrides(args: tuple[str, ...]) -> list[str]:
@@ -105,6 +106,10 @@ minititan/core/config.py.
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def train(config_path, nproc, dry_run, overrides):
     cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
+    launching = nproc and "WORLD_SIZE" not in os.environ and not dry_run
+    if _is_rank0() and not launching:  # once a job: here, or in its rank 0
+        for line in inactive_settings(cfg, split_overrides(overrides)):
+            click.echo(f"warning: {line}")
     if dry_run:
         from minititan.plan.command import run_dry_train
         run_dry_train(cfg, nproc or int(os.environ.get("WORLD_SIZE", "1")))

@@ -98,3 +98,43 @@ def test_srun_ranks_check_the_layout_against_slurm_ntasks(procid, printed):
     r = subprocess.run([sys.executable, "-m", "minititan.cli", "train"] + BAD_TP, capture_output=True, text=True,
                        timeout=120, env=env | {"SLURM_PROCID": procid, "SLURM_NTASKS": "2"})
     assert r.returncode == 2 and (NOT_DIVISIBLE in r.stderr) == printed and ("error" in r.stderr) == printed, r.stderr
+
+
+SWITCHED_OFF = [  # an override whose key does nothing under the rest of the config, and the switch named
+    ("model.n_experts=64", 'model.name = "llama3"', 'set model.name = "moe"'),
+    ("parallelism.pp_schedule=gpipe", "parallelism.pp = 1", "set parallelism.pp > 1"),
+    ("float8.filter=[]", "float8.enable = false", "set float8.enable = true"),
+    ("validation.dataset=held_out", "validation.enable = false", "set validation.enable = true"),
+    ("activation_checkpoint.selective=2", 'activation_checkpoint.mode = "none"', 'activation_checkpoint.mode = "selective"'),
+    ("model.rope_scaling_factor=32", "model.rope_scaling = false", "set model.rope_scaling = true"),
+]
+
+
+@pytest.mark.parametrize("override, switch, fix", SWITCHED_OFF, ids=[o for o, _, _ in SWITCHED_OFF])
+def test_a_key_its_switch_leaves_off_is_named_with_the_switch(override, switch, fix):
+    """Never a silent no-op: the line names the key, the switch that leaves it idle, and the fix;
+    following the fix's switch makes the warning go away."""
+    from minititan.core.config import inactive_settings
+    [line] = inactive_settings(load_config(None, [override]), [override])
+    assert line.startswith(override.split("=")[0]) and switch in line and fix in line, line
+    on = {"model.name": ["model.name=moe"], "parallelism.pp": ["parallelism.pp=2"], "float8.enable": ["float8.enable=true"],
+          "validation.enable": ["validation.enable=true"], "activation_checkpoint.mode": ["activation_checkpoint.mode=selective"],
+          "model.rope_scaling": ["model.rope_scaling=true"]}[switch.split(" =")[0]]
+    assert inactive_settings(load_config(None, [override] + on), [override] + on) == []
+
+
+def test_a_switch_turned_off_on_the_command_line_quiets_the_files_keys_under_it():
+    from minititan.core.config import inactive_settings, shipped_configs
+    assert all(inactive_settings(load_config(name)) == [] for name in shipped_configs())
+    off = ["checkpoint.enable=false"]  # debug.toml sets checkpoint.interval = 100, not the default 500
+    assert inactive_settings(load_config(None, off), off) == []
+    assert "checkpoint.interval" in inactive_settings(load_config(None, off + ["checkpoint.interval=7"]),
+                                                      off + ["checkpoint.interval=7"])[0]
+
+
+def test_train_prints_the_warning_once_on_stdout(tmp_path):
+    from tests.harness import run_cli
+    r = run_cli("train", "--training.steps=1", "--checkpoint.enable=false", "--metrics.jsonl=false",
+                f"--job.dump_folder={tmp_path}", "--model.n_experts=64")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("warning: model.n_experts = 64 does nothing") == 1

@@ -395,6 +395,59 @@ def validate(cfg: Config) -> None:
         _validate_moe(m)
 
 
+# Keys that only a switch elsewhere in the config turns on: (section, keys, the switch's key, is it
+# off?, how to turn it on). Set away from its default while its switch is off, such a key does
+# nothing, which is easy to miss (a forgotten --model.name=moe trains a dense model).
+def _switches(cfg: Config) -> list[tuple[str, tuple[str, ...], str, bool, str]]:
+    m, p = cfg.model, cfg.parallelism
+    return [
+        ("model", ("moe_frequency", "n_dense_layers", "n_experts", "top_k", "moe_hidden_dim", "n_shared_experts",
+                   "shared_expert_gate", "score_func", "route_norm", "route_scale", "aux_loss_coef",
+                   "bias_update_rate"), "model.name", m.name != "moe", 'set model.name = "moe"'),
+        ("model", ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context"),
+         "model.rope_scaling", not m.rope_scaling, "set model.rope_scaling = true"),
+        ("parallelism", ("pp_schedule", "pp_microbatches", "pp_virtual_stages", "pp_layers_per_stage"), "parallelism.pp",
+         p.pp == 1, "set parallelism.pp > 1"),
+        ("parallelism", ("pp_virtual_stages",), "parallelism.pp_schedule",
+         p.pp > 1 and p.pp_schedule != "interleaved_1f1b", 'set parallelism.pp_schedule = "interleaved_1f1b"'),
+        ("parallelism", ("sequence_parallel",), "parallelism.tp", p.tp == 1, "set parallelism.tp > 1"),
+        ("parallelism", ("cp_rotate",), "parallelism.cp", p.cp == 1, "set parallelism.cp > 1"),
+        ("activation_checkpoint", ("selective",), "activation_checkpoint.mode",
+         cfg.activation_checkpoint.mode != "selective", 'set activation_checkpoint.mode = "selective"'),
+        ("lr_scheduler", ("min_lr_ratio",), "lr_scheduler.decay", cfg.lr_scheduler.decay == "constant",
+         'set lr_scheduler.decay = "cosine" or "linear"'),
+        ("float8", ("recipe", "filter", "force_recompute_weight_in_bwd"), "float8.enable", not cfg.float8.enable,
+         "set float8.enable = true"),
+        ("validation", ("freq", "steps", "dataset"), "validation.enable", not cfg.validation.enable,
+         "set validation.enable = true"),
+        ("profiling", ("start_step", "steps", "folder", "memory_snapshot"), "profiling.enable", not cfg.profiling.enable,
+         "set profiling.enable = true"),
+        ("checkpoint", ("folder", "interval", "keep_latest_k", "resume", "async_save"), "checkpoint.enable",
+         not cfg.checkpoint.enable, "set checkpoint.enable = true"),
+    ]
+
+
+def inactive_settings(cfg: Config, overrides: list[str] = ()) -> list[str]:
+    """One line per key set away from its default that does nothing under the rest of the config
+    (see _switches), for `minititan train` to print as a warning: never a silent no-op. A switch
+    turned off by an override is taken as meant: the keys the config file sets under it are quiet
+    (--checkpoint.enable=false says nothing of the file's checkpoint.interval)."""
+    overridden = {item.removeprefix("--").split("=", 1)[0] for item in overrides}
+    default, lines = Config(), []
+    for sec, keys, switch, off, turn_on in _switches(cfg):
+        if not off:
+            continue
+        for key in keys:
+            value = getattr(getattr(cfg, sec), key)
+            if value == getattr(getattr(default, sec), key) or (switch in overridden and f"{sec}.{key}" not in overridden):
+                continue
+            sec_of, key_of = switch.split(".")
+            now = _toml_value(msgspec.to_builtins(getattr(getattr(cfg, sec_of), key_of)))
+            lines.append(f"{sec}.{key} = {_toml_value(msgspec.to_builtins(value))} does nothing while {switch} = {now}: "
+                         f"{turn_on}, or leave {sec}.{key} out")
+    return lines
+
+
 def _validate_moe(m: Model) -> None:
     if not 1 <= m.top_k <= m.n_experts:
         raise ConfigError(f"model.top_k={m.top_k} must be between 1 and model.n_experts={m.n_experts}")
@@ -473,6 +526,8 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
             ("comm.timeout_s", cfg.comm.timeout_s, lambda v: v <= 10**7, "at most 10**7 seconds"),
             ("model.max_seq_len", m.max_seq_len, lambda v: v <= 2**24, "at most 2**24 (the RoPE table has a row "
              "for each position)"),
+            ("model.n_layers", m.n_layers, lambda v: v <= 10**4, "at most 10,000 (every layer is named tensors "
+             "that setup and the dry run walk one by one; the largest published models have a few hundred)"),
             ("optimizer.lr", o.lr, lambda v: v * o.weight_decay < 1,
              f"below 1 / optimizer.weight_decay ({o.weight_decay}), or each step would shrink the weights past zero"),
             ("parallelism.pp_layers_per_stage", p.pp_layers_per_stage, lambda v: all(n >= 1 for n in v),

@@ -65,8 +65,10 @@ def attention_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
 
 
 def feed_forward_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
-    if moe.is_moe_layer(cfg, i):
-        return moe.moe_shapes(cfg, i)
+    return moe.moe_shapes(cfg, i) if moe.is_moe_layer(cfg, i) else dense_feed_forward_shapes(cfg, i)
+
+
+def dense_feed_forward_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
     L, h = f"layers.{i}.", hidden_dim(cfg)
     return {L + "ffn_norm": (cfg.dim,), L + "feed_forward.w1": (h, cfg.dim),
             L + "feed_forward.w2": (cfg.dim, h), L + "feed_forward.w3": (h, cfg.dim)}
@@ -418,8 +420,16 @@ def loss_sum(params: Params, tokens: Tensor, labels: Tensor, cfg: Model, ops: Op
 
 
 def num_params(cfg: Model, exclude_embedding: bool = False) -> int:
-    shapes = param_shapes(cfg)
-    return sum(math.prod(s) for n, s in shapes.items() if not (exclude_embedding and n == "tok_embeddings"))
+    """param_shapes' total, counted per kind of layer rather than per layer, so that a config's
+    n_layers may be any number (the memory check refuses a model too big before anything loops)."""
+    def count(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(math.prod(s) for s in shapes.values())
+
+    n_moe = moe.n_moe_layers(cfg)
+    layers = (cfg.n_layers * count(attention_shapes(cfg, 0)) + n_moe * (count(moe.moe_shapes(cfg, 0)) if n_moe else 0)
+              + (cfg.n_layers - n_moe) * count(dense_feed_forward_shapes(cfg, 0)))
+    embedding = 0 if exclude_embedding else cfg.vocab_size * cfg.dim
+    return embedding + layers + cfg.dim + cfg.vocab_size * cfg.dim  # + the final norm and the output projection
 
 
 def flops_per_token(cfg: Model, seq_len: int) -> float:

@@ -48,6 +48,14 @@ def is_moe_layer(cfg: Model, i: int) -> bool:
     return cfg.name == "moe" and i >= cfg.n_dense_layers and i % cfg.moe_frequency == cfg.moe_frequency - 1
 
 
+def n_moe_layers(cfg: Model) -> int:
+    """How many blocks is_moe_layer picks: the i in [n_dense_layers, n_layers) with i % f == f - 1."""
+    if cfg.name != "moe":
+        return 0
+    f = cfg.moe_frequency
+    return max(0, cfg.n_layers // f - cfg.n_dense_layers // f)
+
+
 def expert_hidden_dim(cfg: Model) -> int:
     return cfg.moe_hidden_dim or hidden_dim(cfg)
 
@@ -71,8 +79,7 @@ def moe_shapes(cfg: Model, i: int) -> dict[str, tuple[int, ...]]:
 
 def inactive_expert_params(cfg: Model) -> int:
     """Expert weights a token does not use: (n_experts - top_k) experts in every MoE layer."""
-    n_moe_layers = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers))
-    return n_moe_layers * (cfg.n_experts - cfg.top_k) * 3 * expert_hidden_dim(cfg) * cfg.dim
+    return n_moe_layers(cfg) * (cfg.n_experts - cfg.top_k) * 3 * expert_hidden_dim(cfg) * cfg.dim
 
 
 # ---------------------------------------------------------------- routing
