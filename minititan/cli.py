@@ -105,16 +105,17 @@ minititan/core/config.py.
               "the job's errors and memory in seconds; the world is --nproc (or WORLD_SIZE)")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 def train(config_path, nproc, dry_run, overrides):
-    cfg = load_config(config_path, split_overrides(overrides))  # fail fast, before any launch
-    launching = nproc and "WORLD_SIZE" not in os.environ and not dry_run
+    pairs = split_overrides(overrides)
+    cfg = load_config(config_path, pairs)  # fail fast, before any launch
+    launching = nproc and "WORLD_SIZE" not in os.environ and not dry_run  # this process starts the ranks
     if _is_rank0() and not launching:  # once a job: here, or in its rank 0
-        for line in inactive_settings(cfg, split_overrides(overrides)):
+        for line in inactive_settings(cfg, pairs):
             click.echo(f"warning: {line}")
     if dry_run:
         from minititan.plan.command import run_dry_train
         run_dry_train(cfg, nproc or int(os.environ.get("WORLD_SIZE", "1")))
         return
-    if nproc and "WORLD_SIZE" not in os.environ:
+    if launching:
         check_before_start(cfg, nproc, in_rank=False)
         launch(nproc, config_path, overrides)
         return
