@@ -141,10 +141,10 @@ def init(cfg: Model, seed: int, device: str | torch.device = "cpu", dtype=torch.
     return out
 
 
-def init_box(cfg: Model, seed: int, name: str, box: list[list[int]], device) -> Tensor:
-    """The fp32 [start, stop) box (per dim) of one tensor's init: a rank's slice of it, built one
-    full tensor at a time, so its values do not depend on the layout."""
-    full = init(cfg, seed, device, names=[name])[name]
+def init_box(cfg: Model, seed: int, name: str, shape: tuple[int, ...], box: list[list[int]], device) -> Tensor:
+    """The fp32 [start, stop) box (per dim) of one tensor's init (`shape`: its full shape): a rank's
+    slice of it, built one full tensor at a time, so its values do not depend on the layout."""
+    full = init_param(cfg, name, shape, seed, device, torch.float32)
     return full[tuple(slice(a, b) for a, b in box)].clone(memory_format=torch.contiguous_format)
 
 

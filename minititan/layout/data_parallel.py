@@ -35,7 +35,7 @@ def whole_tensors(facts: Facts, boxes: dict[str, list[list[int]]], shapes: dict[
                   owners: dict[str, bool], device: torch.device) -> WholeTensors:
     """The fp32 box of each full tensor, built from its init alone (so the values never depend on
     the layout). owners: which of them this rank writes to checkpoints (see contract.owns)."""
-    params = {name: model.init_box(facts.model, facts.seed, name, box, device).requires_grad_()
+    params = {name: model.init_box(facts.model, facts.seed, name, shapes[name], box, device).requires_grad_()
               for name, box in boxes.items()}
     slices = {name: Slice(shape=list(shapes[name]), box=box, owner=owners[name]) for name, box in boxes.items()}
     return WholeTensors(params, slices)

@@ -61,7 +61,7 @@ def shard(facts: Facts, units: dict[str, list[str]], boxes: dict[str, list[list[
                 device=device, param_dtype=facts.param_dtype, reduce_dtype=facts.reduce_dtype,
                 reshard_after_forward=facts.reshard_after_forward, reduce_every_microbatch=facts.reduce_every_microbatch)
     for names in units.values():
-        fsdp.load_full({n: model.init_box(facts.model, facts.seed, n, boxes[n], device) for n in names})
+        fsdp.load_full({n: model.init_box(facts.model, facts.seed, n, shapes[n], boxes[n], device) for n in names})
     slices = {name: Slice(shape=list(shapes[name]), box=boxes[name], flat=[start, stop], owner=owners[name])
               for unit in fsdp.order for name, (start, stop, _) in fsdp.shard_ranges(unit).items()}
     return FSDPShards(fsdp, slices)
