@@ -280,6 +280,18 @@ MUTATIONS = [
              [("minititan/core/mixed_precision.py", "    if master.grad is None:\n        master.grad = copy.grad.to",
                "    if True:\n        master.grad = copy.grad.to")],
              ["tests/test_mixed_precision.py::test_a_steps_micro_batches_share_one_cast_and_the_same_gradients"]),
+    mutation("selective_ac_keeps_the_weight_casts",
+             "compiled selective AC keeps the casts' outputs (a bf16 copy of every block's weights held from forward "
+             "to backward) instead of recomputing them",
+             [("minititan/core/activation_checkpoint.py", "    torch.ops.aten.amax.default,\n}",
+               "    torch.ops.aten.amax.default,\n    torch.ops.aten._to_copy.default,\n}")],
+             ["tests/test_activation_checkpoint.py::test_compiled_selective_recomputes_the_weight_casts"]),
+    # ---------------------------------------------------------------- the plan
+    mutation("plan_stand_in_drops_the_subclass",
+             "minititan plan: the compile stand-in traces on plain tensors, so the Float8 loss takes the fp8 branch "
+             "for the output projection the filter keeps in bf16",
+             [("minititan/plan/compiled.py", "    if is_traceable_wrapper_subclass(t):", "    if False:")],
+             ["tests/test_plan.py::test_a_compiled_float8_dry_run_keeps_the_filtered_output_projection_in_bf16"]),
 ]
 
 
