@@ -26,6 +26,7 @@ every block's weights from forward to backward.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,11 @@ def embedding(tokens: Tensor, w: Tensor, dtype: torch.dtype) -> Tensor:
     return F.embedding(tokens, w).to(dtype)
 
 
+def caster(dtype: torch.dtype, casts: StepCasts | None) -> Callable[[Tensor], Tensor]:
+    """t -> t in `dtype`: through `casts` (one copy a step) when given, else a plain cast."""
+    return casts.cast if casts is not None else functools.partial(Tensor.to, dtype=dtype)
+
+
 class StepCasts:
     """The compute-dtype copies of fp32 masters, made once per optimizer step and shared by its
     micro-batches, for the tensors the gather casts (norms, and above all the MoE experts, whose
@@ -121,7 +127,7 @@ class StepCasts:
     `clear` drops them all once the step's gradients are complete.
 
     The master's own post-accumulate hooks do not fire (autograd never reaches it): only for layouts
-    whose gradient sums do not listen to them (no data-parallel reducer: parallelize.shares_casts)."""
+    whose gradient sums do not listen to them (no data-parallel reducer: contract.may_share_casts)."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype

@@ -44,7 +44,7 @@ from minititan.core import mixed_precision, model, moe
 from minititan.core.config import Config, Float8, Model, UserError
 from minititan.core.float8 import filtered
 from minititan.layout import data_parallel, fsdp
-from minititan.layout.contract import DATA_DIMS, Facts, Layout, owns
+from minititan.layout.contract import DATA_DIMS, Facts, Layout, may_share_casts, owns
 
 
 def refuse(cfg: Config, mesh: Mesh) -> None:
@@ -121,13 +121,11 @@ def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tu
     layout.ops.moe = moe_op(run_experts, facts.loss_scale, balance.balance_log, plain_linear=facts.async_tp, fp8=fp8)
     if mesh.size(*facts.sequence_dims) > 1:
         layout.ops.sum_over_sequence = functools.partial(sum_over_sequence, group=mesh.group(*facts.sequence_dims))
-    # Whole expert slices outside an FSDP main storage are cast here, not by the main gather: once
-    # per step (StepCasts), unless an all-reduce over replicas starts from their masters' gradient
-    # hooks (which then do not fire: its finish would still sum them, but after the backward)
+    # Whole expert slices (ep without expert FSDP, so beside an FSDP main storage, whose gather does not
+    # hold them) are cast here: once per step where may_share_casts allows it
     casts = None
     whole_experts = {name: t for name, t in whole.params.items() if not moe.is_expert_bias(name)}
-    if (whole_experts and facts.fsdp and facts.param_dtype != torch.float32 and not facts.splits_backward
-            and replicate_group is None):
+    if whole_experts and may_share_casts(facts, reducer_listens=replicate_group is not None):
         casts = mixed_precision.StepCasts(facts.param_dtype)
         layout.finish_grads.append(casts.clear)
     layout.ops.gather = gather_with_apart(layout.ops.gather, whole.params, facts.param_dtype,
@@ -176,7 +174,7 @@ def gather_with_apart(gather, whole: dict[str, Tensor], dtype: torch.dtype, expe
     expert_bias goes in as the fp32 master itself: its grad slot counts tokens, which a cast to bf16
     would round. Sharded experts are all-gathered by their own FSDP (cast to param_dtype there);
     whole ones are cast to `dtype` here, once per step with `casts`."""
-    cast = casts.cast if casts is not None else (lambda t: t.to(dtype))
+    cast = mixed_precision.caster(dtype, casts)
 
     whole_of_unit: dict[str, list[str]] = {}
     for name in whole:

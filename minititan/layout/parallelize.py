@@ -24,7 +24,7 @@ from minititan.core.activation_checkpoint import block_runner
 from minititan.core.config import ActivationCheckpoint, Compile, Config, UserError
 from minititan.core.float8 import float8_ops
 from minititan.layout import context_parallel, data_parallel, fsdp, moe, pipeline, tensor_parallel
-from minititan.layout.contract import DATA_DIMS, Facts, Layout
+from minititan.layout.contract import DATA_DIMS, Facts, Layout, may_share_casts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -148,11 +148,10 @@ def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
 
 
 def shares_casts(facts: Facts, mesh: Mesh) -> bool:
-    """The gather's casts shared by a step's micro-batches (mixed_precision.StepCasts): in bf16,
-    where no data-parallel reducer waits for the masters' own gradient hooks, FSDP does not gather
-    (and cast) on its own, and zero bubble does not split the backward at the casts."""
-    return (facts.param_dtype != torch.float32 and not facts.fsdp and not facts.splits_backward
-            and mesh.size("dp_replicate") == 1)
+    """The gather's casts shared by a step's micro-batches (mixed_precision.StepCasts): where FSDP
+    does not gather (and cast) on its own and contract.may_share_casts allows it (DDP's reducer
+    listens over dp_replicate)."""
+    return not facts.fsdp and may_share_casts(facts, reducer_listens=mesh.size("dp_replicate") > 1)
 
 
 # ---------------------------------------------------------------- the single-device ops
@@ -185,8 +184,7 @@ def cast_gather(select: Callable, dtype: torch.dtype, keep_masters: bool,
     def casts_itself(name: str, shape) -> bool:
         return keep_masters and (model.is_linear_weight(name, shape) or name == "tok_embeddings")
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return casts.cast(t) if casts is not None else t.to(dtype)
+    cast = mixed_precision.caster(dtype, casts)
 
     def gather(params, unit):
         return {n: t if casts_itself(n, t.shape) else cast(t) for n, t in select(params, unit).items()}
