@@ -55,20 +55,32 @@ def run_torchtitan(out: Path, name: str, args: list[str], nproc: int = 1, timeou
 
 
 def _run_logged(cmd: list[str], log_path: Path, timeout: int):
+    """Run cmd in its own session (so that it and all its workers stop together), its output to log_path.
+    A SIGTERM to this script (an outer `timeout`) stops the run too: its own session would outlive us
+    and hold the GPU through the next run."""
     with open(log_path, "w") as log:
         log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            # SIGTERM first: torch's elastic launcher then stops its workers (which a kill would orphan)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
             return "timeout"
+        finally:
+            _stop(proc)
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM first: torch's elastic launcher then stops its workers (which a kill would orphan)."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run(out: Path, name: str, args: list[str], timeout: int = TIMEOUT) -> dict:

@@ -43,11 +43,13 @@ OURS = [
     ("h100_s98k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=98304 --activation_checkpoint.mode=full",
      12677, 72.8, 71.05, "single_gpu.md, 2026-12-07 (defe0cc), mt_s98k_full"),
     *[(f"h100_moe4b_8L_{name}", "h100", f"-c configs/moe_4b.toml --model.n_layers=8 {extra}", tps, reserved, alloc,
-       "moe.md, 2026-12-07 (defe0cc: the MoE block compiled)")
+       "moe.md, 2026-12-07 eleventh session (c0a3320: StepCasts)")
       for name, extra, tps, reserved, alloc in (
-          ("dense_twin", "--model.name=llama3", 121304, 25.6, 24.56),
-          ("moe8", "", 107273, 40.0, 39.50),
-          ("moe64", "--model.n_experts=64 --model.top_k=8 --model.moe_hidden_dim=704", 87355, 62.1, 61.13))],
+          ("dense_twin", "--model.name=llama3", 118101, 25.0, 23.86),
+          ("moe8", "", 107579, 40.0, 39.31),
+          ("moe64", "--model.n_experts=64 --model.top_k=8 --model.moe_hidden_dim=704", 89388, 62.2, 60.94))],
+    ("h100_b2_selective_compile", "h100", f"{M8} {b(2)} --activation_checkpoint.mode=selective",
+     35985, 50.3, 49.1, "single_gpu.md, 2026-12-07 eleventh session (c0a3320), the recast A/B's mt_selop_compile_b2"),
     ("h200_b1_eager", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=none --compile.enable=false",
      31522, 52.8, None, "single_gpu.md, 2026-12-03 (4b3eb82), mt_eager_b1"),
     ("h200_b1_eager_selective", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=selective --compile.enable=false",

@@ -123,6 +123,16 @@ def test_a_key_its_switch_leaves_off_is_named_with_the_switch(override, switch, 
     assert inactive_settings(load_config(None, [override] + on), [override] + on) == []
 
 
+def test_the_memory_snapshot_is_its_own_switch():
+    """The out-of-memory error advises profiling.memory_snapshot = true alone: followed, no warning
+    calls it idle (it records without profiling.enable), and the folder it writes to is in use."""
+    from minititan.core.config import inactive_settings
+    for on in (["profiling.memory_snapshot=true"], ["profiling.memory_snapshot=true", "profiling.folder=snaps"]):
+        assert inactive_settings(load_config(None, on), on) == []
+    [line] = inactive_settings(load_config(None, ["profiling.folder=snaps"]), ["profiling.folder=snaps"])
+    assert "profiling.memory_snapshot = true" in line, line
+
+
 def test_a_switch_turned_off_on_the_command_line_quiets_the_files_keys_under_it():
     from minititan.core.config import inactive_settings, shipped_configs
     assert all(inactive_settings(load_config(name)) == [] for name in shipped_configs())

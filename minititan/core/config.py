@@ -420,8 +420,10 @@ def _switches(cfg: Config) -> list[tuple[str, tuple[str, ...], str, bool, str]]:
          "set float8.enable = true"),
         ("validation", ("freq", "steps", "dataset"), "validation.enable", not cfg.validation.enable,
          "set validation.enable = true"),
-        ("profiling", ("start_step", "steps", "folder", "memory_snapshot"), "profiling.enable", not cfg.profiling.enable,
-         "set profiling.enable = true"),
+        ("profiling", ("start_step", "steps"), "profiling.enable", not cfg.profiling.enable, "set profiling.enable = true"),
+        # the memory snapshot has its own switch (the out-of-memory error advises it alone); both write to folder
+        ("profiling", ("folder",), "profiling.enable", not cfg.profiling.enable and not cfg.profiling.memory_snapshot,
+         "set profiling.enable = true or profiling.memory_snapshot = true"),
         ("checkpoint", ("folder", "interval", "keep_latest_k", "resume", "async_save"), "checkpoint.enable",
          not cfg.checkpoint.enable, "set checkpoint.enable = true"),
     ]
