@@ -280,6 +280,14 @@ MUTATIONS = [
              [("minititan/core/mixed_precision.py", "    if master.grad is None:\n        master.grad = copy.grad.to",
                "    if True:\n        master.grad = copy.grad.to")],
              ["tests/test_mixed_precision.py::test_a_steps_micro_batches_share_one_cast_and_the_same_gradients"]),
+    mutation("step_casts_skip_the_masters_hooks",
+             "bf16 under data parallel: a shared cast's hook adds into its master's gradient without running the "
+             "master's own hooks, so the buckets holding it are all-reduced after the backward, not overlapped with "
+             "it (the values stay right: finish() launches them)",
+             [("minititan/core/mixed_precision.py",
+               "    for hook in (master._post_accumulate_grad_hooks or {}).values():\n        hook(master)\n", "")],
+             ["tests/test_mixed_precision.py::test_shared_casts_under_a_replica_all_reduce_keep_it_inside_the_last_"
+              "backward[dense_dp_replicate2]"]),
     mutation("selective_ac_keeps_the_weight_casts",
              "compiled selective AC keeps the casts' outputs (a bf16 copy of every block's weights held from forward "
              "to backward) instead of recomputing them",

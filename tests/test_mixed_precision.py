@@ -3,7 +3,10 @@
 They must compute what casting the weight first (F.linear(x, w.to(bf16))) computes, a bf16 training
 step must give the gradients of the layout that casts every weight in its gather, and the layouts
 whose ops meet the fp32 masters (async TP's linear, the MoE shared experts under it, DDP) or keep
-the casts (zero bubble) must train in bf16 like one process (within bf16 rounding)."""
+the casts (zero bubble) must train in bf16 like one process (within bf16 rounding). The casts a
+step's micro-batches share (StepCasts) must train bit for bit as casts made every micro-batch do,
+and keep a replica all-reduce (DDP, HSDP's over ep's whole expert slices) inside the last
+micro-batch's backward."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,7 @@ from minititan.core.data import TokenSource
 from minititan.layout import parallelize
 from minititan.layout.microbatches import forward_backward
 from minititan.train import setup
+from tests.distributed import run_ranks
 from tests.harness import TINY, assert_same_losses, assert_same_params, train_runs
 from tests.test_moe_training import MOE
 
@@ -76,9 +80,18 @@ def test_bf16_step_gives_the_cast_in_gather_gradients(monkeypatch):
         assert err < 2e-2, f"{name}: {err:.2%} off"  # bf16 rounding of dw, nothing more
 
 
+# layouts whose replicas all-reduce the gradients of masters that StepCasts casts, with 2 micro-batches
+REPLICATED_CASTS = {
+    "dense_dp_replicate2": (2, ["parallelism.dp_replicate=2"]),  # DDP: the norms
+    # HSDP's replica all-reduce of ep's whole expert slices (the main storage's FSDP casts on its own)
+    "moe_hsdp_ep2": (4, MOE + ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=2",
+                               "training.local_batch_size=1"]),
+}
 BF16 = ["training.param_dtype=bfloat16", "training.steps=3"]
 BF16_LAYOUTS = {
-    "dense_dp_replicate2": [],
+    # DDP, 2 micro-batches a step: the norms' (the experts') casts shared by them (StepCasts)
+    "dense_dp_replicate2": ["parallelism.dp_replicate=2"],
+    "moe_dp_replicate2": MOE + ["parallelism.dp_replicate=2"],
     "dense_tp2_async": ["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
     "dense_pp2_zero_bubble": ["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble",
                               "parallelism.pp_microbatches=2"],
@@ -88,16 +101,21 @@ BF16_LAYOUTS = {
     # ep 2 under FSDP: each rank's whole expert slices, cast once for its 2 micro-batches (StepCasts)
     "moe_ep2": MOE + ["parallelism.dp_shard=2", "parallelism.ep=2"],
 }
-# four ranks: the same slices on two replicas, their gradients all-reduced over dp_replicate
-BF16_LAYOUTS_4 = {"moe_hsdp_ep2": MOE + ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=2"]}
+BF16_LAYOUTS_4 = {
+    # the same slices on two replicas, their gradients all-reduced over dp_replicate, each cast once
+    # for its 2 micro-batches (StepCasts)
+    "moe_hsdp_ep2": REPLICATED_CASTS["moe_hsdp_ep2"][1],
+    # the norms' casts shared by the pipelines of a step's 2 micro-batches, then all-reduced (StepCasts)
+    "dense_pp2_1f1b_dp_replicate2": ["parallelism.pp=2", "parallelism.pp_schedule=1f1b",
+                                     "parallelism.pp_microbatches=2", "parallelism.dp_replicate=2"],
+}
 
 
 @pytest.fixture(scope="module")
 def bf16_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bf16")
     one = train_runs(folder / "one", 1, {"dense": [], "moe": MOE}, common=BF16)
-    two = train_runs(folder / "two", 2, {name: o + (["parallelism.dp_replicate=2"] if name == "dense_dp_replicate2" else [])
-                                          for name, o in BF16_LAYOUTS.items()}, common=BF16)
+    two = train_runs(folder / "two", 2, BF16_LAYOUTS, common=BF16)
     return one, two | train_runs(folder / "four", 4, BF16_LAYOUTS_4, common=BF16)
 
 
@@ -127,67 +145,136 @@ def test_zero_bubble_keeps_the_casts_in_the_gather(schedule, dtype):
 
 
 _CAST = mixed_precision.StepCasts.cast
+_BACKWARD = torch.Tensor.backward
 
 
-def trained(monkeypatch, share: bool, steps: int = 2):
-    """Two bf16 optimizer steps of the MoE model in 4 micro-batches each, in this process: the
-    losses, the final fp32 masters, and the copies StepCasts made (share=False: the gather casts
-    every micro-batch, as before StepCasts)."""
+def bf16_steps(overrides: list[str], share: bool, steps: int = 2, bucket_mb: float = 25.0) -> dict:
+    """`steps` bf16 optimizer steps of TINY + overrides on this rank (one process, or one rank of
+    run_ranks): its losses, its final fp32 masters, how many masters StepCasts cast and the dims of
+    each copy it made (share=False: the gather casts every micro-batch, as before StepCasts), and in
+    order what happened around data parallel's bucketed all-reduces (buckets of bucket_mb): each
+    backward's start and end, each bucket's launch, each reducer's finish."""
+    from unittest import mock
+
     from minititan import train
+    from minititan.collectives.data_parallel import GradAllReducer
     from minititan.core.data import rank_slice
     from minititan.core.guard import StepGuard
     from minititan.core.optim import AdamW
-    made = []
+    from minititan.layout import data_parallel
+    masters, made, events, reducers = set(), [], [], []
 
-    def counting(self, master):
+    def cast(self, master):
+        masters.add(id(master))
         copy = _CAST(self, master) if share else master.to(self.dtype)
         if share and all(copy is not c for c in made):
             made.append(copy)
         return copy
-    monkeypatch.setattr(mixed_precision.StepCasts, "cast", counting)
-    cfg = load_config(None, TINY + MOE + ["training.param_dtype=bfloat16", "training.global_batch_size=8",
-                                          "training.local_batch_size=2", "checkpoint.enable=false"])
-    device, _, layout = train.setup(cfg)
-    optimizer, t = AdamW(layout.params, cfg.optimizer), cfg.training
-    guard = StepGuard(device, 0, lambda: False, str, 0)
-    rows = rank_slice(layout.facts.data_rank, layout.facts.data_size, t.global_batch_size)
-    losses = []
-    for step in range(1, steps + 1):
-        batch = TokenSource("synthetic", cfg.model.vocab_size).read(t.seed, step, t.global_batch_size, t.seq_len, rows=rows)
-        loss, _, _ = train.train_step(cfg, layout, optimizer, batch, step, layout.facts.n_micro, device, guard)
-        losses.append(loss.item())
-    assert layout.facts.n_micro == 4
-    return losses, {n: p.detach().clone() for n, p in layout.params.items()}, made
+
+    def backward(loss, *args, **kwargs):
+        events.append("backward")
+        _BACKWARD(loss, *args, **kwargs)
+        events.append("backward done")
+
+    def reducer(*args, **kwargs):
+        reducers.append(GradAllReducer(*args, **kwargs, bucket_mb=bucket_mb))
+        return reducers[-1]
+
+    def launch(self, i):
+        events.append("launch")
+        launch_bucket(self, i)
+
+    def finish(self):
+        events.append("finish")
+        finish_reducer(self)
+
+    launch_bucket, finish_reducer = GradAllReducer._launch, GradAllReducer.finish
+    cfg = load_config(None, TINY + overrides + ["training.param_dtype=bfloat16", "checkpoint.enable=false"])
+    with mock.patch.object(mixed_precision.StepCasts, "cast", cast), \
+            mock.patch.object(torch.Tensor, "backward", backward), \
+            mock.patch.object(data_parallel, "GradAllReducer", reducer), \
+            mock.patch.object(GradAllReducer, "_launch", launch), mock.patch.object(GradAllReducer, "finish", finish):
+        device, _, layout = train.setup(cfg)
+        optimizer, t = AdamW(layout.params, cfg.optimizer), cfg.training
+        guard = StepGuard(device, 0, lambda: False, str, 0)
+        rows = rank_slice(layout.facts.data_rank, layout.facts.data_size, t.global_batch_size)
+        losses = []
+        for step in range(1, steps + 1):
+            batch = TokenSource("synthetic", cfg.model.vocab_size).read(t.seed, step, t.global_batch_size, t.seq_len,
+                                                                        rows=rows)
+            loss, _, _ = train.train_step(cfg, layout, optimizer, batch, step, layout.facts.n_micro, device, guard)
+            losses.append(loss.item())
+    return {"losses": losses, "params": {n: p.detach().clone() for n, p in layout.params.items()},
+            "masters": len(masters), "copy_dims": [c.dim() for c in made], "events": events, "n_micro": layout.facts.n_micro,
+            "buckets": sum(len(r.buckets) for r in reducers), "reducers": len(reducers)}
 
 
-def test_a_steps_micro_batches_share_one_cast_and_the_same_gradients(monkeypatch):
+def test_a_steps_micro_batches_share_one_cast_and_the_same_gradients():
     """StepCasts: the gather's casts (norms, the MoE experts) made once per optimizer step instead of
     once per micro-batch, the bf16 gradients added straight into the fp32 ones: the same losses and
     masters bit for bit, and one copy per master per step (a new one after each optimizer update)."""
-    losses, params, _ = trained(monkeypatch, share=False)
-    shared_losses, shared_params, made = trained(monkeypatch, share=True)
-    assert shared_losses == losses
-    for name, p in params.items():
-        assert torch.equal(shared_params[name], p), name
+    four_micro_batches = MOE + ["training.global_batch_size=8", "training.local_batch_size=2"]
+    plain, shared = (bf16_steps(four_micro_batches, share) for share in (False, True))
+    assert shared["n_micro"] == 4
+    assert shared["losses"] == plain["losses"]
+    for name, p in plain["params"].items():
+        assert torch.equal(shared["params"][name], p), name
     cfg = load_config(None, TINY + MOE)
     cast_per_step = sum(1 for name, shape in model.param_shapes(cfg.model).items()
                         if not model.is_linear_weight(name, shape) and name != "tok_embeddings")
-    assert len(made) == 2 * cast_per_step  # two steps of 4 micro-batches
-    assert any(c.dim() == 3 for c in made)  # the stacked experts among them
+    assert shared["masters"] == cast_per_step and len(shared["copy_dims"]) == 2 * cast_per_step  # two steps
+    assert 3 in shared["copy_dims"]  # the stacked experts among them
 
 
-def test_step_casts_stay_off_where_a_reducer_listens_to_the_masters_hooks():
-    """Data parallel's bucketed all-reduce starts from the masters' post-accumulate hooks, which the
-    shared copies bypass; FSDP and zero bubble cast on their own terms: no StepCasts there."""
+def _plain_and_shared(rank, world, overrides):
+    return {share: bf16_steps(overrides, share, bucket_mb=0.01) for share in (False, True)}
+
+
+@pytest.mark.parametrize("name", REPLICATED_CASTS)
+def test_shared_casts_under_a_replica_all_reduce_keep_it_inside_the_last_backward(name):
+    """Under a replica all-reduce, StepCasts still casts each master once per step and trains bit for
+    bit as the per-micro-batch casts do, and every bucket's all-reduce is launched inside the last
+    micro-batch's backward (the shared copy runs the master's hooks the reducer listens to), none
+    by the reducer's finish after it."""
+    world, overrides = REPLICATED_CASTS[name]
+    for rank, runs in enumerate(run_ranks(world, _plain_and_shared, overrides)):
+        plain, shared = runs[False], runs[True]
+        assert shared["losses"] == plain["losses"], rank
+        for n, p in plain["params"].items():
+            assert torch.equal(shared["params"][n], p), (rank, n)
+        assert shared["masters"] > 0 and len(shared["copy_dims"]) == 2 * shared["masters"], rank  # two steps
+        for run in (plain, shared):
+            assert run["n_micro"] == 2 and run["buckets"] > run["reducers"], rank  # bucket by bucket
+            step = (["backward", "backward done"] * (run["n_micro"] - 1) + ["backward"] + ["launch"] * run["buckets"]
+                    + ["backward done"] + ["finish"] * run["reducers"])
+            assert run["events"] == 2 * step, f"rank {rank}, share={run is shared}: {timeline(run['events'])}"
+
+
+def timeline(events: list[str]) -> str:
+    """The events with repeats counted: 'backward, launch x7, backward done, finish, launch x2'."""
+    runs = [[e, 1] for e in events[:1]]
+    for e in events[1:]:
+        if e == runs[-1][0]:
+            runs[-1][1] += 1
+        else:
+            runs.append([e, 1])
+    return ", ".join(e if n == 1 else f"{e} x{n}" for e, n in runs)
+
+
+def test_step_casts_are_on_in_bf16_except_where_fsdp_or_zero_bubble_casts():
+    """The gather's casts are shared in bf16, under data parallel's bucketed all-reduce too (the
+    shared copies run the masters' hooks it listens to) and under 1F1B; not in fp32 (nothing to
+    cast), nor where FSDP (its gather casts) or zero bubble (it splits the backward at the casts)
+    casts on its own terms."""
     from minititan.core.config import load_config as load
-    for overrides, shared in ((["parallelism.dp_replicate=1"], True), (["parallelism.dp_replicate=2"], False),
-                              (["parallelism.dp_shard=2"], False),
-                              (["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble"], False)):
+    for world, overrides, shared in ((1, [], True), (2, ["parallelism.dp_replicate=2"], True),
+                                     (4, ["parallelism.dp_replicate=2", "parallelism.pp=2"], True),
+                                     (2, ["parallelism.dp_replicate=2", "training.param_dtype=float32"], False),
+                                     (2, ["parallelism.dp_shard=2"], False),
+                                     (2, ["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble"], False)):
         cfg = load(None, TINY + ["training.param_dtype=bfloat16"] + overrides)
-        world = 2 if overrides != ["parallelism.dp_replicate=1"] else 1
-        mesh = Mesh(parallelize.mesh_sizes(cfg, world), rank=0)
-        facts = parallelize.layout_facts(cfg, mesh)
-        assert parallelize.shares_casts(facts, mesh) == shared, overrides
+        facts = parallelize.layout_facts(cfg, Mesh(parallelize.mesh_sizes(cfg, world), rank=0))
+        assert parallelize.shares_casts(facts) == shared, overrides
 
 
 def test_a_shared_cast_is_remade_when_its_master_changes():

@@ -16,7 +16,9 @@ from torch import Tensor
 
 
 class GradAllReducer:
-    """Hooks on each parameter that all-reduce gradients in buckets during the backward."""
+    """Hooks on each parameter that all-reduce gradients in buckets during the backward. They are
+    post-accumulate-grad hooks: autograd runs them once it has added a backward's gradient into
+    p.grad, and so must any code that writes p.grad in autograd's place."""
 
     def __init__(self, params: dict[str, Tensor], group: dist.ProcessGroup, reduce_dtype: torch.dtype,
                  bucket_mb: float = 25.0):

@@ -126,8 +126,11 @@ class StepCasts:
     remade when its master changes (the optimizer's in-place update bumps the master's version), and
     `clear` drops them all once the step's gradients are complete.
 
-    The master's own post-accumulate hooks do not fire (autograd never reaches it): only for layouts
-    whose gradient sums do not listen to them (no data-parallel reducer: contract.may_share_casts)."""
+    Autograd never reaches the master, so its AccumulateGrad and the post-accumulate hooks that
+    follow it never run: the copy's hook does both (_add_into_master). The master's hooks then fire
+    when its gradient of the micro-batch is complete, as without the copy, and data parallel's
+    bucketed all-reduce, which listens to them, still starts each bucket inside the last
+    micro-batch's backward."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -147,8 +150,14 @@ class StepCasts:
 
 
 def _add_into_master(master: Tensor, copy: Tensor) -> None:
+    """The copy's post-accumulate hook: what autograd would have done had the gradient reached the
+    master. Add it into master.grad, then run the master's own post-accumulate hooks (torch keeps
+    them in this dict and calls them with the tensor; its FSDP2 runs them the same way for the
+    gradients it writes itself)."""
     if master.grad is None:
         master.grad = copy.grad.to(master.dtype)
     else:
         master.grad.add_(copy.grad)
     copy.grad = None
+    for hook in (master._post_accumulate_grad_hooks or {}).values():
+        hook(master)

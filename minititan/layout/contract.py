@@ -137,9 +137,9 @@ def owns(mesh: Mesh, name: str, split_over: tuple[str, ...] = ()) -> bool:
     return all(mesh.coords[d] == 0 for d in replicated_over)
 
 
-def may_share_casts(facts: Facts, reducer_listens: bool) -> bool:
+def may_share_casts(facts: Facts) -> bool:
     """Whether the tensors a layout casts itself may take one compute-dtype copy per optimizer step,
     shared by its micro-batches (mixed_precision.StepCasts): in bf16, unless zero bubble splits the
-    backward at the casts, or a data-parallel all-reduce starts from the masters' own gradient hooks,
-    which the shared copy keeps from firing (its finish would still sum them, but after the backward)."""
-    return facts.param_dtype != torch.float32 and not facts.splits_backward and not reducer_listens
+    backward at the casts. Data parallel's all-reduce keeps its overlap with the backward: it
+    listens to the masters' gradient hooks, which the shared copy runs."""
+    return facts.param_dtype != torch.float32 and not facts.splits_backward

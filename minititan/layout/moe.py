@@ -125,7 +125,7 @@ def apply(layout: Layout, mesh: Mesh, device: torch.device, shapes: dict[str, tu
     # hold them) are cast here: once per step where may_share_casts allows it
     casts = None
     whole_experts = {name: t for name, t in whole.params.items() if not moe.is_expert_bias(name)}
-    if whole_experts and may_share_casts(facts, reducer_listens=replicate_group is not None):
+    if whole_experts and may_share_casts(facts):
         casts = mixed_precision.StepCasts(facts.param_dtype)
         layout.finish_grads.append(casts.clear)
     layout.ops.gather = gather_with_apart(layout.ops.gather, whole.params, facts.param_dtype,

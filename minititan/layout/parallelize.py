@@ -110,7 +110,7 @@ def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     refuse(cfg, mesh)
     facts, par = layout_facts(cfg, mesh), cfg.parallelism
     loss_group = mesh.group("pp", *DATA_DIMS) if mesh.size("pp") > 1 else mesh.group(*DATA_DIMS)
-    casts = mixed_precision.StepCasts(facts.param_dtype) if shares_casts(facts, mesh) else None
+    casts = mixed_precision.StepCasts(facts.param_dtype) if shares_casts(facts) else None
     layout = Layout(facts, base_ops(facts, cfg.compile, cfg.activation_checkpoint, casts), loss_group)
     if casts is not None:
         layout.finish_grads.append(casts.clear)
@@ -147,11 +147,10 @@ def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     return layout
 
 
-def shares_casts(facts: Facts, mesh: Mesh) -> bool:
+def shares_casts(facts: Facts) -> bool:
     """The gather's casts shared by a step's micro-batches (mixed_precision.StepCasts): where FSDP
-    does not gather (and cast) on its own and contract.may_share_casts allows it (DDP's reducer
-    listens over dp_replicate)."""
-    return not facts.fsdp and may_share_casts(facts, reducer_listens=mesh.size("dp_replicate") > 1)
+    does not gather (and cast) on its own and contract.may_share_casts allows it."""
+    return not facts.fsdp and may_share_casts(facts)
 
 
 # ---------------------------------------------------------------- the single-device ops
