@@ -83,6 +83,9 @@ def test_bf16_step_gives_the_cast_in_gather_gradients(monkeypatch):
 # layouts whose replicas all-reduce the gradients of masters that StepCasts casts, with 2 micro-batches
 REPLICATED_CASTS = {
     "dense_dp_replicate2": (2, ["parallelism.dp_replicate=2"]),  # DDP: the norms
+    # the copies as inputs of compiled blocks that recompute (selective AC) in the backward
+    "dense_dp_replicate2_compiled": (2, ["parallelism.dp_replicate=2", "compile.enable=true",
+                                         "activation_checkpoint.mode=selective"]),
     # HSDP's replica all-reduce of ep's whole expert slices (the main storage's FSDP casts on its own)
     "moe_hsdp_ep2": (4, MOE + ["parallelism.dp_replicate=2", "parallelism.dp_shard=2", "parallelism.ep=2",
                                "training.local_batch_size=1"]),
