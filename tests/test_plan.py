@@ -139,6 +139,23 @@ def test_a_compiled_dry_run_traces_the_gpu_branches():
     assert run.eager_under_compile == []
     kinds = {e[2] for e in run.events if e[0] == "op"}
     assert "grouped gemm" in kinds and "gemm" in kinds
+    # 128 tokens x top 2 in a buffer of 256 + 8 experts x 16 alignment rows: 48 rows a group, the
+    # smallest dimension of every grouped GEMM (forward, input and weight gradients), which prices
+    # it (timing.grouped_gemm_rolloff)
+    assert {e[7] for e in run.events if e[0] == "op" and e[2] == "grouped gemm"} == {48}
+
+
+def test_smaller_experts_run_their_grouped_gemms_slower():
+    """The grouped-GEMM rate falls with the experts' smallest dimension as the H100 layer profile
+    measured it (moe8's shapes at 731 TFLOP/s, moe64's at 622), and is the profile's own rate at the
+    shapes it was measured at."""
+    import msgspec
+    from minititan.plan import devices
+    from minititan.plan.timing import grouped_gemm_rolloff
+    h100 = devices.shipped()["h100"]
+    assert grouped_gemm_rolloff(devices.GROUPED_REFERENCE_DIM, h100) == pytest.approx(1.0)
+    assert grouped_gemm_rolloff(704, h100) == pytest.approx(622 / 731, rel=0.01)
+    assert grouped_gemm_rolloff(704, msgspec.structs.replace(h100, grouped_gemm_rolloff_dim=0.0)) == 1.0
 
 
 def test_a_compiled_float8_dry_run_keeps_the_filtered_output_projection_in_bf16():

@@ -4,9 +4,10 @@ What it times, each with CUDA events after warm-up (a minute or two on an H100):
   gemm_tflops        bf16 GEMMs at the 8B model's shapes (tokens 8192: 4096 x 4096, 4096 x 14336,
                      14336 x 4096, and the 128,256-word output layer)
   gemm_fp8_tflops    the same through torch._scaled_mm (tensorwise e4m3), where the GPU has fp8
-  grouped_gemm_tflops  the MoE experts as the model runs them (moe.run_experts_grouped, forward +
-                     backward): configs/moe_4b.toml's 8 experts of dim 2048 x hidden 2816, 16,384
-                     rows spread evenly, where torch._grouped_mm runs (sm90+)
+  grouped_gemm_tflops  torch._grouped_mm alone, forward + backward, at configs/moe_4b.toml's 8 experts
+                     of dim 2048 x hidden 2816, 16,384 rows spread evenly, where it runs (sm90+);
+                     grouped_gemm_rolloff_dim (how smaller experts slow down) is not measured:
+                     it is the base profile's
   attention_tflops   causal SDPA forward + backward (cuDNN first, as the model asks), b 1, s 8192,
                      32 query / 8 kv heads of 128, by plan/trace.py's FLOP count
   hbm_gbs            a 2 GiB copy: bytes read + written per second

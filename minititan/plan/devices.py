@@ -32,6 +32,7 @@ class Device(msgspec.Struct, forbid_unknown_fields=True):
     comm_compute_slowdown: float
     optimizer_efficiency: dict[str, float]
     grouped_gemm_tflops: float | None = None  # None (a profile written before it): gemm_tflops
+    grouped_gemm_rolloff_dim: float = 0.0  # smaller experts' grouped GEMMs run slower (timing.py); 0: no roll-off
     name: str = ""
 
 
@@ -43,6 +44,7 @@ def shipped() -> dict[str, Device]:
 # what the time model divides by: a profile's zero here is a division by zero, not a fast GPU
 RATES = {"memory_gib", "fragmentation", "peak_bf16_tflops", "gemm_tflops", "gemm_fp8_tflops", "grouped_gemm_tflops",
          "attention_tflops", "hbm_gbs", "elementwise_efficiency", "nvlink_gbs", "network_gbs"}
+GROUPED_REFERENCE_DIM = 2048  # the smallest per-group dimension of the shapes grouped_gemm_tflops is measured at
 OPTIMIZERS = ("fused", "foreach", "compiled")  # optimizer_efficiency's keys: the AdamW implementations
 
 

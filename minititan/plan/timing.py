@@ -3,7 +3,9 @@
 Each recorded op costs, on the device (constants from plan/devices.toml):
   GEMM          flops / gemm_tflops (gemm_fp8_tflops for _scaled_mm), or its bytes / hbm_gbs
                 if that is longer (skinny GEMMs are memory-bound), + kernel_us; a grouped GEMM
-                (the MoE experts) at grouped_gemm_tflops (fp8: scaled by the same fraction)
+                (the MoE experts) at grouped_gemm_tflops (fp8: scaled by the same fraction), slower
+                for smaller experts: x m / (m + grouped_gemm_rolloff_dim), m the smallest per-group
+                dimension, relative to that factor at the profile's reference shapes (devices.py)
   attention     flops / attention_tflops (causal flash attention, plan/trace.py's count) + kernel_us
   element-wise  bytes read and written / (hbm_gbs x elementwise_efficiency) + kernel_us; inside a
                 compiled graph only what a fused kernel reads from memory and writes back counts
@@ -32,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from minititan.plan.devices import Device
+from minititan.plan.devices import GROUPED_REFERENCE_DIM, Device
 from minititan.plan.trace import Collective
 
 COMM_KINDS = ("fsdp all-gather", "fsdp reduce-scatter", "dp all-reduce", "tp", "cp", "ep all-to-all", "pp send/recv",
@@ -84,15 +86,15 @@ def collective_seconds(c: Collective, device: Device, gpus_per_node: int) -> flo
 
 
 def op_seconds(kind: str, flops: float, nbytes: float, fp8: bool, device: Device, where: str,
-               optimizer: str = "fused") -> float:
+               optimizer: str = "fused", size: int = 0) -> float:
     """Device time of one op (where: eager, or in a compiled graph, fused into the kernel after
     it; optimizer: the AdamW implementation, whose kernels reach different fractions of the copy
-    bandwidth)."""
+    bandwidth; size: a grouped GEMM's smallest per-group dimension)."""
     hbm = device.hbm_gbs * 1e9
     if kind in ("gemm", "grouped gemm"):
         rate = (device.gemm_fp8_tflops if fp8 else device.gemm_tflops) * 1e12
         if kind == "grouped gemm" and device.grouped_gemm_tflops:  # many small GEMMs in one kernel
-            rate *= device.grouped_gemm_tflops / device.gemm_tflops
+            rate *= device.grouped_gemm_tflops / device.gemm_tflops * grouped_gemm_rolloff(size, device)
         return max(flops / rate, nbytes / hbm) + device.kernel_us * 1e-6
     if kind == "attention":
         return flops / (device.attention_tflops * 1e12) + device.kernel_us * 1e-6
@@ -100,6 +102,16 @@ def op_seconds(kind: str, flops: float, nbytes: float, fp8: bool, device: Device
         return nbytes / (hbm * device.optimizer_efficiency[optimizer]) + device.kernel_us * 1e-6
     kernel = 0.0 if where == "fused" else device.kernel_us * 1e-6
     return nbytes / (hbm * device.elementwise_efficiency) + kernel
+
+
+def grouped_gemm_rolloff(size: int, device: Device) -> float:
+    """A grouped GEMM's rate at smallest per-group dimension `size`, relative to grouped_gemm_tflops
+    (measured at GROUPED_REFERENCE_DIM): m / (m + d) against the same at the reference. Tiles
+    partly empty and short main loops cost a small expert a larger share of its time."""
+    d = device.grouped_gemm_rolloff_dim
+    if not d or not size:
+        return 1.0
+    return size / (size + d) / (GROUPED_REFERENCE_DIM / (GROUPED_REFERENCE_DIM + d))
 
 
 def step_time(events: list[tuple], device: Device, gpus_per_node: int, optimizer: str = "fused") -> StepTime:
@@ -114,13 +126,13 @@ def step_time(events: list[tuple], device: Device, gpus_per_node: int, optimizer
                "fused": 0.0}
     for event in events:
         if event[0] == "op":
-            _, phase, kind, flops, nbytes, fp8, where = event
+            _, phase, kind, flops, nbytes, fp8, where, size = event
             host += host_op[where]
             before = t
             if host > t:
                 host_wait += host - t
                 t = host
-            seconds = op_seconds(kind, flops, nbytes, fp8, device, where, optimizer)
+            seconds = op_seconds(kind, flops, nbytes, fp8, device, where, optimizer, size)
             if t < busy_until:
                 seconds *= 1 + device.comm_compute_slowdown
             t += seconds

@@ -8,11 +8,13 @@ it (`on_wait`, from the FakeWork handle), because that is where the compute stre
 GPU. So the trace holds the overlap the code really has: a prefetched FSDP all-gather is issued
 one unit before it is waited for; a tensor-parallel all-reduce is waited for at once.
 
-    events  [("op", phase, kind, flops, bytes, fp8, where), ("issue", Collective), ("wait", id), ...]
+    events  [("op", phase, kind, flops, bytes, fp8, where, size), ("issue", Collective), ("wait", id), ...]
 
 where is "eager", or under compile "graph" (an op of a compiled graph that writes its output)
 or "fused" (one whose output a fusing compiler keeps in registers, plan/compiled.py): their
 bytes count only what a fused kernel reads from memory and writes back.
+
+size is a grouped GEMM's smallest per-group dimension (0 for other ops): small experts run slower.
 
 phase is "forward", "backward" (an autograd node is running: includes activation recompute)
 or "step" (after the gradients are complete: grad norm, clipping, the optimizer).
@@ -113,15 +115,16 @@ class StepTrace:
         nbytes = self._bytes_moved(func, args, kwargs, out, where)
         if func in GEMMS or func in GROUPED_GEMMS or func.overloadpacket is aten.mm:
             flops = _gemm_flops(func, args, kwargs, out)
-            kind = "grouped gemm" if func in GROUPED_GEMMS else "gemm"
-            self.events.append(("op", phase, kind, flops, nbytes, func in FP8_GEMMS, where))
+            grouped = func in GROUPED_GEMMS
+            self.events.append(("op", phase, "grouped gemm" if grouped else "gemm", flops, nbytes, func in FP8_GEMMS,
+                                where, _smallest_group_dim(args, out) if grouped else 0))
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
-            self.events.append(("op", phase, "attention", _attention_flops(func, args, kwargs), nbytes, False, where))
+            self.events.append(("op", phase, "attention", _attention_flops(func, args, kwargs), nbytes, False, where, 0))
         elif func.overloadpacket in (aten._fused_adamw_, aten._fused_adam_) or (
                 phase == "step" and func.name().startswith("aten::_foreach")):
-            self.events.append(("op", phase, "optimizer", 0.0, nbytes, False, where))
+            self.events.append(("op", phase, "optimizer", 0.0, nbytes, False, where, 0))
         elif nbytes:
-            self.events.append(("op", phase, "elementwise", 0.0, nbytes, False, where))
+            self.events.append(("op", phase, "elementwise", 0.0, nbytes, False, where, 0))
 
     def _bytes_moved(self, func, args, kwargs, out, where: str) -> int:
         """Bytes an op reads (its tensor arguments) and writes (its outputs and the arguments it
@@ -189,6 +192,16 @@ def _gemm_flops(func, args, kwargs, out) -> float:
         a, b = args[0], args[1]
         return 2.0 * a.numel() * b.shape[-1]
     return float(flop_registry[func.overloadpacket](*args, out_val=out, **kwargs))
+
+
+def _smallest_group_dim(args, out) -> int:
+    """The smallest of a grouped GEMM's per-group (rows, k, n), rows spread evenly over the groups:
+    a [rows, k] @ b [groups, k, n] (forward and input gradient), or a [k, rows] @ b [rows, n] into
+    [groups, k, n] (the weight gradient, summing over each group's rows)."""
+    a, b = args[0], args[1]
+    if b.dim() == 3:
+        return min(a.shape[0] // b.shape[0], a.shape[1], b.shape[2])
+    return min(a.shape[0], a.shape[1] // out.shape[0], b.shape[1])
 
 
 def _attention_flops(func, args, kwargs) -> float:
