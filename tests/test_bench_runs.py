@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from minititan.core.preemption import child_pids
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -22,25 +24,12 @@ def test_a_sigterm_to_the_bench_script_stops_its_run(tmp_path):
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert marker.exists(), "the run never started"
-    children = _children(parent.pid)
+    children = child_pids(parent.pid)
     assert children, "no run under the script"
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=40) != 0
     time.sleep(0.5)
     assert not [pid for pid in children if _alive(pid)], "the run outlived the script"
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is pid (from /proc: no procps needed)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
