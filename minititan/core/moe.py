@@ -232,8 +232,9 @@ class _TokensToRows(torch.autograd.Function):
 
 
 class _RowsToPairs(torch.autograd.Function):
-    """pairs[p] = rows[row_of_pair[p]], a one-to-one pick of rows. Backward: a plain scatter into
-    zeros (each row goes to at most one pair), where indexing would scatter-add after a sort."""
+    """pairs[p] = rows[row_of_pair[p]], a one-to-one pick of rows. Backward: each row's gradient
+    gathered from its pair, and zero for the gap rows (which no pair picks). Indexing's backward
+    would scatter-add after a sort; a scatter into zeros would write the whole buffer twice."""
 
     @staticmethod
     def forward(ctx, rows, row_of_pair):
@@ -244,7 +245,10 @@ class _RowsToPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (row_of_pair,) = ctx.saved_tensors
-        return grad.new_zeros((ctx.n_rows, *grad.shape[1:])).index_copy_(0, row_of_pair, grad), None
+        pairs = torch.arange(row_of_pair.numel(), device=grad.device)
+        pair_of_row = torch.full((ctx.n_rows,), -1, device=grad.device).index_copy_(0, row_of_pair, pairs)
+        gap = (pair_of_row < 0)[:, None]
+        return grad[pair_of_row.clamp_min(0)].masked_fill_(gap, 0), None
 
 
 def run_experts_loop(x: Tensor, counts: Tensor, experts: Experts) -> Tensor:
