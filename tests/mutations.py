@@ -280,6 +280,11 @@ MUTATIONS = [
              [("minititan/core/mixed_precision.py", "    if master.grad is None:\n        master.grad = copy.grad.to",
                "    if True:\n        master.grad = copy.grad.to")],
              ["tests/test_mixed_precision.py::test_a_steps_micro_batches_share_one_cast_and_the_same_gradients"]),
+    mutation("moe_gap_rows_get_a_gradient",
+             "the grouped experts' backward gathers every buffer row's gradient from a pair, the gap rows (which "
+             "no pair picks, and which read token 0) included: their gradient flows into the expert weights",
+             [("minititan/core/moe.py", ".masked_fill_(gap, 0), None", ", None")],
+             ["tests/test_moe.py::test_grouped_mm_matches_loop_with_empty_experts"]),
     mutation("step_casts_skip_the_masters_hooks",
              "bf16 under data parallel: a shared cast's hook adds into its master's gradient without running the "
              "master's own hooks, so the buckets holding it are all-reduced after the backward, not overlapped with "
