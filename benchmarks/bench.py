@@ -68,6 +68,7 @@ def _run_logged(cmd: list[str], log_path: Path, timeout: int):
         except subprocess.TimeoutExpired:
             return "timeout"
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
             _stop(proc)
             signal.signal(signal.SIGTERM, previous)
 

@@ -126,8 +126,11 @@ def _gemm(torch, device, fp8: bool) -> float:
 def _grouped_gemm(torch, device) -> float:
     """torch._grouped_mm alone, forward and the backward's two GEMMs, at configs/moe_4b.toml's expert
     shapes (the up and the down projection): the plan prices the gathers and SwiGLU around them as
-    element-wise work, so they stay out of this rate."""
-    n_experts, rows, dim, hidden = 8, 16384, 2048, 2816
+    element-wise work, so they stay out of this rate. Their smallest per-group dimension (rows per
+    expert, and dim) is devices.GROUPED_REFERENCE_DIM, the shape the plan's roll-off for smaller
+    experts is relative to."""
+    n_experts, dim, hidden = 8, devices.GROUPED_REFERENCE_DIM, 2816
+    rows = n_experts * devices.GROUPED_REFERENCE_DIM
     offs = torch.arange(1, n_experts + 1, device=device, dtype=torch.int32) * (rows // n_experts)
     flops, seconds = 0.0, 0.0
     for k, n in ((dim, hidden), (hidden, dim)):

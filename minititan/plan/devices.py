@@ -44,7 +44,7 @@ def shipped() -> dict[str, Device]:
 # what the time model divides by: a profile's zero here is a division by zero, not a fast GPU
 RATES = {"memory_gib", "fragmentation", "peak_bf16_tflops", "gemm_tflops", "gemm_fp8_tflops", "grouped_gemm_tflops",
          "attention_tflops", "hbm_gbs", "elementwise_efficiency", "nvlink_gbs", "network_gbs"}
-GROUPED_REFERENCE_DIM = 2048  # the smallest per-group dimension of the shapes grouped_gemm_tflops is measured at
+GROUPED_REFERENCE_DIM = 2048  # the smallest per-group dimension of the shapes grouped_gemm_tflops is measured at (calibrate.py)
 OPTIMIZERS = ("fused", "foreach", "compiled")  # optimizer_efficiency's keys: the AdamW implementations
 
 
