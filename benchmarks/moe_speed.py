@@ -3,6 +3,7 @@ parallel's host sync costs. One command, logs under OUT:
 
     source benchmarks/gpu_env.sh && python3 benchmarks/moe_speed.py $OUT [--baseline DIR] [--precision bf16,float8]
                                                                         [--parts steps,layer,ep] [--settings ...]
+                                                                        [--shapes dense,moe8,moe64]
 
 steps   configs/moe_4b.toml with 8 layers (dim 2048, seq 4096, batch 4, selective AC, compile), trained
         16 steps each; tokens/s per GPU and MFU on active parameters (the median of steps 9-16):
@@ -13,6 +14,8 @@ steps   configs/moe_4b.toml with 8 layers (dim 2048, seq 4096, batch 4, selectiv
         torch._scaled_grouped_mm where the code has it) or both, comma-separated.
         --settings "KEY=VALUE ...": train overrides for every shape (e.g. the setting `minititan plan`
         ranks first on one H100: "activation_checkpoint.mode=none training.local_batch_size=8").
+        --shapes: the steps part's shapes, comma-separated (default all three; dense runs once, never
+        with --baseline's tree).
 layer   torch.profiler over forward + backward of one MoE layer of each shape (16384 tokens, bf16,
         eager; with float8 in --precision also through the Float8 experts, and their output against
         bf16's): device time by stage (router and top-k, sort and counts, row gathers = permute and
@@ -71,11 +74,14 @@ def main():
     parser.add_argument("--precision", default="bf16", help="bf16, float8, or both comma-separated")
     parser.add_argument("--parts", default="steps,layer,ep")
     parser.add_argument("--settings", default="", help="train overrides for every shape of the steps part")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="the steps part's shapes, comma-separated")
     parser.add_argument("--layer-only", action="store_true", help=argparse.SUPPRESS)  # the baseline's child run
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    parts = args.parts.split(",")
+    parts, shapes = args.parts.split(","), args.shapes.split(",")
+    if unknown := set(shapes) - set(SHAPES):
+        parser.error(f"--shapes: unknown {sorted(unknown)}; pick from {', '.join(SHAPES)}")
     results = {"steps": [], "layer": {}, "ep": {}}
     if args.layer_only:  # in the baseline's child: this process imports the baseline's minititan
         print(json.dumps({"layer": layer_part(float8=False), "ep": ep_part() if "ep" in parts else {}}))
@@ -84,7 +90,7 @@ def main():
     if "steps" in parts:
         for label, root in checkouts:
             for precision in args.precision.split(","):
-                for shape in SHAPES:
+                for shape in shapes:
                     if label and shape == "dense":
                         continue  # the dense model did not change
                     results["steps"].append(step_row(out, f"{label}{shape} {precision}", root, shape, precision,
