@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from minititan.core import model
@@ -69,6 +70,20 @@ def test_chunked_loss_matches_one_pass(monkeypatch):
     torch.testing.assert_close(grads, (h.grad, w.grad))
     with torch.no_grad():
         torch.testing.assert_close(model.cross_entropy_sum(h, w, labels), whole)
+
+
+def test_the_eager_loss_scales_its_gradient_once():
+    """The backward scales the saved gradient in place: a scaled loss gets the scaled gradient, and a
+    second backward through the same graph raises instead of scaling it twice."""
+    logits = torch.randn(10, 50, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (10,))
+    (model.cross_entropy_sum(logits, torch.eye(50, dtype=torch.float64), labels) * 0.25).backward(retain_graph=True)
+    expected = torch.func.grad(lambda x: torch.nn.functional.cross_entropy(x, labels, reduction="sum") * 0.25)(logits.detach())
+    torch.testing.assert_close(logits.grad, expected)
+    loss = model.cross_entropy_sum(logits, torch.eye(50, dtype=torch.float64), labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
 
 
 def test_compiled_rope_matches_eager():
