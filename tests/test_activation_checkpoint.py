@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import torch
 
-from minititan.core import mixed_precision, model
+from minititan.core import activation_checkpoint, mixed_precision, model
 from minititan.core.activation_checkpoint import block_runner
 from minititan.core.config import Model
 from minititan.layout.parallelize import cast_gather
@@ -81,9 +81,6 @@ def saved_tensors(run_block, cfg: Model) -> collections.Counter:
     bf16 linears over fp32 masters and the bf16 embedding lookup (core/mixed_precision.py), as the
     GPU rows run."""
     params = {n: t.requires_grad_() for n, t in model.init(cfg, 0).items()}
-    ops = dataclasses.replace(model.default_ops(cfg), run_block=run_block, linear=mixed_precision.linear,
-                              embedding=functools.partial(mixed_precision.embedding, dtype=torch.bfloat16),
-                              gather=cast_gather(model.default_ops(cfg).gather, torch.bfloat16, True))
     saved = collections.Counter()
 
     def pack(t):
@@ -91,11 +88,20 @@ def saved_tensors(run_block, cfg: Model) -> collections.Counter:
             saved[tuple(t.shape), t.dtype] += 1
         return t
 
-    x = torch.randint(0, 256, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss_sum(params, x, x, cfg, ops)
+        loss = training_loss(run_block, cfg, params)
     loss.backward()
     return saved
+
+
+def training_loss(run_block, cfg: Model, params=None):
+    """The loss of one batch on bf16 linears over fp32 masters and the bf16 embedding lookup."""
+    params = params or {n: t.requires_grad_() for n, t in model.init(cfg, 0).items()}
+    ops = dataclasses.replace(model.default_ops(cfg), run_block=run_block, linear=mixed_precision.linear,
+                              embedding=functools.partial(mixed_precision.embedding, dtype=torch.bfloat16),
+                              gather=cast_gather(model.default_ops(cfg).gather, torch.bfloat16, True))
+    x = torch.randint(0, 256, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
+    return model.loss_sum(params, x, x, cfg, ops)
 
 
 def saved_activation_bytes(run_block, cfg: Model) -> int:
@@ -130,3 +136,38 @@ def test_compiled_selective_recomputes_the_weight_casts():
     kept = saved_tensors(block_runner("none", compile_blocks=True), cfg)
     assert not weight_copies(selective), weight_copies(selective)
     assert all(kept[key] >= n for key, n in block_weights.items()), (weight_copies(kept), block_weights)
+
+
+def test_selective_recomputes_the_query_projection(monkeypatch):
+    """Selective-op AC keeps every matmul's output but the query projection's. Compiled: one
+    [batch, seq, dim] bf16 tensor per layer less saved than keeping them all, and no other change.
+    Eager (where the kept outputs sit in checkpoint's own cache): one more matmul per layer in
+    backward, the query projection run again."""
+    cfg = msgspec.structs.replace(CFG, dim=256, n_layers=2, max_seq_len=256)
+    keep_all = activation_checkpoint._selective_op_context
+
+    def measure(recompute_query: bool):
+        monkeypatch.setattr(activation_checkpoint, "_selective_op_context",
+                            lambda attention_unit: keep_all(attention_unit and recompute_query))
+        torch._dynamo.reset()
+        saved = saved_activation_bytes(block_runner("selective", compile_blocks=True, layers_per_forward=2), cfg)
+        return saved, backward_matmuls(block_runner("selective", layers_per_forward=2), cfg)
+
+    (lean, lean_mms), (everything, all_mms) = measure(True), measure(False)
+    assert everything - lean == cfg.n_layers * 2 * cfg.max_seq_len * cfg.dim * 2
+    assert lean_mms - all_mms == cfg.n_layers
+
+
+def backward_matmuls(run_block, cfg: Model) -> int:
+    """Matmuls the backward runs (gradients and recomputed outputs), on the same setup as saved_tensors."""
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in activation_checkpoint._MATMULS or func == torch.ops.aten.mm.default
+            return func(*args, **(kwargs or {}))
+
+    loss = training_loss(run_block, cfg)
+    with Count():
+        loss.backward()
+    return Count.n

@@ -5,8 +5,9 @@ file builds that function from the config:
   mode = "none"       keep every activation for backward;
   mode = "full"       keep only each block's input, recompute the block in backward;
   mode = "selective"  with selective = "op": keep the outputs of matmuls and attention (the
-                      expensive ops) and Float8's amaxes, and recompute only the cheap
-                      element-wise ones (norms, SiLU, RoPE, casts); with selective = N (an
+                      expensive ops) and Float8's amaxes, and recompute the cheap
+                      element-wise ones (norms, SiLU, RoPE, casts) and one matmul, the query
+                      projection (see _selective_op_context); with selective = N (an
                       integer): checkpoint fully every N-th transformer block and keep
                       everything in the others.
 compile wraps each block function with torch.compile (one compiled graph serves all layers,
@@ -42,6 +43,10 @@ _SAVE_OPS = {
 }
 
 
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default,
+            torch.ops.minititan.master_linear.default}
+
+
 def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -54,12 +59,14 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
     does: the compiler then sees the whole block and applies the save/recompute policy to the
     graph it partitions, instead of treating a compiled block as one opaque op."""
     every = int(selective) if mode == "selective" and selective != "op" else 0
-    policy = {} if mode == "full" or every else {"context_fn": _selective_op_context}
+    by_op = mode == "selective" and not every
     variants = {}
     calls = {"n": 0}
 
-    def variant(fn, recompute: bool):
+    def variant(fn, recompute: bool, names):
         if (fn, recompute) not in variants:
+            # the attention unit is the one that holds the query projection (its first matmul)
+            policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)} if by_op else {}
             f = functools.partial(_checkpointed, fn, policy) if recompute else fn
             variants[fn, recompute] = torch.compile(f) if compile_blocks else f
         return variants[fn, recompute]
@@ -70,8 +77,8 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
             calls["n"] += 1
             recompute = ((calls["n"] - 1) // 2) % layers_per_forward % every == 0
         if recompute:
-            return variant(fn, True)(tuple(params), *params.values(), *args)
-        return variant(fn, False)(params, *args)
+            return variant(fn, True, params)(tuple(params), *params.values(), *args)
+        return variant(fn, False, params)(params, *args)
 
     return run_block
 
@@ -88,5 +95,23 @@ def _checkpointed(fn, policy, names, *args):
     return checkpoint(body, *args, use_reentrant=False, **policy)
 
 
-def _selective_op_context():
-    return create_selective_checkpoint_contexts(_save_matmuls)
+def _selective_op_context(recompute_query: bool):
+    """The selective-op policy for one checkpointed unit. In the attention unit the first matmul,
+    the query projection, is recomputed too. Rebuilding a matmul output costs 2 * K FLOPs per
+    element it would hold (K: the contracted dim), so the projections out of the model width
+    (q, k, v, w1, w3) are the cheapest per byte; q gives back one [tokens, dim] tensor per layer
+    (k and v are smaller under grouped-query attention, w1 and w3 several times larger and as
+    many times the GEMM) for one more [tokens, dim] x [dim, dim] GEMM in backward: about the
+    memory that keeps the 8B-width rows under torchtitan's, for about 1.4% of the step
+    (benchmarks/single_gpu.md). The forward and its recompute count their matmuls separately,
+    so both passes pick the same one."""
+    matmuls_seen = {False: 0, True: 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if recompute_query and op in _MATMULS:
+            matmuls_seen[ctx.is_recompute] += 1
+            if matmuls_seen[ctx.is_recompute] == 1:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return _save_matmuls(ctx, op, *args, **kwargs)
+
+    return create_selective_checkpoint_contexts(policy)

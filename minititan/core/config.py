@@ -153,7 +153,7 @@ class Metrics(msgspec.Struct, forbid_unknown_fields=True):
 
 class ActivationCheckpoint(msgspec.Struct, forbid_unknown_fields=True):
     mode: Literal["none", "full", "selective"] = "none"
-    selective: str = "op"  # "op" (save matmul outputs) or N (checkpoint every N-th block)
+    selective: str = "op"  # "op" (save matmul outputs but the query projection's) or N (checkpoint every N-th block)
 
 
 class Compile(msgspec.Struct, forbid_unknown_fields=True):
