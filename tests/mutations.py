@@ -299,6 +299,12 @@ MUTATIONS = [
              [("minititan/core/activation_checkpoint.py", "    torch.ops.aten.amax.default,\n}",
                "    torch.ops.aten.amax.default,\n    torch.ops.aten._to_copy.default,\n}")],
              ["tests/test_activation_checkpoint.py::test_compiled_selective_recomputes_the_weight_casts"]),
+    mutation("selective_ac_keeps_the_query_projection",
+             "selective-op AC keeps every matmul's output, the query projection's too (one [tokens, dim] tensor per "
+             "layer more held from forward to backward)",
+             [("minititan/core/activation_checkpoint.py", "        if recompute_query and op in _MATMULS:",
+               "        if False:")],
+             ["tests/test_activation_checkpoint.py::test_selective_recomputes_the_query_projection"]),
     # ---------------------------------------------------------------- the plan
     mutation("plan_stand_in_drops_the_subclass",
              "minititan plan: the compile stand-in traces on plain tensors, so the Float8 loss takes the fp8 branch "
