@@ -65,9 +65,10 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
 
     def variant(fn, recompute: bool, names):
         if (fn, recompute) not in variants:
-            # the attention unit is the one that holds the query projection (its first matmul)
-            policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)} if by_op else {}
-            f = functools.partial(_checkpointed, fn, policy) if recompute else fn
+            f = fn
+            if recompute:  # the attention unit is the one holding the query projection (its first matmul)
+                policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)} if by_op else {}
+                f = functools.partial(_checkpointed, fn, policy)
             variants[fn, recompute] = torch.compile(f) if compile_blocks else f
         return variants[fn, recompute]
 
@@ -102,9 +103,9 @@ def _selective_op_context(recompute_query: bool):
     (q, k, v, w1, w3) are the cheapest per byte; q gives back one [tokens, dim] tensor per layer
     (k and v are smaller under grouped-query attention, w1 and w3 several times larger and as
     many times the GEMM) for one more [tokens, dim] x [dim, dim] GEMM in backward: about the
-    memory that keeps the 8B-width rows under torchtitan's, for about 1.4% of the step
-    (benchmarks/single_gpu.md). The forward and its recompute count their matmuls separately,
-    so both passes pick the same one."""
+    memory that keeps the 8B-width rows under torchtitan's (benchmarks/single_gpu.md weighs the
+    trade). The forward and its recompute count their matmuls separately, so both passes pick
+    the same one."""
     matmuls_seen = {False: 0, True: 0}
 
     def policy(ctx, op, *args, **kwargs):
