@@ -241,8 +241,8 @@ class CrossEntropyGradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
-        # Scaled in place: a second logits-sized buffer would be the eager step's peak. The graph
-        # runs this node once (zero bubble's split re-enters only the weights' nodes); were it run
+        # Scaled in place: no second logits-sized buffer, one pass less over it. The graph runs
+        # this node once (zero bubble's split re-enters only the weights' nodes); were it run
         # again, unpacking the saved tensor would raise (its version moved) rather than scale twice.
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_total.to(grad.dtype)), None
