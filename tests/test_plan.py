@@ -373,6 +373,19 @@ def test_plan_one_layout_prints_its_breakdown_and_json():
     assert result["fits"] and result["memory_gib"]["worst_rank"] in (0, 2) and result["step_ms"]["bubble"] > 0
 
 
+def test_plan_says_which_functions_it_priced_as_eager():
+    """Under compile, an expert-parallel MoE layer cannot be traced by the dry run (its exchange reads
+    split sizes on the host): the breakdown and the JSON say it was priced as eager; a layout without
+    ep traces everything and says nothing."""
+    moe = [*SMALL, "--model.name=moe", "--model.n_experts=4", "--model.top_k=2", "--compile.enable=true"]
+    code, out = cli("plan", "--gpus", 2, "--layout", "dp_shard=2,ep=2", *moe)
+    assert code == 0 and "priced as eager (the dry run could not trace them" in out and "moe_layer" in out, out
+    code, out = cli("plan", "--gpus", 2, "--layout", "dp_shard=2,ep=2", "--json", *moe)
+    assert [why.split(" (")[0] for why in json.loads(out)["priced_as_eager"]] == ["moe_layer"], out
+    code, out = cli("plan", "--gpus", 2, "--layout", "dp_shard=2", *moe)
+    assert code == 0 and "priced as eager" not in out, out
+
+
 def test_an_unset_global_batch_is_derived_as_train_derives_it():
     """training.global_batch_size = 0 (the built-in config's): local batch x data-parallel ranks, in
     `plan --layout`, `train --dry-run` and the search's fixed batch (a division by zero before)."""

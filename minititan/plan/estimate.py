@@ -63,6 +63,7 @@ class Estimate:
     step: StepTime  # the slowest rank's step, with the pipeline bubble
     tokens_per_s: float  # per GPU
     mfu: float  # percent, as metrics.jsonl counts it (the fp8 peak under float8)
+    eager_under_compile: list[str] = dataclasses.field(default_factory=list)  # ran eagerly in the dry run: priced slow
 
 
 def ranks_to_run(cfg: Config, world: int) -> list[int]:
@@ -161,7 +162,8 @@ def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact:
         steady = _plane(at, layer_points, micro_points[-1:], x, 0.0)  # memory: the last micro-batch's
         per_rank.append(dataclasses.replace(one, peak_bytes=steady.peak_bytes, at_peak=steady.at_peak,
                                             setup_peak_bytes=steady.setup_peak_bytes, state_bytes=steady.state_bytes))
-    return _combine(cfg, world, device, gpus_per_node, per_rank)
+    eager = sorted({f for key in dry_runs_needed(cfg, world, exact, quick) for f in runs[run_key(*key)].eager_under_compile})
+    return dataclasses.replace(_combine(cfg, world, device, gpus_per_node, per_rank), eager_under_compile=eager)
 
 
 def _zero(step: StepTime) -> StepTime:

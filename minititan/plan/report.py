@@ -89,6 +89,9 @@ def breakdown(c: Candidate, header: str) -> str:
     for kind in COMM_KINDS:
         if s.comm.get(kind, 0.0) > 0 or s.exposed.get(kind, 0.0) > 0:
             lines.append(f"    {kind:20s} {ms(s.exposed.get(kind, 0.0)):>8s} / {ms(s.comm.get(kind, 0.0))} ms")
+    if e.eager_under_compile:  # the real step compiles them (whole, or in pieces around a graph break)
+        names = sorted({why.split(" (")[0] for why in e.eager_under_compile})  # `train --dry-run` says why
+        lines += ["", f"priced as eager (the dry run could not trace them; compiled, they run faster): {', '.join(names)}"]
     return "\n".join(lines)
 
 
@@ -107,7 +110,8 @@ def as_dict(c: Candidate) -> dict:
         "step_ms": {"total": round(s.total * 1e3, 2), "compute": {k: round(v * 1e3, 2) for k, v in s.compute.items()},
                     "exposed_comm": {k: round(v * 1e3, 2) for k, v in s.exposed.items()},
                     "comm": {k: round(v * 1e3, 2) for k, v in s.comm.items()},
-                    "bubble": round(s.bubble * 1e3, 2), "host": round(s.host_wait * 1e3, 2)}}
+                    "bubble": round(s.bubble * 1e3, 2), "host": round(s.host_wait * 1e3, 2)},
+        "priced_as_eager": e.eager_under_compile}
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:
