@@ -384,6 +384,11 @@ def test_plan_says_which_functions_it_priced_as_eager():
     assert [why.split(" (")[0] for why in json.loads(out)["priced_as_eager"]] == ["moe_layer"], out
     code, out = cli("plan", "--gpus", 2, "--layout", "dp_shard=2", *moe)
     assert code == 0 and "priced as eager" not in out, out
+    code, out = cli("plan", "--gpus", 2, "--workers", 1, "--parallelism.pp=1", "--activation_checkpoint.mode=none",
+                    *moe)  # the ranked table marks such layouts' tokens/s
+    rows = [line for line in out.splitlines() if re.match(r"\s*\d+ ", line)]
+    assert code == 0 and "(*: part of the step priced as eager" in out, out
+    assert all(("*" in row) == (" ep 2 " in row or " tp 2 " in row) for row in rows), out
 
 
 def test_an_unset_global_batch_is_derived_as_train_derives_it():

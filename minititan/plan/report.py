@@ -37,12 +37,16 @@ def table(search: Search, top: int, header: str) -> str:
         for i, c in enumerate(search.ranked[:top], 1):
             e = c.estimate
             compute = sum(v for k, v in e.step.compute.items() if k != "optimizer")
-            rows.append((str(i), c.label(), *knobs(c), f"{e.reserved_bytes / GiB:.1f}", f"{e.tokens_per_s:,.0f}",
+            rows.append((str(i), c.label(), *knobs(c), f"{e.reserved_bytes / GiB:.1f}",
+                         f"{e.tokens_per_s:,.0f}" + ("*" if e.eager_under_compile else ""),
                          f"{e.mfu:.1f}", ms(e.step.total), ms(compute), ms(e.step.compute.get("optimizer", 0.0)),
                          ms(e.step.bubble), exposed(e)))
         lines += _columns(rows)
         lines.append("(mem: the worst rank's reserved peak, allocated x the allocator's fragmentation; compute, "
                      "optim, bubble and exposed communication add up to the step with the host's waits)")
+        if any(c.estimate.eager_under_compile for c in search.ranked[:top]):
+            lines.append("(*: part of the step priced as eager, which the dry run could not trace under compile, "
+                         "e.g. an expert-parallel MoE layer: the real step is faster)")
         best = search.ranked[0].estimate.step
         if best.bubble > 0.3 * best.total:
             lines.append(f"(the best spends {100 * best.bubble / best.total:.0f}% of its step in the pipeline bubble: "
