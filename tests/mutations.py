@@ -302,7 +302,7 @@ MUTATIONS = [
     mutation("selective_ac_keeps_the_query_projection",
              "selective-op AC keeps every matmul's output, the query projection's too (one [tokens, dim] tensor per "
              "layer more held from forward to backward)",
-             [("minititan/core/activation_checkpoint.py", "        if recompute_query and op in _MATMULS:",
+             [("minititan/core/activation_checkpoint.py", "        if recompute_query and op in _LINEARS:",
                "        if False:")],
              ["tests/test_activation_checkpoint.py::test_selective_recomputes_the_query_projection"]),
     # ---------------------------------------------------------------- the plan

@@ -22,11 +22,16 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from minititan.core import mixed_precision  # noqa: F401  (defines torch.ops.minititan.master_linear)
 
-_SAVE_OPS = {
+# the ops a linear layer runs as: plain, with a bias, Float8, and the compiled bf16 linear on an fp32
+# master (mixed_precision.py). The query projection is one of them (_selective_op_context).
+_LINEARS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_mm.default,
+    torch.ops.minititan.master_linear.default,
+}
+_SAVE_OPS = _LINEARS | {
+    torch.ops.aten.bmm.default,
     # the MoE experts' grouped GEMMs (bf16, and Float8's): their outputs are what the dense feed-forward's
     # mm outputs are, and recomputing them would add a third to the experts' FLOPs
     torch.ops.aten._grouped_mm.default,
@@ -35,16 +40,11 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    torch.ops.minititan.master_linear.default,  # the compiled bf16 linear on an fp32 master (mixed_precision.py)
     # Float8's amaxes (a scalar, or one per row): kept, the recompute casts with them instead of
     # reading the weight and the activation once more to reduce them again. torchtitan's policy
     # keeps aten.max, its spelling of the same reduction, for the same reason.
     torch.ops.aten.amax.default,
 }
-
-
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default,
-            torch.ops.minititan.master_linear.default}
 
 
 def _save_matmuls(ctx, op, *args, **kwargs):
@@ -109,7 +109,7 @@ def _selective_op_context(recompute_query: bool):
     matmuls_seen = {False: 0, True: 0}
 
     def policy(ctx, op, *args, **kwargs):
-        if recompute_query and op in _MATMULS:
+        if recompute_query and op in _LINEARS:
             matmuls_seen[ctx.is_recompute] += 1
             if matmuls_seen[ctx.is_recompute] == 1:
                 return CheckpointPolicy.PREFER_RECOMPUTE

@@ -145,8 +145,8 @@ def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact:
     Each quantity is a line (or a plane) through the reduced runs: in layers per stage, and in
     micro-batches (each does the same work on the same shapes), except the peak, which is the
     same for every micro-batch after the first: it is read from the runs with two (or the real one)."""
-    runs = dict(runs or {})
-    for key in dry_runs_needed(cfg, world, exact, quick):
+    runs, needed = dict(runs or {}), dry_runs_needed(cfg, world, exact, quick)
+    for key in needed:
         if run_key(*key) not in runs:
             runs[run_key(*key)] = dry_run(key[0], world, key[1], tuple(device.capability))
     layer_points, micro_points = points(cfg, world, exact, quick)
@@ -162,7 +162,7 @@ def estimate(cfg: Config, world: int, device: Device, gpus_per_node: int, exact:
         steady = _plane(at, layer_points, micro_points[-1:], x, 0.0)  # memory: the last micro-batch's
         per_rank.append(dataclasses.replace(one, peak_bytes=steady.peak_bytes, at_peak=steady.at_peak,
                                             setup_peak_bytes=steady.setup_peak_bytes, state_bytes=steady.state_bytes))
-    eager = sorted({f for key in dry_runs_needed(cfg, world, exact, quick) for f in runs[run_key(*key)].eager_under_compile})
+    eager = sorted({f for key in needed for f in runs[run_key(*key)].eager_under_compile})
     return dataclasses.replace(_combine(cfg, world, device, gpus_per_node, per_rank), eager_under_compile=eager)
 
 
