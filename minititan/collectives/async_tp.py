@@ -111,7 +111,12 @@ class _LinearThenReduceScatter(torch.autograd.Function):
 
         pending = []
         for start, size in _chunk_bounds(shard_len, chunks):
-            part = F.linear(x_parts[:, :, start:start + size].transpose(0, 1), w)  # [tp, b, l, n]
+            # one explicit 2-D matmul: on this strided 4-D chunk, F.linear would pick mm or bmm by
+            # whether w.t() requires grad, which differs between a forward and its selective-
+            # checkpoint recompute under FSDP (w a view of the gathered buffer, then rebuilt by
+            # FSDP's unpack hook), and the recompute must run the same ops as the forward
+            chunk = x_parts[:, :, start:start + size].transpose(0, 1).reshape(-1, k)
+            part = torch.mm(chunk, w.t()).view(tp, b, size, -1)  # [tp, b, l, n]
             out, work = reduce_scatter_stacked(part, group, async_op=True)
             pending.append((start, size, part, out, work))
         for start, size, _, out, work in pending:

@@ -66,12 +66,6 @@ def refuse(cfg: Config, mesh: Mesh) -> None:
     if par.async_tp and not par.sequence_parallel:
         raise UserError("parallelism.async_tp overlaps the sequence-parallel collectives with the matmuls: "
                         "set parallelism.sequence_parallel = true as well (or async_tp = false)")
-    ac = cfg.activation_checkpoint
-    if par.async_tp and mesh.size("dp_shard") > 1 and ac.mode == "selective" and ac.selective == "op":
-        # the recompute finds matmuls the forward did not store (torch's selective checkpointing):
-        # found 2026-12-07, not yet understood; full AC and every-N-th-block AC run
-        raise UserError('activation_checkpoint.selective = "op" does not run with parallelism.async_tp under FSDP '
-                        '(dp_shard > 1): set activation_checkpoint.mode = "full" or selective = 2, or async_tp = false')
     pipeline.refuse(cfg, mesh.size("pp"))
     moe.refuse(cfg, mesh)
     if mesh.size("cp") > 1:
