@@ -12,9 +12,20 @@ the first call with given shapes it traces fn into forward and backward graphs w
 AOTAutograd and the same partitioner and decompositions inductor uses; every call then runs
 those graphs op by op (the dry run records their ops and memory), and an intermediate of a
 fusible op (element-wise or a reduction) whose users are all fusible too is not counted:
-inductor would not write it. A function the tracer cannot take (collectives inside, such as
-tensor parallel's; code under torch.compiler.disable) runs eagerly instead, as the part of the
-model dynamo would leave out of its graphs, and `fallbacks` names it.
+inductor would not write it.
+
+What dynamo does with the code, the stand-in does too:
+  * collectives (tensor parallel's, expert parallel's all-to-alls) are traced as dynamo traces
+    them, as torch's functional collectives; run op by op, each is the c10d collective it
+    stands for, so the dry run records it as in an eager step (`run_as_c10d`);
+  * at a graph break (a host read such as expert parallel's split sizes, an async collective)
+    dynamo compiles the code on either side, except inside activation checkpointing, where it
+    runs the whole checkpointed block eagerly. The stand-in traces on past a host read with the
+    dry run's values, and runs a checkpointed block with a graph break eagerly, its reason in
+    `fallbacks` saying so (EAGER_FOR_REAL).
+A function the tracer cannot take for other reasons (code under torch.compiler.disable, such as
+the cp ring; an async collective outside checkpointing) runs eagerly, as the part of the model
+dynamo would leave out of its graphs, and `fallbacks` names it: priced slower than it runs.
 """
 from __future__ import annotations
 
@@ -175,8 +186,10 @@ class AotFunction:
                 # on stand-ins of the inputs: the traced function keeps its example inputs alive
                 traced(*[_stand_in(t).requires_grad_(t.requires_grad) for t in tensors + captured])
         except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
-            why = str(e).splitlines()[0][:120] if str(e) else ""
-            _FAILED[key] = f"{_name(self.fn)} ({why if isinstance(e, GraphBreakInCheckpoint) else f'{type(e).__name__}: {why}'})"
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if isinstance(e, GraphBreak) and _is_checkpointed(self.fn):
+                why = f"{EAGER_FOR_REAL}: {e} inside activation checkpointing, where dynamo cannot break the graph"
+            _FAILED[key] = f"{_name(self.fn)} ({why})"
             return None
         return traced
 
@@ -319,6 +332,15 @@ def _compiling():
         torch.compiler.is_compiling = is_compiling
 
 
+EAGER_FOR_REAL = "eager in the real step too"  # begins the reason of a fallback that dynamo makes as well
+
+
+class GraphBreak(RuntimeError):
+    """What dynamo breaks its graph at. It then compiles the code on either side of it, except
+    inside activation checkpointing: there it runs the whole checkpointed block eagerly (torch 2.11
+    and 2.13, checked on gloo: docs/plan.md)."""
+
+
 @contextlib.contextmanager
 def _traceable_collectives():
     """dist.all_to_all_single & co. as dynamo traces them: remapped to torch's functional
@@ -327,9 +349,11 @@ def _traceable_collectives():
     would trace the c10d ops themselves, effectful and holding the ProcessGroup object, which the
     dry run's dispatch modes, the fake tensor cache and the graph's deep copy cannot take. Like
     dynamo, which knows a function by its identity, every reference is replaced: torch.distributed's
-    and the module-level aliases of minititan's modules (collectives/mesh.py's all_gather_single)."""
+    and the module-level aliases of minititan's modules (collectives/mesh.py's all_gather_single).
+    An async one (async_op=True, async TP's) is a graph break, as for dynamo."""
     from torch.distributed import _functional_collectives as functional
-    remaps = {id(fn): to for fn, to in functional.traceable_collective_remaps.items() if fn.__name__ in _COLLECTIVES}
+    remaps = {id(fn): _blocking_only(to) for fn, to in functional.traceable_collective_remaps.items()
+              if fn.__name__ in _COLLECTIVES}
     modules = [dist] + [m for name, m in list(sys.modules.items()) if name.startswith("minititan.") and m is not None]
     replaced = [(m, name, fn) for m in modules for name, fn in list(vars(m).items()) if id(fn) in remaps]
     for m, name, fn in replaced:
@@ -341,29 +365,27 @@ def _traceable_collectives():
             setattr(m, name, fn)
 
 
-EAGER_FOR_REAL = "eager in the real step too"  # begins the reason of a fallback that dynamo makes as well
-
-
-class GraphBreakInCheckpoint(RuntimeError):
-    """dynamo cannot break a graph inside activation checkpointing: it runs the whole
-    checkpointed block eagerly instead (torch 2.11 and 2.13, checked on gloo: docs/plan.md)."""
+def _blocking_only(traceable):
+    def collective(*args, async_op: bool = False, **kwargs):
+        if async_op:
+            raise GraphBreak("an async collective (async_op=True)")
+        return traceable(*args, **kwargs)
+    return collective
 
 
 @contextlib.contextmanager
 def _host_reads(checkpointed: bool):
     """A host read of a traced tensor (expert parallel's split sizes, `.tolist()`) is a graph
-    break for dynamo. Outside activation checkpointing it compiles the code on either side of
-    the read: the stand-in traces on with the values the dry run gives that tensor (plan/fake.py's
-    balanced routing), one graph where dynamo makes several. Inside it, dynamo gives up on the
-    whole checkpointed block, which then runs eagerly: so does the stand-in's."""
+    break. Outside activation checkpointing dynamo compiles the code on either side of it: the
+    stand-in traces on with the values the dry run gives that tensor (plan/fake.py's balanced
+    routing), one graph where dynamo makes several."""
     from torch._subclasses.functional_tensor import FunctionalTensor
     from minititan.plan.fake import FakeGPU
     real = FunctionalTensor.tolist
 
     def tolist(t):
         if checkpointed:
-            raise GraphBreakInCheckpoint(f"{EAGER_FOR_REAL}: a host read (.tolist()) inside activation checkpointing, "
-                                         "where dynamo cannot break the graph")
+            raise GraphBreak("a host read (.tolist())")
         values = FakeGPU.shadow(t)
         return values.tolist() if values is not None else real(t)
 

@@ -39,7 +39,9 @@ small integer tensor whose inputs are known: the routing's chosen experts are ta
 perfectly balanced (token t's j-th choice is expert (t * top_k + j) mod n_experts), and the
 integer ops after it (counting, sorting, all-to-all of the counts, cumsum...) run for real on
 the shadows. So a dry run sees the splits that balanced routing gives: every rank of an ep
-group receives the same number of rows.
+group receives the same number of rows. The compile stand-in's tracer wraps the fake tensors
+(FunctionalTensor) and traces collectives as functional ones: the shadows ride on the wrappers
+and through those collectives too, so a traced block reads the same values (plan/compiled.py).
 """
 from __future__ import annotations
 
