@@ -415,7 +415,7 @@ def run_as_c10d(func, args, recorder):
             work.wait()
         return args[0]
     from torch.distributed.distributed_c10d import _resolve_process_group
-    from minititan.collectives import mesh  # (the names torch 2.11 and 2.13 both have)
+    from minititan.collectives import mesh  # all_gather_single where torch has it (2.13 deprecates the older name)
     x, group = args[0], _resolve_process_group(args[-1])
     with recorder:
         if func is c10d.all_to_all_single.default:
