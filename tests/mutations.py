@@ -311,6 +311,18 @@ MUTATIONS = [
              "for the output projection the filter keeps in bf16",
              [("minititan/plan/compiled.py", "    if is_traceable_wrapper_subclass(t):", "    if False:")],
              ["tests/test_plan.py::test_a_compiled_float8_dry_run_keeps_the_filtered_output_projection_in_bf16"]),
+    mutation("plan_traced_collectives_unrecorded",
+             "minititan plan: a traced graph's collectives run outside the dry run's recorder, so a compiled "
+             "expert-parallel step prices no all-to-all",
+             [("minititan/plan/compiled.py", "    with recorder:\n        if func is c10d.all_to_all_single.default:",
+               "    with contextlib.nullcontext():\n        if func is c10d.all_to_all_single.default:")],
+             ["tests/test_plan.py::test_a_compiled_dry_run_prices_expert_parallel_as_dynamo_compiles_it"]),
+    mutation("plan_traces_a_host_read_inside_checkpoint",
+             "minititan plan: the compile stand-in traces past a host read inside activation checkpointing, "
+             "pricing compiled an MoE block that the real step runs eagerly",
+             [("minititan/plan/compiled.py", "        if checkpointed:\n            raise GraphBreak",
+               "        if False:\n            raise GraphBreak")],
+             ["tests/test_plan.py::test_a_compiled_dry_run_prices_expert_parallel_as_dynamo_compiles_it"]),
 ]
 
 

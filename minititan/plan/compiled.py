@@ -12,18 +12,31 @@ the first call with given shapes it traces fn into forward and backward graphs w
 AOTAutograd and the same partitioner and decompositions inductor uses; every call then runs
 those graphs op by op (the dry run records their ops and memory), and an intermediate of a
 fusible op (element-wise or a reduction) whose users are all fusible too is not counted:
-inductor would not write it. A function the tracer cannot take (collectives inside, such as
-tensor parallel's; code under torch.compiler.disable) runs eagerly instead, as the part of the
-model dynamo would leave out of its graphs, and `fallbacks` names it.
+inductor would not write it.
+
+What dynamo does with the code, the stand-in does too:
+  * collectives (tensor parallel's, expert parallel's all-to-alls) are traced as dynamo traces
+    them, as torch's functional collectives; run op by op, each is the c10d collective it
+    stands for, so the dry run records it as in an eager step (`run_as_c10d`);
+  * at a graph break (a host read such as expert parallel's split sizes, an async collective)
+    dynamo compiles the code on either side, except inside activation checkpointing, where it
+    runs the whole checkpointed block eagerly. The stand-in traces on past a host read with the
+    dry run's values, and runs a checkpointed block with a graph break eagerly, its reason in
+    `fallbacks` saying so (EAGER_FOR_REAL).
+A function the tracer cannot take for other reasons (code under torch.compiler.disable, such as
+the cp ring; an async collective outside checkpointing) runs eagerly, as the part of the model
+dynamo would leave out of its graphs, and `fallbacks` names it: priced slower than it runs.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import sys
 import types
 
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -168,11 +181,15 @@ class AotFunction:
         traced = aot_function(flat_fn, fw_compiler=run_fused, bw_compiler=run_fused, partition_fn=partition,
                               decompositions=_decompositions())
         try:
-            with _current["paused"](), _compiling():  # tracing is not the step: the dry run records nothing
+            with _current["paused"](), _compiling(), _traceable_collectives(), _host_reads(_is_checkpointed(self.fn)):
+                # tracing is not the step: the dry run records nothing
                 # on stand-ins of the inputs: the traced function keeps its example inputs alive
                 traced(*[_stand_in(t).requires_grad_(t.requires_grad) for t in tensors + captured])
         except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
-            _FAILED[key] = f"{_name(self.fn)} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if isinstance(e, GraphBreak) and _is_checkpointed(self.fn):
+                why = f"{EAGER_FOR_REAL}: {e} inside activation checkpointing, where dynamo cannot break the graph"
+            _FAILED[key] = f"{_name(self.fn)} ({why})"
             return None
         return traced
 
@@ -249,8 +266,8 @@ def _describe(x):
         return tuple(_describe(v) for v in x)
     if isinstance(x, dict):
         return tuple(sorted((str(k), _describe(v)) for k, v in x.items()))
-    if isinstance(x, torch.distributed.ProcessGroup):
-        return ("group", x.size())
+    if isinstance(x, dist.ProcessGroup):  # its name: a traced graph's collectives name their group
+        return ("group", x.size(), x.group_name)
     if dataclasses.is_dataclass(x):
         return (type(x).__qualname__, tuple((f.name, _describe(getattr(x, f.name))) for f in dataclasses.fields(x)))
     code = getattr(x, "__code__", None)
@@ -264,13 +281,18 @@ def _is_plain(cell) -> bool:
     if not _is_filled(cell):
         return False
     value = cell.cell_contents
-    return isinstance(value, (int, float, str, bool, type(None), torch.dtype, tuple, functools.partial)) or callable(value)
+    return isinstance(value, (int, float, str, bool, type(None), torch.dtype, tuple, functools.partial,
+                              dist.ProcessGroup)) or callable(value)
+
+
+def _is_checkpointed(fn) -> bool:
+    """activation_checkpoint.block_runner's checkpoint of a block (full or selective)."""
+    return isinstance(fn, functools.partial) and fn.func.__name__ == "_checkpointed"
 
 
 def _is_full_checkpoint(fn) -> bool:
     """activation_checkpoint.block_runner's checkpoint of a whole block (no selective policy)."""
-    return (isinstance(fn, functools.partial) and fn.func.__name__ == "_checkpointed"
-            and not fn.args[1].get("context_fn"))
+    return _is_checkpointed(fn) and not fn.args[1].get("context_fn")
 
 
 def _ancestors(nodes) -> list:
@@ -308,6 +330,115 @@ def _compiling():
         yield
     finally:
         torch.compiler.is_compiling = is_compiling
+
+
+EAGER_FOR_REAL = "eager in the real step too"  # begins the reason of a fallback that dynamo makes as well
+
+
+class GraphBreak(RuntimeError):
+    """What dynamo breaks its graph at. It then compiles the code on either side of it, except
+    inside activation checkpointing: there it runs the whole checkpointed block eagerly (torch 2.11
+    and 2.13, checked on gloo: docs/plan.md)."""
+
+
+@contextlib.contextmanager
+def _traceable_collectives():
+    """dist.all_to_all_single & co. as dynamo traces them: remapped to torch's functional
+    collectives (torch.distributed._functional_collectives.traceable_collective_remaps, the map
+    dynamo uses), whose graph nodes name their group by its name. Called as they are, AOTAutograd
+    would trace the c10d ops themselves, effectful and holding the ProcessGroup object, which the
+    dry run's dispatch modes, the fake tensor cache and the graph's deep copy cannot take. Like
+    dynamo, which knows a function by its identity, every reference is replaced: torch.distributed's
+    and the module-level aliases of minititan's modules (collectives/mesh.py's all_gather_single).
+    An async one (async_op=True, async TP's) is a graph break, as for dynamo."""
+    from torch.distributed import _functional_collectives as functional
+    remaps = {id(fn): _blocking_only(to) for fn, to in functional.traceable_collective_remaps.items()
+              if fn.__name__ in _COLLECTIVES}
+    modules = [dist] + [m for name, m in list(sys.modules.items()) if name.startswith("minititan.") and m is not None]
+    replaced = [(m, name, fn) for m in modules for name, fn in list(vars(m).items()) if id(fn) in remaps]
+    for m, name, fn in replaced:
+        setattr(m, name, remaps[id(fn)])
+    try:
+        yield
+    finally:
+        for m, name, fn in replaced:
+            setattr(m, name, fn)
+
+
+def _blocking_only(traceable):
+    def collective(*args, async_op: bool = False, **kwargs):
+        if async_op:
+            raise GraphBreak("an async collective (async_op=True)")
+        return traceable(*args, **kwargs)
+    return collective
+
+
+@contextlib.contextmanager
+def _host_reads(checkpointed: bool):
+    """A host read of a traced tensor (expert parallel's split sizes, `.tolist()`) is a graph
+    break. Outside activation checkpointing dynamo compiles the code on either side of it: the
+    stand-in traces on with the values the dry run gives that tensor (plan/fake.py's balanced
+    routing), one graph where dynamo makes several."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from minititan.plan.fake import FakeGPU
+    real = FunctionalTensor.tolist
+
+    def tolist(t):
+        if checkpointed:
+            raise GraphBreak("a host read (.tolist())")
+        values = FakeGPU.shadow(t)
+        return values.tolist() if values is not None else real(t)
+
+    FunctionalTensor.tolist = tolist
+    try:
+        yield
+    finally:
+        FunctionalTensor.tolist = real
+
+
+# the blocking collectives run_as_c10d runs (point-to-point and async_op=True stay as they are: dynamo
+# breaks its graph there too)
+_COLLECTIVES = {"all_reduce", "all_gather_into_tensor", "all_gather_single", "_all_gather_base", "reduce_scatter_tensor",
+                "reduce_scatter_single", "_reduce_scatter_base", "all_to_all_single"}
+
+
+def run_as_c10d(func, args, recorder):
+    """A functional collective of a traced graph, run as the c10d collective it stands for on the
+    fake process group, under `recorder` (the dry run's), so the collective is recorded (its kind,
+    bytes and group) where it is issued and, at its wait_tensor, where it is waited for, as in an
+    eager step. Its output is a new buffer, as in the compiled graph (no copy of the input: an
+    all-reduce's values need none in a dry run, and inductor reuses the input's buffer where it can)."""
+    c10d = torch.ops._c10d_functional
+    if func is c10d.wait_tensor.default:
+        work = _in_flight.pop(id(args[0].untyped_storage()), None)
+        if work is not None:
+            work.wait()
+        return args[0]
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    from minititan.collectives import mesh  # all_gather_single where torch has it (2.13 deprecates the older name)
+    x, group = args[0], _resolve_process_group(args[-1])
+    with recorder:
+        if func is c10d.all_to_all_single.default:
+            out = x.new_empty((sum(args[1]),) + tuple(x.shape[1:]))
+            work = dist.all_to_all_single(out, x.contiguous(), list(args[1]), list(args[2]), group=group, async_op=True)
+        elif func is c10d.all_reduce.default:
+            out = x.new_empty(x.shape)
+            work = dist.all_reduce(out, _REDUCE_OPS[args[1]], group=group, async_op=True)
+        elif func is c10d.all_gather_into_tensor.default:
+            out = x.new_empty((x.shape[0] * args[1],) + tuple(x.shape[1:]))
+            work = mesh.all_gather_single(out, x.contiguous(), group=group, async_op=True)
+        elif func is c10d.reduce_scatter_tensor.default:
+            out = x.new_empty((x.shape[0] // args[2],) + tuple(x.shape[1:]))
+            work = mesh.reduce_scatter_single(out, x.contiguous(), _REDUCE_OPS[args[1]], group=group, async_op=True)
+        else:
+            raise NotImplementedError(f"the dry run has no rule for the functional collective {func}")
+    _in_flight[id(out.untyped_storage())] = work
+    return out
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
+               "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}
+_in_flight: dict = {}  # storage of a functional collective's output -> its c10d work, until wait_tensor
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from minititan.core.data import TokenSource, rank_slice
 from minititan.core.guard import StepGuard
 from minititan.core.optim import AdamW
 from minititan.layout import parallelize
-from minititan.plan.compiled import stand_in_for_compile
+from minititan.plan.compiled import run_as_c10d, stand_in_for_compile
 from minititan.plan.fake import DEVICE_QUERY, device_query, fake_tensors, fake_world, tensors_of
 from minititan.plan.memory import MemoryTracker
 from minititan.plan.trace import StepTrace
@@ -165,6 +165,8 @@ class Recorder(TorchDispatchMode):
         if func is DEVICE_QUERY:  # most ops of a step: nothing to record (and the quickest way through)
             device = device_query(args)
             return device if device is not None else func(*args, **kwargs)
+        if not self._paused and func.namespace == "_c10d_functional":  # a traced graph's collective
+            return run_as_c10d(func, args, self)
         if not self._paused and func.namespace not in ("aten", "prims", "c10d"):
             body = _custom_op_body(func)
             if body is not None:  # a torch.library op of ours: record the ops it runs, not one opaque call

@@ -39,7 +39,9 @@ small integer tensor whose inputs are known: the routing's chosen experts are ta
 perfectly balanced (token t's j-th choice is expert (t * top_k + j) mod n_experts), and the
 integer ops after it (counting, sorting, all-to-all of the counts, cumsum...) run for real on
 the shadows. So a dry run sees the splits that balanced routing gives: every rank of an ep
-group receives the same number of rows.
+group receives the same number of rows. The compile stand-in's tracer wraps the fake tensors
+(FunctionalTensor) and traces collectives as functional ones: the shadows ride on the wrappers
+and through those collectives too, so a traced block reads the same values (plan/compiled.py).
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ class FakeGPU(TorchDispatchMode):
         """The real values of an integer tensor, or None. A real tensor is its own."""
         if type(t) is torch.Tensor:
             return t
-        return getattr(t, "_host_values", None) if isinstance(t, FakeTensor) else None  # (not a tracer's wrapper)
+        return getattr(t, "_host_values", None) if isinstance(t, (FakeTensor, FunctionalTensor)) else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -162,6 +164,8 @@ class FakeGPU(TorchDispatchMode):
         """Give the integer outputs of this op real values, if its integer inputs have them."""
         if func.namespace == "c10d":  # a collective of integers: every rank is alike, so they receive what they send
             return self._collective(func, args)
+        if func.namespace == "_c10d_functional":  # the same, traced by the compile stand-in: out = f(input)
+            return self._collective(func, (out, args[0]))
         if func is aten.topk.default:
             return self._balanced_choice(out)
         outputs = tensors_of(out)
@@ -178,7 +182,7 @@ class FakeGPU(TorchDispatchMode):
         with _disable_current_modes():
             real_out = func(*real_args, **real_kwargs)
         for fake, real in zip(tree_flatten(out)[0], tree_flatten(real_out)[0]):
-            if isinstance(fake, FakeTensor) and isinstance(real, torch.Tensor):
+            if isinstance(fake, (FakeTensor, FunctionalTensor)) and isinstance(real, torch.Tensor):
                 fake._host_values = real
 
     def _balanced_choice(self, out) -> None:

@@ -1,6 +1,7 @@
 """What `minititan plan` prints: the ranked table, one layout's breakdown, or JSON."""
 from __future__ import annotations
 
+from minititan.plan.compiled import EAGER_FOR_REAL
 from minititan.plan.estimate import GiB, Estimate
 from minititan.plan.layouts import Candidate, Search
 from minititan.plan.memory import CATEGORIES
@@ -44,9 +45,14 @@ def table(search: Search, top: int, header: str) -> str:
         lines += _columns(rows)
         lines.append("(mem: the worst rank's reserved peak, allocated x the allocator's fragmentation; compute, "
                      "optim, bubble and exposed communication add up to the step with the host's waits)")
-        if any(c.estimate.eager_under_compile for c in search.ranked[:top]):
-            lines.append("(*: part of the step priced as eager, which the dry run could not trace under compile, "
-                         "e.g. an expert-parallel MoE layer: the real step is faster)")
+        whys = [why for c in search.ranked[:top] for why in c.estimate.eager_under_compile]
+        if any(EAGER_FOR_REAL not in why for why in whys):
+            lines.append("(*: part of the step priced as eager, which the dry run could not trace under compile: "
+                         "the real step is faster)")
+        if any(EAGER_FOR_REAL in why for why in whys):
+            lines.append("(*: part of the step runs eagerly under compile and is priced so: a graph break inside "
+                         "activation checkpointing, where dynamo runs the whole block eagerly, e.g. expert parallel's "
+                         "exact exchange, which parallelism.ep_capacity_factor > 0 makes compile)")
         best = search.ranked[0].estimate.step
         if best.bubble > 0.3 * best.total:
             lines.append(f"(the best spends {100 * best.bubble / best.total:.0f}% of its step in the pipeline bubble: "
@@ -93,9 +99,11 @@ def breakdown(c: Candidate, header: str) -> str:
     for kind in COMM_KINDS:
         if s.comm.get(kind, 0.0) > 0 or s.exposed.get(kind, 0.0) > 0:
             lines.append(f"    {kind:20s} {ms(s.exposed.get(kind, 0.0)):>8s} / {ms(s.comm.get(kind, 0.0))} ms")
-    if e.eager_under_compile:  # the real step compiles them (whole, or in pieces around a graph break)
-        names = sorted({why.split(" (")[0] for why in e.eager_under_compile})  # `train --dry-run` says why
-        lines += ["", f"priced as eager (the dry run could not trace them; compiled, they run faster): {', '.join(names)}"]
+    untraced = sorted({why.split(" (")[0] for why in e.eager_under_compile if EAGER_FOR_REAL not in why})
+    if untraced:  # the real step compiles them (whole, or in pieces around a graph break)
+        lines += ["", f"priced as eager (the dry run could not trace them; compiled, they run faster): {', '.join(untraced)}"]
+    for why in sorted({why for why in e.eager_under_compile if EAGER_FOR_REAL in why}):
+        lines += ["", f"priced as eager, as it runs: {why}"]
     return "\n".join(lines)
 
 
