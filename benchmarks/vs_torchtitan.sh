@@ -62,7 +62,10 @@ case "$1" in
     "mt_s32k_full|$M8 --training.seq_len=32768 $(b 1) --activation_checkpoint.mode=full"
     "tt_s32k_full|$T8 --training.seq_len 32768 --training.local_batch_size 1 --activation_checkpoint.mode full --compile.enable"
     "mt_s65k_full|$M8 --training.seq_len=65536 $(b 1) --activation_checkpoint.mode=full"
-    "tt_s65k_full|$T8 --training.seq_len 65536 --training.local_batch_size 1 --activation_checkpoint.mode full --compile.enable") ;;
+    "tt_s65k_full|$T8 --training.seq_len 65536 --training.local_batch_size 1 --activation_checkpoint.mode full --compile.enable"
+    # full AC keeping the attention's results (activation_checkpoint.selective = "attention")
+    "mt_s32k_selattn|$M8 --training.seq_len=32768 $(b 1) --activation_checkpoint.mode=selective --activation_checkpoint.selective=attention"
+    "mt_s65k_selattn|$M8 --training.seq_len=65536 $(b 1) --activation_checkpoint.mode=selective --activation_checkpoint.selective=attention") ;;
   long2) rows=(  # what the memory buys at long context: selective-op AC at 32K (where it fits), our longest with full AC
     "mt_s32k_selop|$M8 --training.seq_len=32768 $(b 1) --activation_checkpoint.mode=selective"
     "tt_s32k_selop|$T8 --training.seq_len 32768 --training.local_batch_size 1 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op --compile.enable"

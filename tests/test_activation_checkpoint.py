@@ -26,7 +26,8 @@ def loss_and_grads(run_block):
     return loss.detach(), {n: p.grad for n, p in params.items()}
 
 
-@pytest.mark.parametrize("mode, selective", [("full", "op"), ("selective", "op"), ("selective", "2")])
+@pytest.mark.parametrize("mode, selective", [("full", "op"), ("selective", "op"), ("selective", "attention"),
+                                             ("selective", "2")])
 def test_checkpointing_is_bitwise_exact(mode, selective):
     ref_loss, ref_grads = loss_and_grads(block_runner("none"))
     loss, grads = loss_and_grads(block_runner(mode, selective, layers_per_forward=CFG.n_layers))
@@ -158,13 +159,39 @@ def test_selective_recomputes_the_query_projection(monkeypatch):
     assert lean_mms - all_mms == cfg.n_layers
 
 
+def test_selective_attention_keeps_only_the_attention_output():
+    """selective = "attention" is full AC keeping the attention kernel's results. Compiled: what full
+    keeps plus, per layer, the attention output [batch, heads, seq, head_dim] (bf16) and its softmax
+    statistics [batch, heads, seq] (fp32). Eager (the kept results sit in checkpoint's own cache):
+    the backward runs no attention forward again, where full runs one per layer."""
+    cfg = msgspec.structs.replace(CFG, dim=256, n_layers=2, max_seq_len=256)
+    b, s, h, L = 2, cfg.max_seq_len, cfg.n_heads, cfg.n_layers
+
+    def compiled(*how):
+        torch._dynamo.reset()
+        return saved_tensors(block_runner(*how, compile_blocks=True, layers_per_forward=L), cfg)
+
+    full, keep = compiled("full"), compiled("selective", "attention")
+    assert keep - full == collections.Counter({((b, h, s, cfg.dim // h), torch.bfloat16): L,
+                                               ((b, h, s), torch.float32): L})
+    dropped = sum(math.prod(shape) * dtype.itemsize * n for (shape, dtype), n in (full - keep).items())
+    assert dropped < b * s * cfg.dim  # (the partitioner's small bookkeeping may differ)
+    assert backward_ops(block_runner("full", layers_per_forward=L), cfg, activation_checkpoint._ATTENTION) == L
+    assert backward_ops(block_runner("selective", "attention", layers_per_forward=L), cfg,
+                        activation_checkpoint._ATTENTION) == 0
+
+
 def backward_matmuls(run_block, cfg: Model) -> int:
-    """Matmuls the backward runs (gradients and recomputed outputs), on the same setup as saved_tensors."""
+    return backward_ops(run_block, cfg, activation_checkpoint._LINEARS)
+
+
+def backward_ops(run_block, cfg: Model, ops: set) -> int:
+    """How many of `ops` the backward runs (gradients and recomputed outputs), on the same setup as saved_tensors."""
     class Count(torch.utils._python_dispatch.TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func in activation_checkpoint._LINEARS
+            Count.n += func in ops
             return func(*args, **(kwargs or {}))
 
     loss = training_loss(run_block, cfg)

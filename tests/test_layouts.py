@@ -51,8 +51,10 @@ def test_tp_2(tp2_run, reference):
     (4, ["parallelism.dp_shard=2", "parallelism.tp=2", "parallelism.sequence_parallel=true",
          "parallelism.async_tp=true", "activation_checkpoint.mode=selective"]),
     (2, ["parallelism.cp=2", "activation_checkpoint.mode=selective"]),
+    # selective = "attention" keeps the attention's results: under cp they are the ring's per-step kernels'
+    (2, ["parallelism.cp=2", "activation_checkpoint.mode=selective", "activation_checkpoint.selective=attention"]),
 ], ids=["tp2_sp", "tp2_sp_async", "cp2", "cp4", "cp2_tp2_sp", "dp2_tp2", "dp2_cp2_allgather", "dp2_shard_tp2_sp_async_selective",
-        "cp2_selective"])
+        "cp2_selective", "cp2_selective_attention"])
 def test_layout_matches_one_process(tmp_path, reference, world, overrides):
     rows, params = train_run(tmp_path, world, overrides)
     assert_same_losses(rows, reference[0])

@@ -106,7 +106,9 @@ def test_balanced_split_gives_the_output_layer_its_share():
      ["pp_virtual_stages >= 2"]),
     (2, ["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble", "activation_checkpoint.mode=selective"],
      ["activation_checkpoint.mode = full"]),
+    (2, ["parallelism.pp=2", "parallelism.pp_schedule=zero_bubble", "activation_checkpoint.mode=selective",
+         "activation_checkpoint.selective=attention"], ['selective = "attention"', "activation_checkpoint.mode = full"]),
 ], ids=["too_few_layers", "too_few_layers_virtual", "bad_sum", "bad_length", "microbatches", "interleaved_rounds",
-        "one_virtual_stage", "zero_bubble_selective_ac"])
+        "one_virtual_stage", "zero_bubble_selective_ac", "zero_bubble_selective_attention"])
 def test_bad_pipeline_names_the_fix(world, overrides, words):
     assert_layout_refused(world, overrides, words)

@@ -7,9 +7,11 @@ file builds that function from the config:
   mode = "selective"  with selective = "op": keep the outputs of matmuls and attention (the
                       expensive ops) and Float8's amaxes, and recompute the cheap
                       element-wise ones (norms, SiLU, RoPE, casts) and one matmul, the query
-                      projection (see _selective_op_context); with selective = N (an
-                      integer): checkpoint fully every N-th transformer block and keep
-                      everything in the others.
+                      projection (see _selective_op_context); with selective = "attention":
+                      keep only the attention's output (and its softmax statistics) and
+                      recompute the rest of the block, as full does (see _save_attention);
+                      with selective = N (an integer): checkpoint fully every N-th
+                      transformer block and keep everything in the others.
 compile wraps each block function with torch.compile (one compiled graph serves all layers,
 since every layer's params reach the function under the same relative names).
 """
@@ -30,16 +32,19 @@ _LINEARS = {
     torch.ops.aten._scaled_mm.default,
     torch.ops.minititan.master_linear.default,
 }
-_SAVE_OPS = _LINEARS | {
+# the attention kernels (each returns the output and the softmax statistics its backward reads)
+_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+_SAVE_OPS = _LINEARS | _ATTENTION | {
     torch.ops.aten.bmm.default,
     # the MoE experts' grouped GEMMs (bf16, and Float8's): their outputs are what the dense feed-forward's
     # mm outputs are, and recomputing them would add a third to the experts' FLOPs
     torch.ops.aten._grouped_mm.default,
     torch.ops.aten._scaled_grouped_mm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     # Float8's amaxes (a scalar, or one per row): kept, the recompute casts with them instead of
     # reading the weight and the activation once more to reduce them again. torchtitan's policy
     # keeps aten.max, its spelling of the same reduction, for the same reason.
@@ -51,6 +56,14 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _save_attention(ctx, op, *args, **kwargs):
+    """selective = "attention": full checkpointing but for the attention kernel's results. Its
+    forward is the block's one cost that grows with the square of the sequence (the rest is linear
+    in it), so at long context it is most of full AC's recompute, for one [tokens, dim] tensor per
+    layer held; the projections feeding it are recomputed (its backward reads q, k and v)."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False, layers_per_forward: int = 1):
     """The `run_block(fn, *args)` for these settings. `layers_per_forward` = the blocks this rank
     runs in one forward, so "every N-th" restarts at each forward.
@@ -58,8 +71,9 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
     Checkpointing goes inside the compiled function (compile(checkpoint(fn))), as torchtitan
     does: the compiler then sees the whole block and applies the save/recompute policy to the
     graph it partitions, instead of treating a compiled block as one opaque op."""
-    every = int(selective) if mode == "selective" and selective != "op" else 0
-    by_op = mode == "selective" and not every
+    every = int(selective) if mode == "selective" and selective.isdigit() else 0
+    by_op = mode == "selective" and selective == "op"
+    keep_attention = mode == "selective" and selective == "attention"
     variants = {}
     calls = {"n": 0}
 
@@ -67,7 +81,11 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
         if (fn, recompute) not in variants:
             f = fn
             if recompute:  # the attention unit is the one holding the query projection (its first matmul)
-                policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)} if by_op else {}
+                policy = {}
+                if by_op:
+                    policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)}
+                elif keep_attention:
+                    policy = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention)}
                 f = functools.partial(_checkpointed, fn, policy)
             variants[fn, recompute] = torch.compile(f) if compile_blocks else f
         return variants[fn, recompute]

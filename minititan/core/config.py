@@ -153,7 +153,7 @@ class Metrics(msgspec.Struct, forbid_unknown_fields=True):
 
 class ActivationCheckpoint(msgspec.Struct, forbid_unknown_fields=True):
     mode: Literal["none", "full", "selective"] = "none"
-    selective: str = "op"  # "op" (save matmul outputs but the query projection's) or N (checkpoint every N-th block)
+    selective: str = "op"  # "op" (save matmul outputs but the query projection's), "attention" (save only the attention's output), or N (checkpoint every N-th block)
 
 
 class Compile(msgspec.Struct, forbid_unknown_fields=True):
@@ -380,8 +380,9 @@ def validate(cfg: Config) -> None:
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise ConfigError(f"parallelism.dp_shard must be >= 1 or -1 (fill the world), got {p.dp_shard}")
     sel = cfg.activation_checkpoint.selective
-    if sel != "op" and not (sel.isdigit() and int(sel) > 0):
-        raise ConfigError(f"activation_checkpoint.selective must be \"op\" or a positive integer N (every N-th block), got {sel!r}")
+    if sel not in ("op", "attention") and not (sel.isdigit() and int(sel) > 0):
+        raise ConfigError(f"activation_checkpoint.selective must be \"op\", \"attention\" or a positive integer N "
+                          f"(every N-th block), got {sel!r}")
     f8 = cfg.float8
     if f8.fsdp_all_gather and not (f8.enable and f8.recipe == "tensorwise"):
         raise ConfigError("float8.fsdp_all_gather casts weights with one scale per tensor before the all-gather: "

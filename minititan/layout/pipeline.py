@@ -112,9 +112,9 @@ def refuse(cfg: Config, pp: int) -> None:
         raise UserError(f"model.n_layers={n_layers} is fewer than the {stages}: every stage needs a layer; "
                         f"lower {lower} or raise model.n_layers")
     ac = cfg.activation_checkpoint
-    if p.pp_schedule == "zero_bubble" and ac.mode == "selective" and ac.selective == "op":
+    if p.pp_schedule == "zero_bubble" and ac.mode == "selective" and not ac.selective.isdigit():
         raise UserError("pp_schedule = zero_bubble runs each backward in two passes (I, then W), which torch's "
-                        "selective activation checkpointing (activation_checkpoint.selective = \"op\") refuses: "
+                        f"selective activation checkpointing (activation_checkpoint.selective = \"{ac.selective}\") refuses: "
                         "use activation_checkpoint.mode = full, or selective = N (every N-th block), "
                         "or another schedule")
     m, local = n_microbatches(cfg), cfg.training.local_batch_size

@@ -76,7 +76,7 @@ def layer_period(cfg: Config) -> int:
     """The fewest consecutive layers that repeat exactly (MoE frequency, AC every N-th block)."""
     period = cfg.model.moe_frequency if cfg.model.name == "moe" else 1
     ac = cfg.activation_checkpoint
-    if ac.mode == "selective" and ac.selective != "op":
+    if ac.mode == "selective" and ac.selective.isdigit():
         period = math.lcm(period, int(ac.selective))
     return period
 
