@@ -109,7 +109,8 @@ def train(config_path, nproc, dry_run, overrides):
     cfg = load_config(config_path, pairs)  # fail fast, before any launch
     launching = nproc and "WORLD_SIZE" not in os.environ and not dry_run  # this process starts the ranks
     if _is_rank0() and not launching:  # once a job: here, or in its rank 0
-        for line in inactive_settings(cfg, pairs):
+        from minititan.layout.parallelize import uncompiled_blocks
+        for line in inactive_settings(cfg, pairs) + uncompiled_blocks(cfg):
             click.echo(f"warning: {line}")
     if dry_run:
         from minititan.plan.command import run_dry_train

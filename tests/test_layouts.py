@@ -124,3 +124,22 @@ def test_checkpoint_from_tp_1_resumes_at_tp_2_sp(tmp_path, reference):
 ], ids=["kv_heads", "vocab", "sp_seq_len", "cp_seq_len", "async_without_sp"])
 def test_bad_layout_names_the_fix(world, overrides, words):
     assert_layout_refused(world, overrides, words)
+
+
+@pytest.mark.parametrize("overrides, words, fix", [
+    (["model.name=moe", "parallelism.ep=2"], ["MoE blocks run uncompiled", "ep_capacity_factor > 0"],
+     "parallelism.ep_capacity_factor=1.25"),
+    (["parallelism.tp=2", "parallelism.sequence_parallel=true", "parallelism.async_tp=true"],
+     ["tensor-parallel blocks run uncompiled", "async_tp = false"], "parallelism.async_tp=false"),
+    (["parallelism.cp=2"], ["attention blocks run uncompiled", 'mode = "none"'], "activation_checkpoint.mode=none"),
+], ids=["ep_exact", "async_tp", "cp"])
+def test_uncompiled_blocks_under_checkpointing_are_warned(overrides, words, fix):
+    """A graph break inside a checkpointed block leaves it uncompiled: `minititan train` says so, with
+    settings under which it compiles, and following the advice silences the warning."""
+    from minititan.core.config import load_config
+    from minititan.layout.parallelize import uncompiled_blocks
+    on = ["compile.enable=true", "activation_checkpoint.mode=full"]
+    [line] = uncompiled_blocks(load_config(None, TINY + overrides + on))
+    assert all(w in line for w in words), line
+    for settings in ([fix], ["activation_checkpoint.mode=none"], ["compile.enable=false"]):
+        assert uncompiled_blocks(load_config(None, TINY + overrides + on + settings)) == []

@@ -57,6 +57,31 @@ def check(cfg: Config, world: int) -> None:
     refuse(cfg, Mesh(mesh_sizes(cfg, world), rank=0))  # no process groups: they are made on first use
 
 
+def uncompiled_blocks(cfg: Config) -> list[str]:
+    """One line per kind of block that torch.compile will run eagerly under this config, for
+    `minititan train` to print as a warning. dynamo cannot break a graph inside a checkpointed
+    block, so a break there (a host read, a collective it does not trace, a function under
+    torch.compiler.disable) leaves the whole block uncompiled; without checkpointing it compiles
+    the pieces around the break (docs/plan.md measures what this costs)."""
+    p, ac = cfg.parallelism, cfg.activation_checkpoint
+    if not cfg.compile.enable or ac.mode == "none":
+        return []
+    cannot = f'a graph break torch.compile cannot make inside a checkpointed block (activation_checkpoint.mode = "{ac.mode}")'
+    lines = []
+    if p.ep > 1 and cfg.model.name == "moe" and p.ep_capacity_factor == 0:
+        lines.append(f"the exact expert-parallel exchange reads its split sizes on the host, {cannot}: the MoE blocks "
+                     f"run uncompiled; set parallelism.ep_capacity_factor > 0 (e.g. 1.25: no host read) or "
+                     f'activation_checkpoint.mode = "none" to compile them')
+    if p.tp > 1 and p.async_tp:
+        lines.append(f"async TP's collectives (async_op=True) are {cannot}: the tensor-parallel blocks run uncompiled; "
+                     f"set parallelism.async_tp = false (sequence parallel compiles) or activation_checkpoint.mode = "
+                     f'"none" to compile them')
+    if p.cp > 1:
+        lines.append(f"context-parallel attention runs under torch.compiler.disable, {cannot}: the attention blocks "
+                     f'run uncompiled; set activation_checkpoint.mode = "none" to compile the rest of them')
+    return lines
+
+
 def refuse(cfg: Config, mesh: Mesh) -> None:
     """Refuse, before any collective, a layout that does not divide the model or the batch."""
     par, seq_len = cfg.parallelism, cfg.training.seq_len
