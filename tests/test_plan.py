@@ -580,3 +580,22 @@ def test_a_dry_run_that_never_comes_back_ends_the_search_with_one_line(tmp_path)
         assert "\n" not in str(e.value)
     finally:
         pool.close()
+
+
+def test_the_search_tries_full_ac_keeping_the_attention_at_long_sequences():
+    """From plan's long-sequence length on, the search adds selective = "attention" to the AC modes it
+    tries (full AC's recompute is mostly the attention there); it prices it and names it sel-attention."""
+    from minititan.plan.layouts import ac_choice, settings_of
+    mesh = {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1, "ep": 1}
+    s = settings_of(mesh, "attention", 1, "1f1b")
+    assert (s["activation_checkpoint.mode"], s["activation_checkpoint.selective"], ac_choice(s)) == (
+        "selective", "attention", "attention")
+    assert ac_choice(settings_of(mesh, "selective", 1, "1f1b")) == "selective"
+    # (dp_shard pinned where the search also tries cp 2 on 2 GPUs: it had divided by a dp_replicate of 0)
+    code, out = cli("plan", "--gpus", 2, "--workers", 1, "--json", "--parallelism.dp_shard=2", "--model.dim=128",
+                    "--model.n_heads=4", "--model.n_kv_heads=4", "--model.n_layers=4", "--training.seq_len=16384",
+                    "--model.max_seq_len=16384", "--training.global_batch_size=2", "--training.param_dtype=bfloat16")
+    assert code == 0, out
+    tried = {(r["settings"]["activation_checkpoint.mode"], r["settings"].get("activation_checkpoint.selective"))
+             for r in json.loads(out)["ranked"]}
+    assert ("selective", "attention") in tried, tried

@@ -46,6 +46,7 @@ from minititan.plan.estimate import Estimate, dry_runs_needed, estimate, run_key
 
 LONG_SEQUENCE = 16384  # from here on context parallel is worth trying
 AC_MODES = ("full", "selective", "none")
+# and from LONG_SEQUENCE on, "attention": selective = "attention" (full AC keeping the attention's results)
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")  # gpipe: 1F1B's bubble with more memory (ask for it to get it)
 WIDTH = 4  # round 2 explores this many of the fastest meshes of round 1
 MESH_KEYS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
@@ -104,7 +105,7 @@ def meshes(cfg: Config, world: int, gpus_per_node: int, pinned: dict[str, int], 
                 data = world // (tp * cp * pp)
                 for dp_shard in _pinned(shard_sizes(data, tp * cp, gpus_per_node), pinned, "dp_shard"):
                     dp_replicate = data // dp_shard
-                    if pinned.get("dp_replicate", dp_replicate) != dp_replicate:
+                    if data % dp_shard or pinned.get("dp_replicate", dp_replicate) != dp_replicate:  # a pin that does not fit here
                         continue
                     for ep in _pinned(expert_degrees(cfg, dp_shard * cp), pinned, "ep"):
                         out.append(dict(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, ep=ep))
@@ -134,9 +135,17 @@ def settings_of(mesh: dict, ac: str, local_batch: int, schedule: str) -> dict[st
     s |= {"parallelism.sequence_parallel": mesh["tp"] > 1, "parallelism.pp_schedule": schedule,
           "parallelism.pp_microbatches": 0, "activation_checkpoint.mode": ac,
           "training.local_batch_size": local_batch}
-    if ac == "selective":
-        s["activation_checkpoint.selective"] = "op"  # unless pinned: make() lays the pins over these
+    if ac in ("selective", "attention"):  # unless pinned: make() lays the pins over these
+        s["activation_checkpoint.mode"] = "selective"
+        s["activation_checkpoint.selective"] = "op" if ac == "selective" else "attention"
     return s
+
+
+def ac_choice(settings: dict[str, object]) -> str:
+    """The AC_MODES entry a candidate's settings came from (settings_of's inverse)."""
+    if settings.get("activation_checkpoint.selective") == "attention":
+        return "attention"
+    return settings["activation_checkpoint.mode"]
 
 
 def local_batches(cfg: Config, mesh: dict) -> list[int]:
@@ -191,7 +200,7 @@ def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: 
 
     def variants(base: Candidate, **changes) -> Candidate | None:
         mesh = {k: base.settings[f"parallelism.{k}"] for k in MESH_KEYS} | changes.pop("mesh", {})
-        s = {"ac": base.settings["activation_checkpoint.mode"], "batch": base.settings["training.local_batch_size"],
+        s = {"ac": ac_choice(base.settings), "batch": base.settings["training.local_batch_size"],
              "schedule": base.settings["parallelism.pp_schedule"]} | changes
         return make(cfg, world, settings_of(mesh, s["ac"], s["batch"], s["schedule"]), pinned, refused)
 
@@ -201,12 +210,13 @@ def search(cfg: Config, world: int, device: Device, gpus_per_node: int, pinned: 
     # round 2a: every AC mode, growing the local batch until it no longer fits
     grown = []
     for light in explored:
-        acs = [pinned["activation_checkpoint.mode"]] if "activation_checkpoint.mode" in pinned else AC_MODES
+        acs = ([pinned["activation_checkpoint.mode"]] if "activation_checkpoint.mode" in pinned else
+               AC_MODES + ("attention",) if cfg.training.seq_len >= LONG_SEQUENCE else AC_MODES)
         batches = ([pinned["training.local_batch_size"]] if "training.local_batch_size" in pinned
                    else local_batches(cfg, {k: light.settings[f"parallelism.{k}"] for k in MESH_KEYS}))
         grown += [c for ac in acs for b in batches if (c := variants(light, ac=ac, batch=b)) is not None]
     pool.run(grown, progress, "round 2: AC modes and batch sizes", quick=True,
-             grow=lambda c: (c.settings["activation_checkpoint.mode"],
+             grow=lambda c: (ac_choice(c.settings),
                              tuple(c.settings[f"parallelism.{k}"] for k in MESH_KEYS)))
     # round 2b: the other schedules and the HSDP splits, each at its mesh's best so far
     others = []
