@@ -164,7 +164,8 @@ def test_a_compiled_dry_run_prices_expert_parallel_as_dynamo_compiles_it():
     """Under compile the dry run runs an expert-parallel MoE layer as torch.compile does (docs/plan.md):
     the capped exchange traced whole, its all-to-alls recorded as the eager layer's; the exact exchange
     traced around its host read without activation checkpointing (dynamo compiles the pieces on
-    either side), and eagerly inside it (dynamo cannot break a checkpointed graph). Traced, the step
+    either side) and under full AC (checkpointed outside its compiled pieces), and eagerly inside a
+    selective policy (dynamo cannot break a checkpointed graph). Traced, the step
     is faster than with the MoE layer run eagerly."""
     from minititan.plan import devices
     from minititan.plan.timing import step_time
@@ -175,11 +176,13 @@ def test_a_compiled_dry_run_prices_expert_parallel_as_dynamo_compiles_it():
     capped = small + ["parallelism.ep_capacity_factor=1.25", "activation_checkpoint.mode=selective"]
     exact = small + ["parallelism.ep_capacity_factor=0"]
     with _CONTEXT.Pool(2, maxtasksperchild=1) as pool:
-        traced, eager, exact_none, exact_selective = pool.map(_dry_with_eager, [
+        traced, eager, exact_none, exact_selective, exact_full = pool.map(_dry_with_eager, [
             ((), path, capped, 2, 0, (9, 0)), (("moe_layer",), path, capped, 2, 0, (9, 0)),
             ((), path, exact + ["activation_checkpoint.mode=none"], 2, 0, (9, 0)),
-            ((), path, exact + ["activation_checkpoint.mode=selective"], 2, 0, (9, 0))], chunksize=1)
-    assert traced.eager_under_compile == [] and exact_none.eager_under_compile == []
+            ((), path, exact + ["activation_checkpoint.mode=selective"], 2, 0, (9, 0)),
+            ((), path, exact + ["activation_checkpoint.mode=full"], 2, 0, (9, 0))], chunksize=1)
+    # full AC: block_runner checkpoints the exact exchange's layer outside its compiled pieces
+    assert traced.eager_under_compile == exact_none.eager_under_compile == exact_full.eager_under_compile == []
     assert [why.split(" (")[0] for why in exact_selective.eager_under_compile] == ["moe_layer"]
     assert "eager in the real step too" in exact_selective.eager_under_compile[0]
 

@@ -13,7 +13,10 @@ file builds that function from the config:
                       with selective = N (an integer): checkpoint fully every N-th
                       transformer block and keep everything in the others.
 compile wraps each block function with torch.compile (one compiled graph serves all layers,
-since every layer's params reach the function under the same relative names).
+since every layer's params reach the function under the same relative names). A block that breaks
+dynamo's graph (a host read, an async collective, code under torch.compiler.disable: the layout
+names them) cannot be compiled inside checkpoint, where dynamo would run it whole eagerly; under
+full checkpointing it is checkpointed outside and compiled inside instead, in pieces.
 """
 from __future__ import annotations
 
@@ -64,9 +67,11 @@ def _save_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False, layers_per_forward: int = 1):
+def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False, layers_per_forward: int = 1,
+                 graph_breaking: frozenset[str] = frozenset()):
     """The `run_block(fn, *args)` for these settings. `layers_per_forward` = the blocks this rank
-    runs in one forward, so "every N-th" restarts at each forward.
+    runs in one forward, so "every N-th" restarts at each forward. `graph_breaking`: the names of
+    the block functions that break dynamo's graph in this layout.
 
     Checkpointing goes inside the compiled function (compile(checkpoint(fn))), as torchtitan
     does: the compiler then sees the whole block and applies the save/recompute policy to the
@@ -86,6 +91,12 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
                     policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)}
                 elif keep_attention:
                     policy = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention)}
+                if compile_blocks and not policy and fn.__name__ in graph_breaking:
+                    # checkpoint outside, compile inside: dynamo compiles the pieces around the break.
+                    # (Not under a selective policy: torch's selective checkpointing cannot replay
+                    # compiled pieces, their ops do not reach its dispatch mode one by one.)
+                    variants[fn, recompute] = functools.partial(_checkpointed, torch.compile(fn), policy)
+                    return variants[fn, recompute]
                 f = functools.partial(_checkpointed, fn, policy)
             variants[fn, recompute] = torch.compile(f) if compile_blocks else f
         return variants[fn, recompute]

@@ -60,25 +60,27 @@ def check(cfg: Config, world: int) -> None:
 def uncompiled_blocks(cfg: Config) -> list[str]:
     """One line per kind of block that torch.compile will run eagerly under this config, for
     `minititan train` to print as a warning. dynamo cannot break a graph inside a checkpointed
-    block, so a break there (a host read, a collective it does not trace, a function under
-    torch.compiler.disable) leaves the whole block uncompiled; without checkpointing it compiles
-    the pieces around the break (docs/plan.md measures what this costs)."""
-    p, ac = cfg.parallelism, cfg.activation_checkpoint
-    if not cfg.compile.enable or ac.mode == "none":
+    block; under full checkpointing (and every N-th block's) block_runner checkpoints such a block
+    outside its compiled pieces, but a selective policy cannot replay compiled pieces, so there the
+    block runs whole eagerly (docs/plan.md measures what that costs)."""
+    ac = cfg.activation_checkpoint
+    if not cfg.compile.enable or ac.mode != "selective" or ac.selective.isdigit():
         return []
-    cannot = f'a graph break torch.compile cannot make inside a checkpointed block (activation_checkpoint.mode = "{ac.mode}")'
+    breaking, p = graph_breaking_blocks(cfg), cfg.parallelism
+    cannot = (f'a graph break torch.compile cannot make inside a block checkpointed by a selective policy '
+              f'(activation_checkpoint.selective = "{ac.selective}")')
+    compiles = 'activation_checkpoint.mode = "full" (compiled in pieces) or "none"'
     lines = []
-    if p.ep > 1 and cfg.model.name == "moe" and p.ep_capacity_factor == 0:
+    if "moe_layer" in breaking:
         lines.append(f"the exact expert-parallel exchange reads its split sizes on the host, {cannot}: the MoE blocks "
-                     f"run uncompiled; set parallelism.ep_capacity_factor > 0 (e.g. 1.25: no host read) or "
-                     f'activation_checkpoint.mode = "none" to compile them')
+                     f"run uncompiled; set parallelism.ep_capacity_factor > 0 (e.g. 1.25: no host read), or "
+                     f"{compiles}, to compile them")
     if p.tp > 1 and p.async_tp:
         lines.append(f"async TP's collectives (async_op=True) are {cannot}: the tensor-parallel blocks run uncompiled; "
-                     f"set parallelism.async_tp = false (sequence parallel compiles) or activation_checkpoint.mode = "
-                     f'"none" to compile them')
+                     f"set parallelism.async_tp = false (sequence parallel compiles), or {compiles}, to compile them")
     if p.cp > 1:
         lines.append(f"context-parallel attention runs under torch.compiler.disable, {cannot}: the attention blocks "
-                     f'run uncompiled; set activation_checkpoint.mode = "none" to compile the rest of them')
+                     f"run uncompiled; set {compiles} to compile them")
     return lines
 
 
@@ -136,7 +138,8 @@ def build(cfg: Config, mesh: Mesh, device: torch.device) -> Layout:
     facts, par = layout_facts(cfg, mesh), cfg.parallelism
     loss_group = mesh.group("pp", *DATA_DIMS) if mesh.size("pp") > 1 else mesh.group(*DATA_DIMS)
     casts = mixed_precision.StepCasts(facts.param_dtype) if shares_casts(facts) else None
-    layout = Layout(facts, base_ops(facts, cfg.compile, cfg.activation_checkpoint, casts), loss_group)
+    layout = Layout(facts, base_ops(facts, cfg.compile, cfg.activation_checkpoint, casts,
+                                    graph_breaking_blocks(cfg)), loss_group)
     if casts is not None:
         layout.finish_grads.append(casts.clear)
 
@@ -181,8 +184,24 @@ def shares_casts(facts: Facts) -> bool:
 # ---------------------------------------------------------------- the single-device ops
 
 
+def graph_breaking_blocks(cfg: Config) -> frozenset[str]:
+    """The block functions (by name) that break dynamo's graph in this layout: the MoE layer under
+    the exact ep exchange (it reads its split sizes on the host), the attention under cp (the ring
+    runs under torch.compiler.disable), every tensor-parallel block under async TP (collectives
+    with async_op=True)."""
+    p = cfg.parallelism
+    names = set()
+    if cfg.model.name == "moe" and p.ep > 1 and p.ep_capacity_factor == 0:
+        names.add("moe_layer")
+    if p.cp > 1:
+        names.add("attention_block")
+    if p.tp > 1 and p.async_tp:
+        names |= {"attention_block", "feed_forward_block"}
+    return frozenset(names)
+
+
 def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint,
-             casts: mixed_precision.StepCasts | None = None) -> model.Ops:
+             casts: mixed_precision.StepCasts | None = None, graph_breaking: frozenset[str] = frozenset()) -> model.Ops:
     """The single-device ops: select each unit's params (cast to the compute dtype; once per step
     with `casts`) and run blocks with the configured activation checkpointing and compile."""
     ops = model.default_ops(facts.model)
@@ -193,7 +212,7 @@ def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint,
     if compile.enable:  # the loss too: the fp32 upcast and log-softmax fuse into one pass over the logits
         ops.cross_entropy = torch.compile(ops.cross_entropy)
     first_stage = next(iter(facts.stages.values()))  # AC's every-N-th counts restart at each forward
-    ops.run_block = block_runner(ac.mode, ac.selective, compile.enable, len(first_stage))
+    ops.run_block = block_runner(ac.mode, ac.selective, compile.enable, len(first_stage), graph_breaking)
     return ops
 
 

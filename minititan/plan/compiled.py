@@ -183,8 +183,11 @@ class AotFunction:
         try:
             with _current["paused"](), _compiling(), _traceable_collectives(), _host_reads(_is_checkpointed(self.fn)):
                 # tracing is not the step: the dry run records nothing
-                # on stand-ins of the inputs: the traced function keeps its example inputs alive
-                traced(*[_stand_in(t).requires_grad_(t.requires_grad) for t in tensors + captured])
+                # on stand-ins of the inputs: the traced function keeps its example inputs alive;
+                # under hooks of its own, so that a checkpoint around the call (block_runner checkpoints
+                # a graph-breaking block outside its compiled pieces) does not count what tracing saves
+                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                    traced(*[_stand_in(t).requires_grad_(t.requires_grad) for t in tensors + captured])
         except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             if isinstance(e, GraphBreak) and _is_checkpointed(self.fn):
@@ -195,6 +198,10 @@ class AotFunction:
 
 
 _FAILED: dict = {}  # structural key -> why it runs eagerly
+
+
+def _same(t):
+    return t
 
 
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
