@@ -30,7 +30,11 @@ case "${1:-}" in
   cp_128k) export BENCH_STEPS=12 BENCH_LOG_FREQ=2 BENCH_AFTER=4; rows=("$(cp_row 1 65536)" "$(cp_row 2 131072)") ;;
   moe) [ "${DRY:-0}" = 1 ] || python3 benchmarks/moe_micro.py | tee "$OUT/moe_micro.txt"
     rows=("moe4b_dp2_ep1|-c configs/moe_4b.toml --nproc 2 --parallelism.dp_shard=2 $(b 4 2)"
-          "moe4b_dp2_ep2|-c configs/moe_4b.toml --nproc 2 --parallelism.dp_shard=2 --parallelism.ep=2 $(b 4 2)") ;;
+          "moe4b_dp2_ep2|-c configs/moe_4b.toml --nproc 2 --parallelism.dp_shard=2 --parallelism.ep=2 $(b 4 2)"
+          # the capped exchange (no host read: the MoE block compiles under selective AC), and the exact one
+          # under full AC (checkpointed outside its compiled pieces)
+          "moe4b_dp2_ep2_capped|-c configs/moe_4b.toml --nproc 2 --parallelism.dp_shard=2 --parallelism.ep=2 --parallelism.ep_capacity_factor=1.25 $(b 4 2)"
+          "moe4b_dp2_ep2_full|-c configs/moe_4b.toml --nproc 2 --parallelism.dp_shard=2 --parallelism.ep=2 --activation_checkpoint.mode=full $(b 4 2)") ;;
   *) echo "usage: $0 tp|pp|cp_64k|cp_128k|moe"; exit 2 ;;
 esac
 if [ "${DRY:-0}" = 1 ]; then printf '%s\n' "${rows[@]}"; exit 0; fi
