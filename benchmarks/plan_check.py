@@ -28,16 +28,17 @@ def b(n: int) -> str:
     return f"--training.global_batch_size={n} --training.local_batch_size={n}"
 
 
+S13 = "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de)"  # the rows re-measured then, on one warm H100
 # name, gpu, train arguments, measured tokens/s/GPU, reserved GiB, allocated GiB (None: not measured), where
 OURS = [
     ("h100_b1_eager", "h100", f"{M8} {b(1)} --activation_checkpoint.mode=none --compile.enable=false",
-     30093, 52.8, 52.77, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_eager_b1"),
+     30093, 52.8, 52.77, f"{S13}, mt_eager_b1"),
     ("h100_b1_compile", "h100", f"{M8} {b(1)} --activation_checkpoint.mode=none",
-     33813, 48.2, 47.17, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_compile_b1"),
+     33813, 48.2, 47.17, f"{S13}, mt_compile_b1"),
     ("h100_s32k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=32768 --activation_checkpoint.mode=full",
      21882, 47.0, 45.86, "single_gpu.md, 2026-12-07 (80a19ea), mt_s32k_full"),
     ("h100_s32k_selective_compile", "h100", f"{M8} {b(1)} --training.seq_len=32768 "
-     "--activation_checkpoint.mode=selective", 26756, 64.4, 62.89, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_s32k_selop"),
+     "--activation_checkpoint.mode=selective", 26756, 64.4, 62.89, f"{S13}, mt_s32k_selop"),
     ("h100_s65k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=65536 --activation_checkpoint.mode=full",
      16027, 59.9, 58.45, "single_gpu.md, 2026-12-07 (80a19ea), mt_s65k_full"),
     ("h100_s98k_full_compile", "h100", f"{M8} {b(1)} --training.seq_len=98304 --activation_checkpoint.mode=full",
@@ -49,21 +50,21 @@ OURS = [
           ("moe8", "", 107579, 40.0, 39.31),
           ("moe64", "--model.n_experts=64 --model.top_k=8 --model.moe_hidden_dim=704", 89388, 62.2, 60.94))],
     ("h100_b2_selective_compile", "h100", f"{M8} {b(2)} --activation_checkpoint.mode=selective",
-     35299, 49.3, 48.1, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), the q-recompute A/B's mt_selop_compile_b2"),
+     35299, 49.3, 48.1, f"{S13}, the q-recompute A/B's mt_selop_compile_b2"),
     ("h100_1B_b4_selective_compile", "h100", f"{M1B} {b(4)} --activation_checkpoint.mode=selective",
-     54105, 49.6, 49.06, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_1B_selop_compile_b4"),
+     54105, 49.6, 49.06, f"{S13}, mt_1B_selop_compile_b4"),
     ("h100_b2_compile", "h100", f"{M8} {b(2)} --activation_checkpoint.mode=none",
-     36683, 58.8, 57.82, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_compile_b2 (call 1)"),
+     36683, 58.8, 57.82, f"{S13}, mt_compile_b2 (call 1)"),
     ("h100_fp8tw_b2", "h100", f"{M8} {b(2)} --activation_checkpoint.mode=none --float8.enable=true",
-     45422, 51.9, 50.70, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_fp8tw_compile_b2"),
+     45422, 51.9, 50.70, f"{S13}, mt_fp8tw_compile_b2"),
     ("h100_fp8tw_out_b2", "h100", f"{M8} {b(2)} --activation_checkpoint.mode=none --float8.enable=true "
-     "--float8.filter=[]", 49734, 53.8, 52.97, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_fp8tw_out_compile_b2 (call 1)"),
+     "--float8.filter=[]", 49734, 53.8, 52.97, f"{S13}, mt_fp8tw_out_compile_b2 (call 1)"),
     ("h100_fp8rw_b2", "h100", f"{M8} {b(2)} --activation_checkpoint.mode=none --float8.enable=true "
-     "--float8.recipe=rowwise", 41431, 52.0, 50.70, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_fp8rw_compile_b2"),
+     "--float8.recipe=rowwise", 41431, 52.0, 50.70, f"{S13}, mt_fp8rw_compile_b2"),
     ("h100_s2048_b4_compile", "h100", f"{M8} --training.seq_len=2048 {b(4)} --activation_checkpoint.mode=none",
-     37311, 48.2, 47.17, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_s2048_compile_b4"),
+     37311, 48.2, 47.17, f"{S13}, mt_s2048_compile_b4"),
     ("h100_s4096_b2_compile", "h100", f"{M8} --training.seq_len=4096 {b(2)} --activation_checkpoint.mode=none",
-     36189, 48.2, 47.17, "single_gpu.md, 2026-12-07 thirteenth session (c1bf8de), mt_s4096_compile_b2"),
+     36189, 48.2, 47.17, f"{S13}, mt_s4096_compile_b2"),
     ("h200_b1_eager", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=none --compile.enable=false",
      31522, 52.8, None, "single_gpu.md, 2026-12-03 (4b3eb82), mt_eager_b1"),
     ("h200_b1_eager_selective", "h200", f"{M8} {b(1)} --activation_checkpoint.mode=selective --compile.enable=false",
