@@ -305,6 +305,17 @@ MUTATIONS = [
              [("minititan/core/activation_checkpoint.py", "        if recompute_query and op in _LINEARS:",
                "        if False:")],
              ["tests/test_activation_checkpoint.py::test_selective_recomputes_the_query_projection"]),
+    mutation("selective_attention_keeps_nothing",
+             'selective = "attention" saves nothing (plain full AC): the attention forward runs again in backward',
+             [("minititan/core/activation_checkpoint.py",
+               "    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE",
+               "    return CheckpointPolicy.PREFER_RECOMPUTE")],
+             ["tests/test_activation_checkpoint.py::test_selective_attention_keeps_only_the_attention_output"]),
+    mutation("graph_breaking_blocks_compiled_inside_checkpoint",
+             "a block that breaks dynamo's graph is compiled with its checkpoint inside (compile(checkpoint(block))) "
+             "under full AC: dynamo runs it whole eagerly",
+             [("minititan/layout/parallelize.py", "    return frozenset(names)\n", "    return frozenset()\n")],
+             ["tests/test_compile.py::test_blocks_that_break_the_graph_compile_in_pieces_under_full_checkpointing"]),
     # ---------------------------------------------------------------- the plan
     mutation("plan_stand_in_drops_the_subclass",
              "minititan plan: the compile stand-in traces on plain tensors, so the Float8 loss takes the fp8 branch "
