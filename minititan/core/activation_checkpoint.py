@@ -75,7 +75,8 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
 
     Checkpointing goes inside the compiled function (compile(checkpoint(fn))), as torchtitan
     does: the compiler then sees the whole block and applies the save/recompute policy to the
-    graph it partitions, instead of treating a compiled block as one opaque op."""
+    graph it partitions, instead of treating a compiled block as one opaque op. The exception is
+    a graph-breaking block under full checkpointing (see the module docstring)."""
     every = int(selective) if mode == "selective" and selective.isdigit() else 0
     by_op = mode == "selective" and selective == "op"
     keep_attention = mode == "selective" and selective == "attention"
@@ -84,22 +85,24 @@ def block_runner(mode: str, selective: str = "op", compile_blocks: bool = False,
 
     def variant(fn, recompute: bool, names):
         if (fn, recompute) not in variants:
-            f = fn
-            if recompute:  # the attention unit is the one holding the query projection (its first matmul)
-                policy = {}
-                if by_op:
-                    policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)}
-                elif keep_attention:
-                    policy = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention)}
-                if compile_blocks and not policy and fn.__name__ in graph_breaking:
-                    # checkpoint outside, compile inside: dynamo compiles the pieces around the break.
-                    # (Not under a selective policy: torch's selective checkpointing cannot replay
-                    # compiled pieces, their ops do not reach its dispatch mode one by one.)
-                    variants[fn, recompute] = functools.partial(_checkpointed, torch.compile(fn), policy)
-                    return variants[fn, recompute]
-                f = functools.partial(_checkpointed, fn, policy)
-            variants[fn, recompute] = torch.compile(f) if compile_blocks else f
+            variants[fn, recompute] = build(fn, recompute, names)
         return variants[fn, recompute]
+
+    def build(fn, recompute: bool, names):
+        if not recompute:
+            return torch.compile(fn) if compile_blocks else fn
+        policy = {}
+        if by_op:  # the attention unit is the one holding the query projection (its first matmul)
+            policy = {"context_fn": functools.partial(_selective_op_context, "attention.wq" in names)}
+        elif keep_attention:
+            policy = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_attention)}
+        if compile_blocks and not policy and fn.__name__ in graph_breaking:
+            # checkpoint outside, compile inside: dynamo compiles the pieces around the break. (Not
+            # under a selective policy: torch's selective checkpointing cannot replay compiled
+            # pieces, their ops do not reach its dispatch mode one by one.)
+            return functools.partial(_checkpointed, torch.compile(fn), policy)
+        checkpointed = functools.partial(_checkpointed, fn, policy)
+        return torch.compile(checkpointed) if compile_blocks else checkpointed
 
     def run_block(fn, params, *args):
         recompute = mode != "none" and torch.is_grad_enabled()
