@@ -19,10 +19,11 @@ What dynamo does with the code, the stand-in does too:
     them, as torch's functional collectives; run op by op, each is the c10d collective it
     stands for, so the dry run records it as in an eager step (`run_as_c10d`);
   * at a graph break (a host read such as expert parallel's split sizes, an async collective)
-    dynamo compiles the code on either side, except inside activation checkpointing, where it
-    runs the whole checkpointed block eagerly. The stand-in traces on past a host read with the
-    dry run's values, and runs a checkpointed block with a graph break eagerly, its reason in
-    `fallbacks` saying so (EAGER_FOR_REAL).
+    dynamo compiles the code on either side, except inside a compiled checkpoint, where it runs
+    the whole checkpointed block eagerly (block_runner compiles a checkpoint around such a block
+    only under a selective policy; under full AC it checkpoints the compiled pieces). The
+    stand-in traces on past a host read with the dry run's values, and runs a compiled
+    checkpoint with a graph break eagerly, its reason in `fallbacks` saying so (EAGER_FOR_REAL).
 A function the tracer cannot take for other reasons (code under torch.compiler.disable, such as
 the cp ring; an async collective outside checkpointing) runs eagerly, as the part of the model
 dynamo would leave out of its graphs, and `fallbacks` names it: priced slower than it runs.
@@ -344,7 +345,7 @@ EAGER_FOR_REAL = "eager in the real step too"  # begins the reason of a fallback
 
 class GraphBreak(RuntimeError):
     """What dynamo breaks its graph at. It then compiles the code on either side of it, except
-    inside activation checkpointing: there it runs the whole checkpointed block eagerly (torch 2.11
+    inside a compiled checkpoint: there it runs the whole checkpointed block eagerly (torch 2.11
     and 2.13, checked on gloo: docs/plan.md)."""
 
 
