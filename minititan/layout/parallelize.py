@@ -66,22 +66,18 @@ def uncompiled_blocks(cfg: Config) -> list[str]:
     ac = cfg.activation_checkpoint
     if not cfg.compile.enable or ac.mode != "selective" or ac.selective.isdigit():
         return []
-    breaking, p = graph_breaking_blocks(cfg), cfg.parallelism
     cannot = (f'a graph break torch.compile cannot make inside a block checkpointed by a selective policy '
               f'(activation_checkpoint.selective = "{ac.selective}")')
     compiles = 'activation_checkpoint.mode = "full" (compiled in pieces) or "none"'
-    lines = []
-    if "moe_layer" in breaking:
-        lines.append(f"the exact expert-parallel exchange reads its split sizes on the host, {cannot}: the MoE blocks "
-                     f"run uncompiled; set parallelism.ep_capacity_factor > 0 (e.g. 1.25: no host read), or "
-                     f"{compiles}, to compile them")
-    if p.tp > 1 and p.async_tp:
-        lines.append(f"async TP's collectives (async_op=True) are {cannot}: the tensor-parallel blocks run uncompiled; "
-                     f"set parallelism.async_tp = false (sequence parallel compiles), or {compiles}, to compile them")
-    if p.cp > 1:
-        lines.append(f"context-parallel attention runs under torch.compiler.disable, {cannot}: the attention blocks "
-                     f"run uncompiled; set {compiles} to compile them")
-    return lines
+    advice = {
+        "ep_exact": f"the exact expert-parallel exchange reads its split sizes on the host, {cannot}: the MoE blocks "
+                    f"run uncompiled; set parallelism.ep_capacity_factor > 0 (e.g. 1.25: no host read), or "
+                    f"{compiles}, to compile them",
+        "async_tp": f"async TP's collectives (async_op=True) are {cannot}: the tensor-parallel blocks run uncompiled; "
+                    f"set parallelism.async_tp = false (sequence parallel compiles), or {compiles}, to compile them",
+        "cp": f"context-parallel attention runs under torch.compiler.disable, {cannot}: the attention blocks "
+              f"run uncompiled; set {compiles} to compile them"}
+    return [advice[cause] for cause in graph_breaks(cfg)]
 
 
 def refuse(cfg: Config, mesh: Mesh) -> None:
@@ -184,20 +180,23 @@ def shares_casts(facts: Facts) -> bool:
 # ---------------------------------------------------------------- the single-device ops
 
 
-def graph_breaking_blocks(cfg: Config) -> frozenset[str]:
-    """The block functions (by name) that break dynamo's graph in this layout: the MoE layer under
-    the exact ep exchange (it reads its split sizes on the host), the attention under cp (the ring
-    runs under torch.compiler.disable), every tensor-parallel block under async TP (collectives
-    with async_op=True)."""
-    p = cfg.parallelism
-    names = set()
+def graph_breaks(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """What breaks dynamo's graph in this layout -> the block functions (by name) it is in: the
+    exact ep exchange reads its split sizes on the host (the MoE layer), cp's ring runs under
+    torch.compiler.disable (the attention), async TP's collectives have async_op=True (every
+    tensor-parallel block)."""
+    p, breaks = cfg.parallelism, {}
     if cfg.model.name == "moe" and p.ep > 1 and p.ep_capacity_factor == 0:
-        names.add("moe_layer")
-    if p.cp > 1:
-        names.add("attention_block")
+        breaks["ep_exact"] = ("moe_layer",)
     if p.tp > 1 and p.async_tp:
-        names |= {"attention_block", "feed_forward_block"}
-    return frozenset(names)
+        breaks["async_tp"] = ("attention_block", "feed_forward_block")
+    if p.cp > 1:
+        breaks["cp"] = ("attention_block",)
+    return breaks
+
+
+def graph_breaking_blocks(cfg: Config) -> frozenset[str]:
+    return frozenset(name for names in graph_breaks(cfg).values() for name in names)
 
 
 def base_ops(facts: Facts, compile: Compile, ac: ActivationCheckpoint,

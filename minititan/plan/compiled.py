@@ -192,7 +192,8 @@ class AotFunction:
         except Exception as e:  # noqa: BLE001  whatever the tracer cannot take runs eagerly, as dynamo would
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             if isinstance(e, GraphBreak) and _is_checkpointed(self.fn):
-                why = f"{EAGER_FOR_REAL}: {e} inside activation checkpointing, where dynamo cannot break the graph"
+                why = (f"{EAGER_FOR_REAL}: {e} inside a block checkpointed by a selective policy, where dynamo "
+                       f"cannot break the graph")
             _FAILED[key] = f"{_name(self.fn)} ({why})"
             return None
         return traced

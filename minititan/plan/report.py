@@ -50,9 +50,10 @@ def table(search: Search, top: int, header: str) -> str:
             lines.append("(*: part of the step priced as eager, which the dry run could not trace under compile: "
                          "the real step is faster)")
         if any(EAGER_FOR_REAL in why for why in whys):
-            lines.append("(*: part of the step runs eagerly under compile and is priced so: a graph break inside "
-                         "activation checkpointing, where dynamo runs the whole block eagerly, e.g. expert parallel's "
-                         "exact exchange, which parallelism.ep_capacity_factor > 0 makes compile)")
+            lines.append("(*: part of the step runs eagerly under compile and is priced so: a graph break inside a "
+                         "block checkpointed by a selective policy, where dynamo runs the whole block eagerly, e.g. "
+                         "expert parallel's exact exchange, which parallelism.ep_capacity_factor > 0 or "
+                         "activation_checkpoint.mode = \"full\" makes compile)")
         best = search.ranked[0].estimate.step
         if best.bubble > 0.3 * best.total:
             lines.append(f"(the best spends {100 * best.bubble / best.total:.0f}% of its step in the pipeline bubble: "
